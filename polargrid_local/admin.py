@@ -1,0 +1,201 @@
+"""Model management, GPU facts, health and status: the SDK's operator calls, answered from this process."""
+from __future__ import annotations
+
+import platform
+import socket
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from polargrid.types import (BackendInfo, BackendStatus, GPUInfo, GPUMemoryInfo, GPUMemoryResponse, GPUMemorySimple,
+                             GPUMemoryState, GPUProcess, GPUPurgeRequest, GPUPurgeResponse, GPUStatusResponse,
+                             GPUUtilization, HealthFeatures, HealthResponse, ListModelsResponse, LoadModelRequest,
+                             LoadModelResponse, ModelInfo, ModelStatusResponse, RegionModelStatus, RegionStatus,
+                             SystemStatus, UnloadAllModelsResponse, UnloadModelRequest, UnloadModelResponse)
+
+from . import __version__
+from .errors import NotFoundError, coerce, engine_boundary, invalid
+from .gpu import MB, cuda_build
+from .pull import is_pulled
+from .registry import ModelSpec
+
+if TYPE_CHECKING:
+    from .engine import LocalEngine
+
+GB = 1024 ** 3
+MODEL_TYPES = {"chat": "chat", "embedding": "embedding"}  # the SDK's Literal has no audio types
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def _info(engine: LocalEngine, spec: ModelSpec, name: str | None = None) -> ModelInfo:
+    return ModelInfo(id=name or spec.id, created=spec.created, owned_by=spec.owned_by, root=spec.id,
+                     parent=spec.id if name and name != spec.id else None, pg_model_type=MODEL_TYPES.get(spec.kind),
+                     pg_parameters=spec.parameters, pg_regions=["local"],
+                     pg_avg_latency_ms=engine.usage.average_latency_ms(spec.id) or None,
+                     pg_max_tokens=spec.engine.get("n_ctx") if spec.kind in MODEL_TYPES else None)
+
+
+def list_models(engine: LocalEngine) -> ListModelsResponse:
+    """Every registry model, then each alias as its own entry (parent = the model), as OpenAI clients expect."""
+    data = [_info(engine, spec) for spec in engine.registry.models]
+    data += [_info(engine, spec, alias) for spec in engine.registry.models for alias in spec.aliases]
+    return ListModelsResponse(data=data)
+
+
+def get_model(engine: LocalEngine, model_id: str) -> ModelInfo:
+    if not model_id:
+        raise invalid("Model ID is required")
+    spec = engine.registry.get(model_id)
+    if spec is None:
+        raise NotFoundError(f"Model {model_id!r} does not exist")
+    return _info(engine, spec, model_id if model_id != spec.id else None)
+
+
+def _spec(engine: LocalEngine, name: str) -> ModelSpec:
+    if not name:
+        raise invalid("Model name is required")
+    spec = engine.registry.get(name)
+    if spec is None:
+        known = ", ".join(m.id for m in engine.registry.models)
+        raise NotFoundError(f"Model {name!r} does not exist. Known models: {known}")
+    return spec
+
+
+def load_model(engine: LocalEngine, request: LoadModelRequest | dict[str, Any]) -> LoadModelResponse:
+    request = coerce(LoadModelRequest, request, "load model request")
+    spec = _spec(engine, request.model_name)
+    if request.force_reload:
+        engine.pool.unload(spec)
+    already = engine.pool.state(spec) == "loaded"
+    with engine_boundary("model load"):
+        _, seconds = engine.pool.worker(spec)
+    message = f"{spec.id} is already loaded" if already and not seconds else f"loaded {spec.id} in {seconds:.2f}s"
+    return LoadModelResponse(status="success", model=spec.id, force_reload=request.force_reload, message=message)
+
+
+def _freed(report) -> str:
+    parts = [f"{report.freed_ram_bytes / MB:.1f} MB of RAM"]
+    if report.freed_gpu_bytes:
+        parts.append(f"{report.freed_gpu_bytes / MB:.1f} MB of GPU memory")
+    return " and ".join(parts)
+
+
+def unload_model(engine: LocalEngine, request: UnloadModelRequest | dict[str, Any]) -> UnloadModelResponse:
+    request = coerce(UnloadModelRequest, request, "unload model request")
+    spec = _spec(engine, request.model_name)
+    report = engine.pool.unload(spec)
+    if report is None:
+        return UnloadModelResponse(status="success", model=spec.id, message=f"{spec.id} was not loaded")
+    return UnloadModelResponse(status="success", model=spec.id, message=f"unloaded {spec.id}; freed {_freed(report)}")
+
+
+def unload_all_models(engine: LocalEngine) -> UnloadAllModelsResponse:
+    reports = engine.pool.unload_all()
+    return UnloadAllModelsResponse(status="success", unloaded_models=[r.model for r in reports], errors=[],
+                                   total_unloaded=len(reports))
+
+
+def get_model_status(engine: LocalEngine) -> ModelStatusResponse:
+    return ModelStatusResponse(loaded=engine.pool.loaded(),
+                               loading_status={m.id: engine.pool.state(m) for m in engine.registry.models},
+                               repository=str(engine.registry.cache_dir))
+
+
+def get_gpu_status(engine: LocalEngine) -> GPUStatusResponse:
+    devices = engine.nvml.devices()
+    gpus = [GPUInfo(index=d.index, name=d.name, temperature_c=d.temperature_c,
+                    memory=GPUMemoryInfo(total_mb=d.total_bytes // MB, used_mb=d.used_bytes // MB,
+                                         free_mb=d.free_bytes // MB, total_gb=round(d.total_bytes / GB, 2),
+                                         used_gb=round(d.used_bytes / GB, 2), free_gb=round(d.free_bytes / GB, 2),
+                                         percent_used=_pct(d.used_bytes, d.total_bytes)),
+                    utilization=GPUUtilization(gpu_percent=d.gpu_percent, memory_percent=d.memory_percent))
+            for d in devices]
+    processes = [GPUProcess(pid=p.pid, name=p.name, memory_mb=p.used_bytes // MB) for p in engine.nvml.processes()]
+    return GPUStatusResponse(status="success", timestamp=_now(), gpus=gpus, processes=processes, total_gpus=len(gpus))
+
+
+def get_gpu_memory(engine: LocalEngine) -> GPUMemoryResponse:
+    memory = [GPUMemorySimple(total_gb=round(d.total_bytes / GB, 2), used_gb=round(d.used_bytes / GB, 2),
+                              free_gb=round(d.free_bytes / GB, 2), percent_used=_pct(d.used_bytes, d.total_bytes),
+                              percent_free=_pct(d.free_bytes, d.total_bytes)) for d in engine.nvml.devices()]
+    return GPUMemoryResponse(status="success", timestamp=_now(), memory=memory)
+
+
+def _pct(part: int, whole: int) -> float:
+    return round(100.0 * part / whole, 1) if whole else 0.0
+
+
+def _memory_state(engine: LocalEngine) -> GPUMemoryState:
+    devices = engine.nvml.devices()
+    used, total = sum(d.used_bytes for d in devices), sum(d.total_bytes for d in devices)
+    return GPUMemoryState(used_gb=round(used / GB, 3), total_gb=round(total / GB, 3), percent_used=_pct(used, total))
+
+
+def purge_gpu(engine: LocalEngine, request: GPUPurgeRequest | dict[str, Any] | None) -> GPUPurgeResponse:
+    """Unload models to free memory. Without force, models serving a request are left alone and reported."""
+    request = GPUPurgeRequest() if request is None else coerce(GPUPurgeRequest, request, "purge request")
+    before = _memory_state(engine)
+    actions, unloaded, errors = [], [], []
+    freed_ram = 0
+    for model_id in engine.pool.loaded():
+        spec = engine.registry.get(model_id)
+        if spec is None:
+            continue
+        if not request.force and engine.pool.queue_depth(spec) > 0:
+            errors.append(f"{model_id} is serving a request; pass force=True to unload it anyway")
+            continue
+        report = engine.pool.unload(spec)
+        if report is not None:
+            unloaded.append(model_id)
+            freed_ram += report.freed_ram_bytes
+            actions.append(f"unloaded {model_id} (freed {_freed(report)})")
+    if not engine.pool.loaded() and not errors and not unloaded:
+        actions.append("no models were loaded")
+    after = _memory_state(engine)
+    freed = round(max(0.0, before.used_gb - after.used_gb), 3)
+    if engine.nvml.device_count() == 0:
+        recommendation = "No GPU on this machine: models ran on the CPU; their RAM was released."
+    elif errors:
+        recommendation = "Some models were busy; retry with force=True or when requests finish."
+    else:
+        recommendation = "GPU memory released; models load again on their next request."
+    return GPUPurgeResponse(status="partial" if errors else "success", timestamp=_now(), actions=actions,
+                            memory_before=before, memory_after=after, memory_freed_gb=freed,
+                            models_unloaded=unloaded, errors=errors, recommendation=recommendation)
+
+
+def health(engine: LocalEngine) -> HealthResponse:
+    try:
+        import llama_cpp
+
+        llama_version = llama_cpp.__version__
+    except Exception:  # pragma: no cover - a broken install still answers health
+        llama_version = "missing"
+    healthy = not engine._closed.is_set()
+    extensions = sorted({m.kind for m in engine.registry.models if m.kind in engine.pool.factories})
+    return HealthResponse(
+        status="healthy" if healthy else "unhealthy", node=socket.gethostname(),
+        runtime=f"python-{platform.python_version()} llama-cpp-python-{llama_version}"
+                + (" cuda" if cuda_build() else " cpu"),
+        timestamp=_now(), features=HealthFeatures(dynamic_loading=True, huggingface_support=True),
+        backend=BackendStatus(healthy=healthy, info=BackendInfo(name="polargrid-local", version=__version__,
+                                                                extensions=extensions)))
+
+
+def get_status(engine: LocalEngine) -> SystemStatus:
+    models = []
+    for spec in engine.registry.models:
+        state = engine.pool.state(spec)
+        if state == "loaded":
+            status, instances = "available", 1
+        elif state == "loading":
+            status, instances = "loading", 0
+        else:
+            status, instances = ("available" if is_pulled(engine.registry, spec) else "unavailable"), 0
+        models.append(RegionModelStatus(model_id=spec.id, status=status, instances=instances,
+                                        avg_latency_ms=engine.usage.average_latency_ms(spec.id),
+                                        queue_depth=engine.pool.queue_depth(spec)))
+    return SystemStatus(status="healthy" if not engine._closed.is_set() else "unavailable",
+                        regions=[RegionStatus(region="local", status="healthy", models=models)])

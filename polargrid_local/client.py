@@ -1,0 +1,270 @@
+"""PolarGrid (async) and PolarGridSync: polargrid-sdk 0.10.0's clients, answered in-process.
+
+Swap ``from polargrid import PolarGrid`` for ``from polargrid_local import PolarGrid``
+and the same code runs locally. The SDK's connection arguments (api_key, region,
+base_url, ...) are accepted and ignored; local options are extra keyword arguments.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator
+
+from polargrid.types import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
+                             EmbeddingRequest, EmbeddingResponse, GenerateRequest, GenerateResponse,
+                             GPUMemoryResponse, GPUPurgeRequest, GPUPurgeResponse, GPUStatusResponse, HealthResponse,
+                             ListModelsResponse, LoadModelRequest, LoadModelResponse, ModelInfo, ModelStatusResponse,
+                             SystemStatus, UnloadAllModelsResponse, UnloadModelRequest, UnloadModelResponse,
+                             UsageResponse)
+
+from .engine import LocalEngine
+from .llm.chunks import fold_chat, fold_completion
+from .registry import Registry
+from .types import ChatCompletionChunk, CompletionChunk
+
+logger = logging.getLogger("polargrid_local")
+
+REGION_ID = "local"
+REGION_NAME = "Local (in-process)"
+_SDK_ARGS = ("api_key", "base_url", "auth_url", "region", "timeout", "max_retries", "debug", "use_mock_data",
+             "routing_scope", "routing_model")
+
+
+def _engine(engine: LocalEngine | None, models: str | Path | Registry | None, local: dict[str, Any],
+            sdk_args: dict[str, Any]) -> LocalEngine:
+    unknown = set(sdk_args) - set(_SDK_ARGS)
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
+    if sdk_args.get("base_url") or sdk_args.get("region"):
+        logger.info("polargrid_local runs in-process; base_url/region are ignored")
+    return engine or LocalEngine(models, **local)
+
+
+class PolarGridSync:
+    """The synchronous client. Streams are real iterators: chunks arrive as they are generated."""
+
+    def __init__(self, api_key: str | None = None, *, models: str | Path | Registry | None = None,
+                 cache_dir: str | Path | None = None, n_threads: int | None = None,
+                 n_gpu_layers: int | str | None = None, n_ctx: int | None = None, preload: list[str] | tuple = (),
+                 engine: LocalEngine | None = None, **sdk_args: Any) -> None:
+        local = dict(cache_dir=cache_dir, n_threads=n_threads, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, preload=preload)
+        self.engine = _engine(engine, models, local, {"api_key": api_key, **sdk_args})
+
+    def close(self) -> None:
+        """Unload every model."""
+        self.engine.close()
+
+    def __enter__(self) -> PolarGridSync:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def get_region_id(self) -> str:
+        return REGION_ID
+
+    def get_region_name(self) -> str:
+        return REGION_NAME
+
+    def chat_completion(self, request: ChatCompletionRequest | dict[str, Any]) -> ChatCompletionResponse:
+        """Generate a chat completion."""
+        return self.engine.chat_completion(request)
+
+    def chat_completion_stream(self, request: ChatCompletionRequest | dict[str, Any], *,
+                               stream_options: dict[str, Any] | None = None) -> Iterator[ChatCompletionChunk]:
+        """Stream a chat completion; close the iterator (or stop reading it) to cancel."""
+        return self.engine.chat_completion_stream(request, stream_options=stream_options)
+
+    def completion(self, request: CompletionRequest | dict[str, Any]) -> CompletionResponse:
+        """Generate a text completion."""
+        return self.engine.completion(request)
+
+    def completion_stream(self, request: CompletionRequest | dict[str, Any], *,
+                          stream_options: dict[str, Any] | None = None) -> Iterator[CompletionChunk]:
+        """Stream a text completion."""
+        return self.engine.completion_stream(request, stream_options=stream_options)
+
+    def generate(self, request: GenerateRequest | dict[str, Any]) -> GenerateResponse:
+        """The SDK's legacy single-prompt call."""
+        return self.engine.generate(request)
+
+    def embeddings(self, request: EmbeddingRequest | dict[str, Any]) -> EmbeddingResponse:
+        """Embed one or more strings."""
+        return self.engine.embeddings(request)
+
+    def list_models(self) -> ListModelsResponse:
+        """Every model in the registry, with aliases."""
+        return self.engine.list_models()
+
+    def get_model(self, model_id: str) -> ModelInfo:
+        """One model by id or alias; NotFoundError if unknown."""
+        return self.engine.get_model(model_id)
+
+    def load_model(self, request: LoadModelRequest | dict[str, Any]) -> LoadModelResponse:
+        """Load a model now rather than on its first request."""
+        return self.engine.load_model(request)
+
+    def unload_model(self, request: UnloadModelRequest | dict[str, Any]) -> UnloadModelResponse:
+        """Unload a model and release its memory."""
+        return self.engine.unload_model(request)
+
+    def unload_all_models(self) -> UnloadAllModelsResponse:
+        """Unload every loaded model."""
+        return self.engine.unload_all_models()
+
+    def get_model_status(self) -> ModelStatusResponse:
+        """Which models are loaded, loading, unloaded or failed."""
+        return self.engine.get_model_status()
+
+    def get_gpu_status(self) -> GPUStatusResponse:
+        """Devices, memory, utilisation and processes from NVML; zero GPUs on a CPU-only machine."""
+        return self.engine.get_gpu_status()
+
+    def get_gpu_memory(self) -> GPUMemoryResponse:
+        """Memory per GPU."""
+        return self.engine.get_gpu_memory()
+
+    def purge_gpu(self, request: GPUPurgeRequest | dict[str, Any] | None = None) -> GPUPurgeResponse:
+        """Unload models and report the memory released."""
+        return self.engine.purge_gpu(request)
+
+    def health(self) -> HealthResponse:
+        """Whether the engine is serving."""
+        return self.engine.health()
+
+    def get_status(self) -> SystemStatus:
+        """Per-model availability, latency and queue depth in the 'local' region."""
+        return self.engine.get_status()
+
+    def get_usage(self, start_date: str | None = None, end_date: str | None = None) -> UsageResponse:
+        """Requests and tokens served by this engine since it started."""
+        return self.engine.get_usage(start_date, end_date)
+
+
+class PolarGrid:
+    """The async client: the same calls as polargrid.PolarGrid, a thin bridge over LocalEngine."""
+
+    def __init__(self, api_key: str | None = None, *, models: str | Path | Registry | None = None,
+                 cache_dir: str | Path | None = None, n_threads: int | None = None,
+                 n_gpu_layers: int | str | None = None, n_ctx: int | None = None, preload: list[str] | tuple = (),
+                 engine: LocalEngine | None = None, **sdk_args: Any) -> None:
+        local = dict(cache_dir=cache_dir, n_threads=n_threads, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, preload=preload)
+        self.engine = _engine(engine, models, local, {"api_key": api_key, **sdk_args})
+
+    @classmethod
+    async def create(cls, api_key: str | None = None, **kwargs: Any) -> PolarGrid:
+        """Build a client without blocking the event loop (the registry is read, preloads load, in a thread)."""
+        return await asyncio.to_thread(cls, api_key, **kwargs)
+
+    async def aclose(self) -> None:
+        """Unload every model."""
+        await asyncio.to_thread(self.engine.close)
+
+    def close(self) -> None:
+        self.engine.close()
+
+    async def __aenter__(self) -> PolarGrid:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def get_region_id(self) -> str:
+        return REGION_ID
+
+    def get_region_name(self) -> str:
+        return REGION_NAME
+
+    async def chat_completion_stream(self, request: ChatCompletionRequest | dict[str, Any], *,
+                                     stream_options: dict[str, Any] | None = None
+                                     ) -> AsyncIterator[ChatCompletionChunk]:
+        """Stream a chat completion; leaving the loop or cancelling the task stops the generation."""
+        stream = await asyncio.to_thread(self.engine.chat_completion_stream, request, stream_options=stream_options)
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            stream.close()
+
+    async def chat_completion(self, request: ChatCompletionRequest | dict[str, Any]) -> ChatCompletionResponse:
+        """Generate a chat completion: the fold of its stream, read without blocking the loop."""
+        stream = await asyncio.to_thread(self.engine.chat_completion_stream, request,
+                                         stream_options={"include_usage": True})
+        with stream:
+            chunks = [chunk async for chunk in stream]
+        return fold_chat(chunks, stream.chunker, stream.metadata())
+
+    async def completion_stream(self, request: CompletionRequest | dict[str, Any], *,
+                                stream_options: dict[str, Any] | None = None) -> AsyncIterator[CompletionChunk]:
+        """Stream a text completion."""
+        stream = await asyncio.to_thread(self.engine.completion_stream, request, stream_options=stream_options)
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            stream.close()
+
+    async def completion(self, request: CompletionRequest | dict[str, Any]) -> CompletionResponse:
+        """Generate a text completion."""
+        stream = await asyncio.to_thread(self.engine.completion_stream, request,
+                                         stream_options={"include_usage": True})
+        with stream:
+            chunks = [chunk async for chunk in stream]
+        return fold_completion(chunks, stream.chunker, stream.metadata())
+
+    async def generate(self, request: GenerateRequest | dict[str, Any]) -> GenerateResponse:
+        """The SDK's legacy single-prompt call."""
+        return await asyncio.to_thread(self.engine.generate, request)
+
+    async def embeddings(self, request: EmbeddingRequest | dict[str, Any]) -> EmbeddingResponse:
+        """Embed one or more strings."""
+        return await asyncio.to_thread(self.engine.embeddings, request)
+
+    async def list_models(self) -> ListModelsResponse:
+        """Every model in the registry, with aliases."""
+        return self.engine.list_models()
+
+    async def get_model(self, model_id: str) -> ModelInfo:
+        """One model by id or alias; NotFoundError if unknown."""
+        return self.engine.get_model(model_id)
+
+    async def load_model(self, request: LoadModelRequest | dict[str, Any]) -> LoadModelResponse:
+        """Load a model now rather than on its first request."""
+        return await asyncio.to_thread(self.engine.load_model, request)
+
+    async def unload_model(self, request: UnloadModelRequest | dict[str, Any]) -> UnloadModelResponse:
+        """Unload a model and release its memory."""
+        return await asyncio.to_thread(self.engine.unload_model, request)
+
+    async def unload_all_models(self) -> UnloadAllModelsResponse:
+        """Unload every loaded model."""
+        return await asyncio.to_thread(self.engine.unload_all_models)
+
+    async def get_model_status(self) -> ModelStatusResponse:
+        """Which models are loaded, loading, unloaded or failed."""
+        return self.engine.get_model_status()
+
+    async def get_gpu_status(self) -> GPUStatusResponse:
+        """Devices, memory, utilisation and processes from NVML; zero GPUs on a CPU-only machine."""
+        return await asyncio.to_thread(self.engine.get_gpu_status)
+
+    async def get_gpu_memory(self) -> GPUMemoryResponse:
+        """Memory per GPU."""
+        return await asyncio.to_thread(self.engine.get_gpu_memory)
+
+    async def purge_gpu(self, request: GPUPurgeRequest | dict[str, Any] | None = None) -> GPUPurgeResponse:
+        """Unload models and report the memory released."""
+        return await asyncio.to_thread(self.engine.purge_gpu, request)
+
+    async def health(self) -> HealthResponse:
+        """Whether the engine is serving."""
+        return self.engine.health()
+
+    async def get_status(self) -> SystemStatus:
+        """Per-model availability, latency and queue depth in the 'local' region."""
+        return self.engine.get_status()
+
+    async def get_usage(self, start_date: str | None = None, end_date: str | None = None) -> UsageResponse:
+        """Requests and tokens served by this engine since it started."""
+        return self.engine.get_usage(start_date, end_date)

@@ -1,0 +1,189 @@
+"""LocalEngine: the synchronous core behind PolarGrid and PolarGridSync.
+
+Every public method takes the SDK's request objects (or dicts) and returns the
+SDK's response types; streams are Stream objects, usable from threads and from
+asyncio alike. Engine errors become the SDK's errors here, at the boundary.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from polargrid.types import (ChatCompletionRequest, CompletionRequest, EmbeddingData, EmbeddingRequest,
+                             EmbeddingResponse, GenerateRequest, GenerateResponse, Message, TokenUsage)
+
+from . import admin
+from .errors import coerce, engine_boundary, invalid
+from .factories import default_factories
+from .gpu import NvmlProbe
+from .llm.chunks import ChatChunker, CompletionChunker, fold_chat, fold_completion
+from .llm.requests import (check_stops, chat_job, completion_job, embedding_job, plan_chat,
+                           sampling_for_completion)
+from .pool import ModelPool
+from .registry import Registry
+from .stream import Stream
+from .types import ChatCompletionChunk, CompletionChunk
+from .usage import UsageBook
+
+
+class LocalEngine:
+    """Models, workers and request handling for one process. Thread-safe; close() unloads everything."""
+
+    def __init__(self, models: str | Path | Registry | None = None, *, cache_dir: str | Path | None = None,
+                 factories: dict[str, Any] | None = None, n_threads: int | None = None,
+                 n_gpu_layers: int | str | None = None, n_ctx: int | None = None, nvml: NvmlProbe | None = None,
+                 preload: tuple[str, ...] | list[str] = ()) -> None:
+        self.registry = models if isinstance(models, Registry) else Registry.load(models, cache_dir)
+        self.nvml = nvml or NvmlProbe()
+        overrides = {"n_threads": n_threads, "n_gpu_layers": n_gpu_layers, "n_ctx": n_ctx}
+        self.pool = ModelPool(self.registry, factories or default_factories(), overrides=overrides, nvml=self.nvml)
+        self.usage = UsageBook()
+        self.started = datetime.now(timezone.utc)
+        self._closed = threading.Event()
+        for name in preload:
+            self.load_model({"model_name": name})
+
+    # -- text ----------------------------------------------------------------------------
+
+    def chat_completion_stream(self, request: ChatCompletionRequest | dict[str, Any], *,
+                               stream_options: dict[str, Any] | None = None) -> Stream[ChatCompletionChunk]:
+        """Stream a chat completion. ``stream_options={"include_usage": True}`` adds a final usage chunk."""
+        if isinstance(request, dict):
+            request = dict(request)
+            stream_options = stream_options or request.pop("stream_options", None)
+        request = coerce(ChatCompletionRequest, request, "chat completion request")
+        spec = self.pool.resolve(request.model, "chat")
+        plan = plan_chat(request, spec.id)
+        chunker = ChatChunker(request.model, request.tools, plan.tools, _include_usage(stream_options))
+        return self._open(spec, chat_job(plan, spec.id), chunker, "chat")
+
+    def chat_completion(self, request: ChatCompletionRequest | dict[str, Any]):
+        """A chat completion: the fold of its stream."""
+        stream = self.chat_completion_stream(request, stream_options={"include_usage": True})
+        with stream:
+            chunks = list(stream)
+        return fold_chat(chunks, stream.chunker, stream.metadata())
+
+    def completion_stream(self, request: CompletionRequest | dict[str, Any], *,
+                          stream_options: dict[str, Any] | None = None, seed: int | None = None
+                          ) -> Stream[CompletionChunk]:
+        """Stream a text completion; a list prompt gives one choice per prompt, in order."""
+        if isinstance(request, dict):
+            request = dict(request)
+            stream_options = stream_options or request.pop("stream_options", None)
+            seed = seed if seed is not None else request.pop("seed", None)
+        request = coerce(CompletionRequest, request, "completion request")
+        prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
+        if not prompts or any(not isinstance(p, str) or not p for p in prompts):
+            raise invalid("Prompt is required", field="prompt")
+        spec = self.pool.resolve(request.model, "chat")
+        chunker = CompletionChunker(request.model, _include_usage(stream_options))
+        chunker.prompts_total = len(prompts)
+        params = sampling_for_completion(request, seed)
+        job = completion_job(prompts, params, request.max_tokens or 100, check_stops(request.stop), spec.id)
+        return self._open(spec, job, chunker, "completion")
+
+    def completion(self, request: CompletionRequest | dict[str, Any], *, seed: int | None = None):
+        """A text completion: the fold of its stream."""
+        stream = self.completion_stream(request, stream_options={"include_usage": True}, seed=seed)
+        with stream:
+            chunks = list(stream)
+        return fold_completion(chunks, stream.chunker, stream.metadata())
+
+    def generate(self, request: GenerateRequest | dict[str, Any]) -> GenerateResponse:
+        """The SDK's legacy call: one user message, the reply's text."""
+        request = coerce(GenerateRequest, request, "generate request")
+        started = time.perf_counter()
+        reply = self.chat_completion(ChatCompletionRequest(
+            model=request.model, messages=[Message(role="user", content=request.prompt)],
+            max_tokens=request.max_tokens or 150, temperature=0.7 if request.temperature is None else request.temperature,
+            top_p=0.9 if request.top_p is None else request.top_p, stop=request.stop))
+        return GenerateResponse(id=request.request_id or reply.id, model=reply.model,
+                                content=reply.choices[0].message.content or "", usage=reply.usage,
+                                created_at=datetime.fromtimestamp(reply.created).isoformat(),
+                                processing_time_ms=round(1000 * (time.perf_counter() - started)))
+
+    def embeddings(self, request: EmbeddingRequest | dict[str, Any]) -> EmbeddingResponse:
+        """One vector per input string."""
+        request = coerce(EmbeddingRequest, request, "embedding request")
+        texts = [request.input] if isinstance(request.input, str) else list(request.input)
+        if not texts or any(not isinstance(t, str) or not t for t in texts):
+            raise invalid("Input is required: a non-empty string or a list of non-empty strings", field="input")
+        spec = self.pool.resolve(request.model, "embedding")
+        with engine_boundary("embedding"):
+            worker, _ = self.pool.worker(spec)
+            results, _ctx = worker.submit(embedding_job(texts, spec.id))
+            with results:
+                vectors, count = next(iter(results))
+        self.usage.record(spec.id, count)
+        return EmbeddingResponse(data=[EmbeddingData(index=i, embedding=v) for i, v in enumerate(vectors)],
+                                 model=request.model, usage=TokenUsage(prompt_tokens=count, completion_tokens=0,
+                                                                       total_tokens=count))
+
+    def _open(self, spec, job, chunker, what: str) -> Stream[Any]:
+        with engine_boundary(what):
+            worker, load_seconds = self.pool.worker(spec)
+            results, ctx = worker.submit(job)
+
+        def finished(stream: Stream[Any]) -> None:
+            usage = chunker.usage
+            self.usage.record(spec.id, usage.total_tokens if usage else 0, stream.metadata().latency_ms or 0)
+
+        stream = Stream(results, ctx, chunker.feed, load_seconds, on_finish=finished)
+        stream.chunker = chunker
+        return stream
+
+    # -- models, GPU, health: see admin.py -------------------------------------------------
+
+    def list_models(self):
+        return admin.list_models(self)
+
+    def get_model(self, model_id: str):
+        return admin.get_model(self, model_id)
+
+    def load_model(self, request):
+        return admin.load_model(self, request)
+
+    def unload_model(self, request):
+        return admin.unload_model(self, request)
+
+    def unload_all_models(self):
+        return admin.unload_all_models(self)
+
+    def get_model_status(self):
+        return admin.get_model_status(self)
+
+    def get_gpu_status(self):
+        return admin.get_gpu_status(self)
+
+    def get_gpu_memory(self):
+        return admin.get_gpu_memory(self)
+
+    def purge_gpu(self, request=None):
+        return admin.purge_gpu(self, request)
+
+    def health(self):
+        return admin.health(self)
+
+    def get_status(self):
+        return admin.get_status(self)
+
+    def get_usage(self, start_date: str | None = None, end_date: str | None = None):
+        return self.usage.report(self, start_date, end_date)
+
+    def close(self) -> None:
+        """Unload every model and stop their workers."""
+        if not self._closed.is_set():
+            self._closed.set()
+            self.pool.close()
+
+
+def _include_usage(stream_options: dict[str, Any] | None) -> bool:
+    if stream_options is None:
+        return False
+    if not isinstance(stream_options, dict):
+        raise invalid("stream_options must be an object like {'include_usage': true}", field="stream_options")
+    return bool(stream_options.get("include_usage"))

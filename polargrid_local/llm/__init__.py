@@ -1,0 +1,1 @@
+"""Text generation on GGUF models through llama.cpp."""

@@ -1,0 +1,156 @@
+"""Worker events to SDK chunks (the stream), and chunks folded into one response (the non-stream call)."""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Iterable
+
+from polargrid.types import (ChatCompletionChoice, ChatCompletionChunkChoice, ChatCompletionResponse, ChatDelta,
+                             ChatMessage, ChatTool, CompletionChoice, CompletionChunkChoice, CompletionResponse,
+                             PGMetadata, TokenUsage, ToolCall, ToolCallDelta, ToolCallFunction)
+
+from ..types import ChatCompletionChunk, CompletionChunk
+from .backend import Started, TextDelta
+from .constraints import ToolPlan, parse_tool_call
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+class ChatChunker:
+    """Turns one chat job's events into ChatCompletionChunks, holding back text that is becoming a tool call."""
+
+    def __init__(self, model: str, tools: list[ChatTool] | None, plan: ToolPlan | None, include_usage: bool) -> None:
+        self.id = new_id("chatcmpl")
+        self.created = int(time.time())
+        self.model = model
+        self.tools = tools or []
+        self.plan = plan
+        self.include_usage = include_usage
+        self.usage: TokenUsage | None = None
+        self._prompt_tokens = 0
+        self._held = ""
+        self._holding = plan is not None
+
+    def _chunk(self, delta: ChatDelta | None, finish: str | None = None, usage: TokenUsage | None = None) -> ChatCompletionChunk:
+        choices = [] if delta is None else [ChatCompletionChunkChoice(index=0, delta=delta, finish_reason=finish)]
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+
+    def feed(self, event: Started | TextDelta) -> list[ChatCompletionChunk]:
+        if isinstance(event, Started):
+            self._prompt_tokens = event.prompt_tokens
+            return [self._chunk(ChatDelta(role="assistant", content=""))]
+        out: list[ChatCompletionChunk] = []
+        text = event.text
+        if self._holding and text:
+            self._held += text
+            lead = self._held.lstrip()
+            if lead and not lead.startswith("{") and not self.plan.required:
+                text, self._held, self._holding = self._held, "", False
+            else:
+                text = ""
+        if text:
+            out.append(self._chunk(ChatDelta(content=text)))
+        if event.finish_reason is not None:
+            out.extend(self._finish(event))
+        return out
+
+    def _finish(self, event: TextDelta) -> list[ChatCompletionChunk]:
+        out: list[ChatCompletionChunk] = []
+        finish = event.finish_reason
+        if self._held:
+            calls = parse_tool_call(self._held, self.tools)
+            if calls:
+                finish = "tool_calls"
+                deltas = [ToolCallDelta(index=i, id=c.id, type="function",
+                                        function={"name": c.function.name, "arguments": c.function.arguments})
+                          for i, c in enumerate(calls)]
+                out.append(self._chunk(ChatDelta(tool_calls=deltas)))
+            else:
+                out.append(self._chunk(ChatDelta(content=self._held)))
+            self._held = ""
+        out.append(self._chunk(ChatDelta(), finish))
+        self.usage = TokenUsage(prompt_tokens=self._prompt_tokens, completion_tokens=event.completion_tokens,
+                                total_tokens=self._prompt_tokens + event.completion_tokens)
+        if self.include_usage:
+            out.append(self._chunk(None, usage=self.usage))
+        return out
+
+
+def fold_chat(chunks: Iterable[ChatCompletionChunk], usage_of: ChatChunker, metadata: PGMetadata | None = None
+              ) -> ChatCompletionResponse:
+    """The non-streaming response: every chunk of the stream, joined."""
+    content: list[str] = []
+    calls: dict[int, ToolCall] = {}
+    finish = "stop"
+    first = None
+    for chunk in chunks:
+        first = first or chunk
+        for choice in chunk.choices:
+            if choice.delta.content:
+                content.append(choice.delta.content)
+            for call in choice.delta.tool_calls or []:
+                fn = call.function or {}
+                calls[call.index] = ToolCall(id=call.id or new_id("call"), type="function",
+                                             function=ToolCallFunction(name=fn.get("name", ""),
+                                                                       arguments=fn.get("arguments", "")))
+            if choice.finish_reason:
+                finish = choice.finish_reason
+    tool_calls = [calls[i] for i in sorted(calls)] or None
+    message = ChatMessage(role="assistant", content=None if tool_calls and not content else "".join(content),
+                          tool_calls=tool_calls)
+    return ChatCompletionResponse(
+        id=first.id if first else usage_of.id, created=usage_of.created, model=usage_of.model,
+        choices=[ChatCompletionChoice(index=0, message=message, finish_reason=finish)],
+        usage=usage_of.usage or TokenUsage(prompt_tokens=0, completion_tokens=0, total_tokens=0),
+        pg_metadata=metadata)
+
+
+class CompletionChunker:
+    """Turns one completion job's events into CompletionChunks (one choice index per prompt)."""
+
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self.id = new_id("cmpl")
+        self.created = int(time.time())
+        self.model = model
+        self.include_usage = include_usage
+        self.prompt_tokens: dict[int, int] = {}
+        self.completion_tokens: dict[int, int] = {}
+        self.prompts_total = 0
+        self.usage: TokenUsage | None = None
+
+    def _chunk(self, choices: list[CompletionChunkChoice], usage: TokenUsage | None = None) -> CompletionChunk:
+        return CompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+
+    def feed(self, event: Started | TextDelta) -> list[CompletionChunk]:
+        if isinstance(event, Started):
+            self.prompt_tokens[event.index] = event.prompt_tokens
+            return []
+        out = []
+        if event.text or event.finish_reason:
+            out.append(self._chunk([CompletionChunkChoice(text=event.text, index=event.index,
+                                                          finish_reason=event.finish_reason)]))
+        if event.finish_reason:
+            self.completion_tokens[event.index] = event.completion_tokens
+            prompt, completion = sum(self.prompt_tokens.values()), sum(self.completion_tokens.values())
+            self.usage = TokenUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+            if self.include_usage and len(self.completion_tokens) == self.prompts_total:
+                out.append(self._chunk([], usage=self.usage))
+        return out
+
+
+def fold_completion(chunks: Iterable[CompletionChunk], usage_of: CompletionChunker,
+                    metadata: PGMetadata | None = None) -> CompletionResponse:
+    texts: dict[int, list[str]] = {}
+    finishes: dict[int, str] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts.setdefault(choice.index, []).append(choice.text)
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    choices = [CompletionChoice(text="".join(texts[i]), index=i, finish_reason=finishes.get(i, "stop"))
+               for i in sorted(texts)]
+    return CompletionResponse(id=usage_of.id, created=usage_of.created, model=usage_of.model, choices=choices,
+                              usage=usage_of.usage or TokenUsage(prompt_tokens=0, completion_tokens=0, total_tokens=0),
+                              pg_metadata=metadata)

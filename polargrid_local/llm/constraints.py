@@ -1,0 +1,128 @@
+"""Constrained decoding: response_format and tools turned into llama.cpp grammars, and tool calls parsed back."""
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import jsonschema
+from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+from polargrid.types import ChatTool, ResponseFormat, ToolCall, ToolCallFunction
+
+from ..errors import invalid
+
+# Free text for tool_choice "auto": anything that does not open a JSON object.
+_FREE_TEXT_GBNF = r'''free-text ::= [^{ \t\n] [^\x00]*'''
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """How a request with tools is decoded: an extra system prompt and a grammar."""
+
+    system_prompt: str
+    grammar: str
+    required: bool
+
+
+def schema_grammar(schema: Any, what: str) -> str:
+    """A GBNF grammar accepting exactly the JSON documents the schema allows."""
+    if not isinstance(schema, dict):
+        raise invalid(f"{what} must be a JSON schema object")
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise invalid(f"{what} is not a valid JSON schema: {exc.message}") from None
+    try:
+        return json_schema_to_gbnf(json.dumps(schema))
+    except Exception as exc:  # the converter asserts on what it cannot express
+        raise invalid(f"{what} uses JSON schema features the grammar converter does not support: {exc}") from None
+
+
+def response_format_grammar(response_format: ResponseFormat | None) -> str | None:
+    """Grammar for response_format: text -> None, json_object -> any object, json_schema -> that schema."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return JSON_GBNF
+    spec = response_format.json_schema
+    if not spec:
+        raise invalid("response_format.json_schema is required when type is 'json_schema'")
+    schema = spec.get("schema", spec if "type" in spec or "properties" in spec else None)
+    if schema is None:
+        raise invalid("response_format.json_schema must hold a 'schema' object")
+    return schema_grammar(schema, "response_format.json_schema.schema")
+
+
+def plan_tools(tools: list[ChatTool] | None, tool_choice: Any) -> ToolPlan | None:
+    """Decide how tools constrain this request; None when tools are absent or tool_choice is 'none'."""
+    if not tools:
+        if tool_choice not in (None, "none", "auto"):
+            raise invalid("tool_choice was given without tools")
+        return None
+    names = [t.function.name for t in tools]
+    if len(set(names)) != len(names):
+        raise invalid("tools have duplicate function names")
+    for tool in tools:
+        if not re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", tool.function.name):
+            raise invalid(f"tool name {tool.function.name!r} must be 1-64 letters, digits, '_' or '-'")
+    choice = tool_choice if tool_choice is not None else "auto"
+    if choice == "none":
+        return None
+    chosen = tools
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if choice.get("type", "function") == "function" else None
+        if not name:
+            raise invalid("tool_choice object must read {'type': 'function', 'function': {'name': ...}}")
+        chosen = [t for t in tools if t.function.name == name]
+        if not chosen:
+            raise invalid(f"tool_choice names {name!r}, which is not among the tools ({', '.join(names)})")
+    elif choice not in ("auto", "required"):
+        raise invalid("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}")
+    call_schema = {"anyOf": [_call_schema(t) for t in chosen]} if len(chosen) > 1 else _call_schema(chosen[0])
+    call_grammar = schema_grammar(call_schema, "tools")
+    required = choice != "auto"
+    if required:
+        grammar = call_grammar
+    else:
+        grammar = re.sub(r"^root ::=", "tool-call ::=", call_grammar, count=1, flags=re.M)
+        grammar = f"root ::= tool-call | free-text\n{grammar}\n{_FREE_TEXT_GBNF}\n"
+    return ToolPlan(system_prompt=_tool_prompt(chosen, required), grammar=grammar, required=required)
+
+
+def _call_schema(tool: ChatTool) -> dict[str, Any]:
+    params = tool.function.parameters or {"type": "object", "properties": {}}
+    if not isinstance(params, dict) or params.get("type", "object") != "object":
+        raise invalid(f"tool {tool.function.name!r}: parameters must be a JSON schema of type 'object'")
+    try:
+        jsonschema.validators.validator_for(params).check_schema(params)
+    except jsonschema.SchemaError as exc:
+        raise invalid(f"tool {tool.function.name!r}: parameters is not a valid JSON schema: {exc.message}") from None
+    return {"type": "object", "properties": {"name": {"const": tool.function.name}, "arguments": params},
+            "required": ["name", "arguments"]}
+
+
+def _tool_prompt(tools: list[ChatTool], required: bool) -> str:
+    listing = "\n".join(json.dumps(t.function.model_dump(exclude_none=True)) for t in tools)
+    how = ("Answer by calling one of these functions." if required else
+           "If a function helps answer, call it; otherwise answer normally.")
+    return (f"You can call functions. {how} To call a function, reply with only a JSON object "
+            f'{{"name": <function name>, "arguments": <arguments object>}}.\nFunctions:\n{listing}')
+
+
+def parse_tool_call(text: str, tools: list[ChatTool]) -> list[ToolCall] | None:
+    """The tool call in the model's output, or None when the output is plain text."""
+    stripped = text.strip()
+    if not stripped.startswith("{"):
+        return None
+    try:
+        data = json.loads(stripped)
+    except json.JSONDecodeError:
+        return None
+    names = {t.function.name for t in tools}
+    if not isinstance(data, dict) or data.get("name") not in names:
+        return None
+    arguments = data.get("arguments", {})
+    return [ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", type="function",
+                     function=ToolCallFunction(name=data["name"], arguments=json.dumps(arguments)))]

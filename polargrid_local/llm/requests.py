@@ -1,0 +1,182 @@
+"""From the SDK's request objects to what runs on a model's worker: prompts, sampling and jobs."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Iterator
+
+from polargrid.types import ChatCompletionRequest, CompletionRequest, Message
+
+from ..errors import invalid
+from ..worker import JobContext
+from .backend import LlamaBackend, SamplingParams, Started, TextDelta
+from .constraints import ToolPlan, plan_tools, response_format_grammar
+
+DEFAULT_TOP_K = 40
+
+
+def sampling_for_chat(request: ChatCompletionRequest, grammar: str | None) -> SamplingParams:
+    return SamplingParams(
+        temperature=0.7 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        top_k=DEFAULT_TOP_K if request.top_k is None else _top_k(request.top_k),
+        min_p=request.min_p or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        presence_penalty=request.presence_penalty or 0.0,
+        repetition_penalty=_repetition(request.repetition_penalty),
+        seed=request.seed,
+        grammar=grammar,
+    )
+
+
+def sampling_for_completion(request: CompletionRequest, seed: int | None = None) -> SamplingParams:
+    return SamplingParams(
+        temperature=0.7 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        top_k=DEFAULT_TOP_K if request.top_k is None else _top_k(request.top_k),
+        frequency_penalty=request.frequency_penalty or 0.0,
+        presence_penalty=request.presence_penalty or 0.0,
+        seed=seed,
+    )
+
+
+def _top_k(value: int) -> int:
+    if value < 0:
+        raise invalid("top_k must be 0 (off) or a positive integer", field="top_k")
+    return value
+
+
+def _repetition(value: float | None) -> float:
+    if value is None:
+        return 1.0
+    if not 0.0 < value <= 10.0:
+        raise invalid("repetition_penalty must be greater than 0 and at most 10", field="repetition_penalty")
+    return value
+
+
+def check_stops(stop: list[str] | None) -> list[str]:
+    stops = list(stop or [])
+    if any(not isinstance(s, str) or not s for s in stops):
+        raise invalid("stop sequences must be non-empty strings", field="stop")
+    return stops
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatPlan:
+    """Everything about a chat request that can be checked before it reaches the model."""
+
+    messages: list[Message]
+    params: SamplingParams
+    max_tokens: int
+    stop: list[str]
+    tools: ToolPlan | None
+
+
+def plan_chat(request: ChatCompletionRequest, model_id: str) -> ChatPlan:
+    """Validate a chat request and decide its sampling, grammar and tools."""
+    if not request.messages:
+        raise invalid("Messages array is required and cannot be empty", field="messages")
+    for i, message in enumerate(request.messages):
+        if isinstance(message.content, list):
+            for part in message.content:
+                if getattr(part, "type", None) == "image_url":
+                    raise invalid(f"messages[{i}] has an image, but model {model_id!r} has no vision support; "
+                                  "send text content only", field=f"messages[{i}].content")
+        if message.role == "tool" and not message.tool_call_id:
+            raise invalid(f"messages[{i}] has role 'tool' but no tool_call_id", field=f"messages[{i}].tool_call_id")
+    tools = plan_tools(request.tools, request.tool_choice)
+    grammar = response_format_grammar(request.response_format)
+    if tools is not None and grammar is not None:
+        raise invalid("response_format and tools cannot constrain the same request; use one")
+    params = sampling_for_chat(request, tools.grammar if tools else grammar)
+    return ChatPlan(list(request.messages), params, request.max_tokens or 150, check_stops(request.stop), tools)
+
+
+def template_messages(messages: list[Message], backend: LlamaBackend, tools: ToolPlan | None) -> list[dict[str, Any]]:
+    """Messages as the chat template expects them: text content, tool turns written out when the template has none."""
+    native_tools = backend.template_mentions_tools
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        text = _text_of(message.content)
+        if message.role == "assistant" and message.tool_calls:
+            calls = [{"name": c.function.name, "arguments": _loads(c.function.arguments)} for c in message.tool_calls]
+            written = json.dumps(calls[0] if len(calls) == 1 else calls)
+            out.append({"role": "assistant", "content": text or written})
+        elif message.role == "tool" and not native_tools:
+            out.append({"role": "user", "content": f"Result of tool call {message.tool_call_id}: {text}"})
+        else:
+            entry: dict[str, Any] = {"role": message.role, "content": text}
+            if message.role == "tool":
+                entry["tool_call_id"] = message.tool_call_id
+            out.append(entry)
+    if tools is not None:
+        if out and out[0]["role"] == "system":
+            out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{tools.system_prompt}"}
+        else:
+            out.insert(0, {"role": "system", "content": tools.system_prompt})
+    return out
+
+
+def _text_of(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(getattr(part, "text", "") or "" for part in content)
+
+
+def _loads(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except (TypeError, json.JSONDecodeError):
+        return arguments
+
+
+def fit_prompt(tokens: list[int], backend: LlamaBackend, model_id: str, index: int = 0) -> None:
+    if len(tokens) >= backend.n_ctx:
+        where = f"prompt[{index}]" if index else "prompt"
+        raise invalid(f"The {where} is {len(tokens)} tokens, but model {model_id!r} has a context window of "
+                      f"{backend.n_ctx} tokens; shorten the input", field="messages", prompt_tokens=len(tokens))
+
+
+def chat_job(plan: ChatPlan, model_id: str):
+    """The function a worker runs for one chat request."""
+
+    def run(backend: LlamaBackend, ctx: JobContext) -> Iterator[Started | TextDelta]:
+        try:
+            prompt = backend.render_chat(template_messages(plan.messages, backend, plan.tools))
+        except Exception as exc:
+            raise invalid(f"the chat template of {model_id!r} rejected these messages: {exc}") from exc
+        tokens = backend.tokenize(prompt, add_bos=backend.add_bos_for_template(prompt))
+        fit_prompt(tokens, backend, model_id)
+        yield Started(prompt_tokens=len(tokens))
+        yield from backend.stream(tokens, plan.params, plan.max_tokens, plan.stop, cancelled=lambda: ctx.cancelled)
+
+    return run
+
+
+def completion_job(prompts: list[str], params: SamplingParams, max_tokens: int, stop: list[str], model_id: str):
+    """The function a worker runs for one completion request (one choice per prompt)."""
+
+    def run(backend: LlamaBackend, ctx: JobContext) -> Iterator[Started | TextDelta]:
+        encoded = [backend.tokenize(p, add_bos=True, special=False) for p in prompts]
+        for index, tokens in enumerate(encoded):
+            fit_prompt(tokens, backend, model_id, index)
+        for index, tokens in enumerate(encoded):
+            yield Started(prompt_tokens=len(tokens), index=index)
+            for delta in backend.stream(tokens, params, max_tokens, stop, cancelled=lambda: ctx.cancelled):
+                yield dataclasses.replace(delta, index=index)
+
+    return run
+
+
+def embedding_job(texts: list[str], model_id: str):
+    def run(backend: LlamaBackend, ctx: JobContext) -> Iterator[tuple[list[list[float]], int]]:
+        for i, text in enumerate(texts):
+            n = len(backend.tokenize(text))
+            if n > backend.n_ctx:
+                raise invalid(f"input[{i}] is {n} tokens; model {model_id!r} embeds at most {backend.n_ctx}",
+                              field="input")
+        yield backend.embed(texts)
+
+    return run

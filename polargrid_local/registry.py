@@ -1,0 +1,199 @@
+"""The model registry: ``models.toml`` parsed into ModelSpec entries, resolved by id or alias."""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ModelKind = Literal["chat", "embedding", "stt", "tts"]
+KINDS: tuple[str, ...] = ("chat", "embedding", "stt", "tts")
+
+MODELS_FILE_ENV = "POLARGRID_LOCAL_MODELS"
+CACHE_DIR_ENV = "POLARGRID_LOCAL_CACHE"
+
+
+class RegistryError(ValueError):
+    """models.toml is missing, malformed, or names something it does not define."""
+
+
+@dataclass(frozen=True)
+class PyPIPart:
+    """One member of a wheel: ``package==version:path/inside/wheel``."""
+
+    package: str
+    version: str
+    member: str
+
+    @classmethod
+    def parse(cls, text: str) -> PyPIPart:
+        try:
+            requirement, member = text.split(":", 1)
+            package, version = requirement.split("==", 1)
+        except ValueError:
+            raise RegistryError(f"pypi source {text!r} must read 'package==version:member/path'") from None
+        return cls(package.strip(), version.strip(), member.strip())
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """One file of a model, where to get it, and its sha256."""
+
+    path: str
+    sha256: str | None = None
+    size: int | None = None
+    pypi: tuple[PyPIPart, ...] = ()
+    hf: str | None = None  # "owner/repo[@revision]:path/in/repo"
+
+    @property
+    def source_kind(self) -> str:
+        return "pypi" if self.pypi else "hf" if self.hf else "none"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registry entry: identity, kind, engine settings, and where its files come from."""
+
+    id: str
+    kind: ModelKind
+    aliases: tuple[str, ...] = ()
+    owned_by: str = "local"
+    description: str = ""
+    parameters: int | None = None
+    entry: str | None = None
+    files: tuple[FileSpec, ...] = ()
+    local: str | None = None
+    engine: dict[str, Any] = field(default_factory=dict)
+    created: int = 0
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.id, *self.aliases)
+
+    def path_in(self, cache_dir: Path) -> Path:
+        """Where the model's entry file (or folder) lives once pulled."""
+        if self.local:
+            return Path(os.path.expanduser(self.local))
+        base = cache_dir / self.id
+        return base / self.entry if self.entry else base
+
+
+def default_cache_dir() -> Path:
+    """Where pulled models live: $POLARGRID_LOCAL_CACHE, else the user's cache home."""
+    env = os.environ.get(CACHE_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or (Path.home() / ".cache")
+    return Path(base) / "polargrid-local" / "models"
+
+
+def default_models_file() -> Path:
+    """$POLARGRID_LOCAL_MODELS, else ./models.toml, else the one shipped beside the package."""
+    env = os.environ.get(MODELS_FILE_ENV)
+    if env:
+        return Path(env).expanduser()
+    cwd = Path.cwd() / "models.toml"
+    if cwd.is_file():
+        return cwd
+    return Path(__file__).resolve().parent.parent / "models.toml"
+
+
+class Registry:
+    """Every model the library knows, indexed by id and alias (case-insensitive)."""
+
+    def __init__(self, models: list[ModelSpec], defaults: dict[str, str], cache_dir: Path, source: str = "") -> None:
+        self.models = models
+        self.defaults = defaults
+        self.cache_dir = cache_dir
+        self.source = source
+        self._by_name: dict[str, ModelSpec] = {}
+        for spec in models:
+            for name in spec.names:
+                key = name.lower()
+                if key in self._by_name and self._by_name[key] is not spec:
+                    raise RegistryError(f"{source}: name {name!r} is used by {self._by_name[key].id!r} and {spec.id!r}")
+                self._by_name[key] = spec
+        for kind, model_id in defaults.items():
+            if kind not in KINDS:
+                raise RegistryError(f"{source}: [defaults] has unknown kind {kind!r}")
+            if model_id.lower() not in self._by_name:
+                raise RegistryError(f"{source}: default {kind} model {model_id!r} is not defined")
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, cache_dir: str | Path | None = None) -> Registry:
+        """Read a models.toml (default: see default_models_file)."""
+        file = Path(path) if path else default_models_file()
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RegistryError(f"models file not found: {file}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise RegistryError(f"{file}: {exc}") from None
+        settings = data.get("settings", {})
+        cache = Path(cache_dir) if cache_dir else (
+            Path(os.path.expanduser(settings["cache_dir"])) if settings.get("cache_dir") and not os.environ.get(CACHE_DIR_ENV)
+            else default_cache_dir())
+        models = [_parse_model(raw, str(file)) for raw in data.get("models", [])]
+        return cls(models, dict(data.get("defaults", {})), cache, str(file))
+
+    def get(self, name: str) -> ModelSpec | None:
+        """The model with this id or alias, or None."""
+        return self._by_name.get(name.strip().lower()) if name else None
+
+    def default(self, kind: str) -> ModelSpec | None:
+        """The default model of a kind, if the registry names one."""
+        name = self.defaults.get(kind)
+        if name:
+            return self.get(name)
+        return next((m for m in self.models if m.kind == kind), None)
+
+    def of_kind(self, *kinds: str) -> list[ModelSpec]:
+        return [m for m in self.models if m.kind in kinds]
+
+
+def _parse_model(raw: dict[str, Any], source: str) -> ModelSpec:
+    where = f"{source}: model {raw.get('id', '?')!r}"
+    model_id = raw.get("id")
+    if not model_id or not isinstance(model_id, str):
+        raise RegistryError(f"{source}: every [[models]] entry needs a string id")
+    if "/" in model_id or "\\" in model_id or model_id.startswith("."):
+        raise RegistryError(f"{where}: ids may not contain path separators")
+    kind = raw.get("kind")
+    if kind not in KINDS:
+        raise RegistryError(f"{where}: kind must be one of {', '.join(KINDS)}")
+    files = tuple(_parse_file(f, where) for f in raw.get("files", []))
+    if not files and not raw.get("local"):
+        raise RegistryError(f"{where}: needs files (with pypi or hf sources) or a local path")
+    return ModelSpec(
+        id=model_id,
+        kind=kind,
+        aliases=tuple(raw.get("aliases", [])),
+        owned_by=raw.get("owned_by", "local"),
+        description=raw.get("description", ""),
+        parameters=raw.get("parameters"),
+        entry=raw.get("entry"),
+        files=files,
+        local=raw.get("local"),
+        engine=dict(raw.get("engine", {})),
+        created=int(raw.get("created", 0)),
+    )
+
+
+def _parse_file(raw: dict[str, Any], where: str) -> FileSpec:
+    path = raw.get("path", "")
+    if not path or Path(path).is_absolute() or ".." in Path(path).parts:
+        raise RegistryError(f"{where}: file path {path!r} must be relative, without '..'")
+    pypi = raw.get("pypi", [])
+    if isinstance(pypi, str):
+        pypi = [pypi]
+    spec = FileSpec(path=path, sha256=raw.get("sha256"), size=raw.get("size"),
+                    pypi=tuple(PyPIPart.parse(p) for p in pypi), hf=raw.get("hf"))
+    if spec.source_kind == "none":
+        raise RegistryError(f"{where}: file {path!r} needs a pypi or hf source")
+    return spec

@@ -1,0 +1,113 @@
+"""Stream: the caller's view of one request, iterable with ``for`` or ``async for``; closing it cancels the work."""
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any, Callable, Generic, TypeVar
+
+from polargrid import errors as sdk
+from polargrid.types import PGMetadata
+
+from .errors import as_server_error
+from .streams import ResultStream
+from .worker import JobContext, WorkerClosed
+
+T = TypeVar("T")
+
+
+class Stream(Generic[T]):
+    """Chunks of one request as the worker produces them.
+
+    Iterate it (sync or async), or use it as a context manager; ``close()`` stops the
+    generation at its next token and frees the model for the next request.
+    """
+
+    def __init__(self, results: ResultStream[Any], ctx: JobContext, convert: Callable[[Any], list[T]],
+                 load_seconds: float = 0.0, on_finish: Callable[[Stream[T]], None] | None = None) -> None:
+        self._results = results
+        self._ctx = ctx
+        self._convert = convert
+        self._pending: deque[T] = deque()
+        self._on_finish = on_finish
+        self._finished = False
+        self.load_seconds = load_seconds
+        self.finished_at: float | None = None
+
+    def metadata(self) -> PGMetadata:
+        """Region 'local' and the real split of this request's time: load, queue, inference."""
+        end = self.finished_at or time.perf_counter()
+        started = self._ctx.started_at or end
+        queue = self._ctx.queue_seconds if self._ctx.started_at else end - self._ctx.submitted_at
+        inference = max(0.0, end - started)
+        return PGMetadata(region="local", latency_ms=round(1000 * (self.load_seconds + queue + inference)),
+                          model_load_time_ms=round(1000 * self.load_seconds), queue_time_ms=round(1000 * queue),
+                          inference_time_ms=round(1000 * inference))
+
+    def _fail(self, exc: BaseException) -> BaseException:
+        self._finish()
+        if isinstance(exc, sdk.PolarGridError):
+            return exc
+        if isinstance(exc, WorkerClosed):
+            return sdk.ServerError(str(exc), 503)
+        return as_server_error(exc, "generation")
+
+    def _finish(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self.finished_at = time.perf_counter()
+            if self._on_finish is not None:
+                self._on_finish(self)
+
+    def __iter__(self) -> Stream[T]:
+        return self
+
+    def __next__(self) -> T:
+        while not self._pending:
+            try:
+                event = next(self._results)
+            except StopIteration:
+                self._finish()
+                raise
+            except BaseException as exc:
+                raise self._fail(exc) from exc
+            self._pending.extend(self._convert(event))
+        return self._pending.popleft()
+
+    def __aiter__(self) -> Stream[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        while not self._pending:
+            try:
+                event = await self._results.__anext__()
+            except StopAsyncIteration:
+                self._finish()
+                raise
+            except BaseException as exc:
+                if isinstance(exc, (GeneratorExit, KeyboardInterrupt)) or type(exc).__name__ == "CancelledError":
+                    raise
+                raise self._fail(exc) from exc
+            self._pending.extend(self._convert(event))
+        return self._pending.popleft()
+
+    def close(self) -> None:
+        """Stop reading; the model stops generating for this request."""
+        self._results.close()
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def __enter__(self) -> Stream[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Stream[T]:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self._results.close()

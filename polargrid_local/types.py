@@ -1,0 +1,19 @@
+"""polargrid-sdk's own types, extended only where the wire format has a field the SDK type lacks.
+
+Each class here subclasses the SDK's, so ``isinstance(chunk, polargrid.types.ChatCompletionChunk)`` holds.
+"""
+from __future__ import annotations
+
+from polargrid import types as sdk
+
+
+class ChatCompletionChunk(sdk.ChatCompletionChunk):
+    """A streamed chat chunk; the last one carries ``usage`` when ``stream_options.include_usage`` is set."""
+
+    usage: sdk.TokenUsage | None = None
+
+
+class CompletionChunk(sdk.CompletionChunk):
+    """A streamed completion chunk; the last one carries ``usage`` when asked for."""
+
+    usage: sdk.TokenUsage | None = None
