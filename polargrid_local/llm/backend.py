@@ -85,6 +85,7 @@ class LlamaBackend:
         self.chat_template = chat_template or self.llama.metadata.get("tokenizer.chat_template")
         self._vocab = self.llama._model.vocab
         self._formatter = None
+        self.tokens_generated = 0  # lifetime count; shows that abandoned streams really stop
 
     # -- facts ---------------------------------------------------------------------------
 
@@ -141,6 +142,10 @@ class LlamaBackend:
 
             grammar = LlamaGrammar.from_string(params.grammar, verbose=False)
         self.llama.set_seed(DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF)
+        if params.seed is not None:
+            # A reused prefix changes how the prompt is batched, which moves logits by rounding
+            # error; a seeded request evaluates its whole prompt so the same seed gives the same text.
+            self.llama.reset()
         room = self.n_ctx - len(prompt_tokens)
         budget = min(max_tokens, room)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -161,6 +166,7 @@ class LlamaBackend:
                     finish = "stop"
                     break
                 produced += 1
+                self.tokens_generated += 1
                 piece = decoder.decode(self.llama.detokenize([token], prev_tokens=history))
                 history.append(token)
                 visible, hit = held.feed(piece)

@@ -1,0 +1,49 @@
+# polargrid_local: `make demo` and `make test` are all a newcomer needs.
+#
+# The environment lives in .venv/. llama-cpp-python is built by
+# scripts/build_llama_cpp.py with flags read from this CPU (its default native
+# build can crash on VMs that advertise AMX); the wheel is cached under
+# ~/.cache/polargrid-local/wheels and reused on later runs.
+#   make install-cuda CUDA_ARCH=90   builds the CUDA backend instead (needs nvcc).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.polargrid-installed
+CUDA_ARCH ?= native
+PYTEST_ARGS ?=
+
+
+.PHONY: install install-cuda models demo test bench lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+
+$(STAMP): $(PY) pyproject.toml scripts/build_llama_cpp.py
+	$(PY) scripts/build_llama_cpp.py $(LLAMA_BUILD_ARGS)
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(STAMP)
+
+install-cuda: $(PY)
+	$(PY) scripts/build_llama_cpp.py --cuda --cuda-arch $(CUDA_ARCH)
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+# Fetches the default model of each kind (the only step that uses the network).
+models: install
+	$(PY) -m polargrid_local pull
+
+demo: models
+	$(PY) -m polargrid_local demo
+
+test: models
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: models
+	$(PY) benchmarks/bench_text.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

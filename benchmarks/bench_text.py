@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Text benchmark: single-stream decode through PolarGrid vs raw llama.cpp, and cold-start times.
+
+Both sides use the same GGUF, the same thread count and greedy decoding, measured
+in this one run. Prints one JSON object.
+
+    python benchmarks/bench_text.py [--model smollm2] [--tokens 128] [--threads N] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from polargrid_local import PolarGridSync, Registry
+from polargrid_local.llm.backend import available_cpus
+
+PROMPT = "1, 2, 3, 4, 5, 6, 7, 8,"
+
+
+def raw_decode_tok_s(path: str, threads: int, prompt_len: int, n: int) -> float:
+    """Greedy decode of n tokens after a prompt of prompt_len tokens, llama.cpp's C API only."""
+    import llama_cpp as L
+    from llama_cpp import _logger
+
+    _logger.set_verbose(False)
+    L.llama_backend_init()
+    params = L.llama_model_default_params()
+    params.n_gpu_layers = 0
+    model = L.llama_model_load_from_file(path.encode(), params)
+    vocab = L.llama_model_get_vocab(model)
+    n_vocab = L.llama_vocab_n_tokens(vocab)
+    cp = L.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_threads, cp.n_threads_batch = 2048, 512, threads, threads
+    ctx = L.llama_init_from_model(model, cp)
+    batch = L.llama_batch_init(512, 0, 1)
+
+    def decode(tokens: list[int], start: int) -> None:
+        for i, tok in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, start + i, 1
+            batch.seq_id[i][0], batch.logits[i] = 0, int(i == len(tokens) - 1)
+        batch.n_tokens = len(tokens)
+        if L.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def argmax() -> int:
+        return int(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, -1), shape=(n_vocab,)).argmax())
+
+    prompt = list(range(1000, 1000 + prompt_len))
+    decode(prompt, 0)
+    tok = argmax()
+    started = time.perf_counter()
+    for i in range(n):
+        decode([tok], prompt_len + i)
+        tok = argmax()
+    elapsed = time.perf_counter() - started
+    L.llama_batch_free(batch)
+    L.llama_free(ctx)
+    L.llama_model_free(model)
+    return n / elapsed
+
+
+def engine_decode(client: PolarGridSync, model: str, n: int) -> tuple[float, int]:
+    """Decode tokens/s of one stream (first token excluded: it carries the prefill) and its prompt length."""
+    stamps = []
+    usage = None
+    for chunk in client.completion_stream({"model": model, "prompt": PROMPT, "max_tokens": n, "temperature": 0},
+                                          stream_options={"include_usage": True}):
+        if chunk.choices and chunk.choices[0].text:
+            stamps.append(time.perf_counter())
+        if chunk.usage:
+            usage = chunk.usage
+    tokens = usage.completion_tokens
+    return (tokens - 1) / (stamps[-1] - stamps[0]), usage.prompt_tokens
+
+
+def cold_start(model: str, threads: int) -> dict[str, float]:
+    """A fresh interpreter: import time, and time to the first streamed token (model load included)."""
+    code = f"""
+import time, json
+t0 = time.perf_counter()
+import polargrid_local
+t1 = time.perf_counter()
+client = polargrid_local.PolarGridSync(n_threads={threads})
+for chunk in client.chat_completion_stream({{"model": "{model}", "messages": [{{"role": "user", "content": "Hi"}}],
+                                             "max_tokens": 4, "temperature": 0}}):
+    if chunk.choices and chunk.choices[0].delta.content:
+        break
+t2 = time.perf_counter()
+print(json.dumps({{"import_s": t1 - t0, "first_token_s": t2 - t1}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=available_cpus())
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    registry = Registry.load()
+    spec = registry.get(args.model)
+    path = str(spec.path_in(registry.cache_dir))
+    with PolarGridSync(n_threads=args.threads, n_gpu_layers=0) as client:
+        engine_decode(client, spec.id, 16)  # load and warm
+        runs = [engine_decode(client, spec.id, args.tokens) for _ in range(args.repeats)]
+    prompt_len = runs[0][1]
+    raw = [raw_decode_tok_s(path, args.threads, prompt_len, args.tokens) for _ in range(args.repeats)]
+    engine = statistics.median(r[0] for r in runs)
+    raw_median = statistics.median(raw)
+    starts = [cold_start(spec.id, args.threads) for _ in range(2)]
+    result = {
+        "benchmark": "text",
+        "model": spec.id,
+        "threads": args.threads,
+        "tokens": args.tokens,
+        "prompt_tokens": prompt_len,
+        "engine_decode_tok_s": round(engine, 1),
+        "raw_llama_cpp_decode_tok_s": round(raw_median, 1),
+        "decode_ratio_vs_raw": round(engine / raw_median, 3),
+        "cold_import_s": round(min(s["import_s"] for s in starts), 3),
+        "cold_first_token_s": round(min(s["first_token_s"] for s in starts), 3),
+        "cpu_count": os.cpu_count(),
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
