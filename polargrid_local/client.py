@@ -8,8 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
+
+from polargrid import errors as sdk_errors
+from polargrid.types import (AsyncTranscriptionJobAccepted, TextToSpeechRequest, TranscriptionJobInfo,
+                             TranscriptionJobListResponse, TranscriptionJobResult, TranscriptionJobStatus,
+                             TranscriptionRequest, TranscriptionResponse, TranscriptionStreamEvent,
+                             TranslationRequest, TranslationResponse)
 
 from polargrid.types import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
                              EmbeddingRequest, EmbeddingResponse, GenerateRequest, GenerateResponse,
@@ -18,8 +25,10 @@ from polargrid.types import (ChatCompletionRequest, ChatCompletionResponse, Comp
                              SystemStatus, UnloadAllModelsResponse, UnloadModelRequest, UnloadModelResponse,
                              UsageResponse)
 
+from .audio.decode import AudioInput
 from .engine import LocalEngine
 from .llm.chunks import fold_chat, fold_completion
+from .speech.formats import VerboseTranscriptionResponse
 from .registry import Registry
 from .types import ChatCompletionChunk, CompletionChunk
 
@@ -39,6 +48,32 @@ def _engine(engine: LocalEngine | None, models: str | Path | Registry | None, lo
     if sdk_args.get("base_url") or sdk_args.get("region"):
         logger.info("polargrid_local runs in-process; base_url/region are ignored")
     return engine or LocalEngine(models, **local)
+
+
+def _job_done(info: TranscriptionJobInfo, job_id: str, started: float, timeout: float) -> bool:
+    """True when completed; the SDK's exceptions when failed, cancelled or out of time."""
+    if info.status == TranscriptionJobStatus.COMPLETED:
+        return True
+    if info.status == TranscriptionJobStatus.FAILED:
+        raise RuntimeError(f"Transcription failed: {info.error or 'Unknown error'} ({info.error_code or 'unknown'})")
+    if info.status == TranscriptionJobStatus.CANCELLED:
+        raise RuntimeError(f"Transcription job {job_id} was cancelled")
+    if time.monotonic() - started > timeout:
+        raise sdk_errors.TimeoutError(f"Transcription job {job_id} timed out after {timeout:.0f}s")
+    return False
+
+
+def wait_for_job(engine: LocalEngine, job_id: str, poll_interval: float, timeout: float,
+                 on_progress: Callable[[TranscriptionJobInfo], Any] | None, sleep: Callable[[float], Any]
+                 ) -> TranscriptionJobResult:
+    started = time.monotonic()
+    while True:
+        info = engine.get_transcription_job(job_id)
+        if on_progress is not None:
+            on_progress(info)
+        if _job_done(info, job_id, started, timeout):
+            return engine.get_transcription_result(job_id)
+        sleep(poll_interval)
 
 
 class PolarGridSync:
@@ -92,6 +127,55 @@ class PolarGridSync:
     def embeddings(self, request: EmbeddingRequest | dict[str, Any]) -> EmbeddingResponse:
         """Embed one or more strings."""
         return self.engine.embeddings(request)
+
+    def text_to_speech(self, request: TextToSpeechRequest | dict[str, Any]) -> bytes:
+        """Speak the input; bytes in response_format (mp3 by default; opus, aac, flac, wav, pcm)."""
+        return self.engine.text_to_speech(request)
+
+    def text_to_speech_stream(self, request: TextToSpeechRequest | dict[str, Any]) -> Iterator[bytes]:
+        """Audio bytes as each sentence is synthesised (opus unless response_format is given, as the SDK)."""
+        return self.engine.text_to_speech_stream(request, default_format="opus")
+
+    def transcribe(self, file: AudioInput, request: TranscriptionRequest | dict[str, Any]
+                   ) -> TranscriptionResponse | VerboseTranscriptionResponse | str:
+        """Transcribe a file (path, bytes or file object) in any container PyAV reads."""
+        return self.engine.transcribe(file, request)
+
+    def transcribe_stream(self, file: AudioInput, request: TranscriptionRequest | dict[str, Any]
+                          ) -> Iterator[TranscriptionStreamEvent]:
+        """Delta events as segments are decoded, then a done event."""
+        return self.engine.transcribe_stream(file, request)
+
+    def translate(self, file: AudioInput, request: TranslationRequest | dict[str, Any]) -> TranslationResponse | str:
+        """Speech in another language to English text."""
+        return self.engine.translate(file, request)
+
+    def transcribe_async(self, file: AudioInput, model: str = "stt-1b-en_fr", language: str | None = None,
+                         prompt: str | None = None, response_format: str = "json",
+                         temperature: float | None = None) -> AsyncTranscriptionJobAccepted:
+        """Start a transcription job; poll it with get_transcription_job."""
+        return self.engine.transcribe_async(file, model, language, prompt, response_format, temperature)
+
+    def get_transcription_job(self, job_id: str) -> TranscriptionJobInfo:
+        """A job's status and progress (0..1)."""
+        return self.engine.get_transcription_job(job_id)
+
+    def get_transcription_result(self, job_id: str) -> TranscriptionJobResult:
+        """A completed job's text, language and duration."""
+        return self.engine.get_transcription_result(job_id)
+
+    def list_transcription_jobs(self, status: str | None = None, limit: int = 50) -> TranscriptionJobListResponse:
+        """Recent jobs, newest first."""
+        return self.engine.list_transcription_jobs(status, limit)
+
+    def transcribe_and_wait(self, file: AudioInput, model: str = "stt-1b-en_fr", language: str | None = None,
+                            prompt: str | None = None, response_format: str = "json",
+                            temperature: float | None = None, poll_interval: float = 1.0, timeout: float = 600.0,
+                            on_progress: Callable[[TranscriptionJobInfo], Any] | None = None
+                            ) -> TranscriptionJobResult:
+        """Submit a job and poll until it completes (TimeoutError, or RuntimeError if it fails)."""
+        job = self.transcribe_async(file, model, language, prompt, response_format, temperature)
+        return wait_for_job(self.engine, job.job_id, poll_interval, timeout, on_progress, time.sleep)
 
     def list_models(self) -> ListModelsResponse:
         """Every model in the registry, with aliases."""
@@ -220,6 +304,78 @@ class PolarGrid:
     async def embeddings(self, request: EmbeddingRequest | dict[str, Any]) -> EmbeddingResponse:
         """Embed one or more strings."""
         return await asyncio.to_thread(self.engine.embeddings, request)
+
+    async def text_to_speech(self, request: TextToSpeechRequest | dict[str, Any]) -> bytes:
+        """Speak the input; bytes in response_format (mp3 by default; opus, aac, flac, wav, pcm)."""
+        stream = await asyncio.to_thread(self.engine.text_to_speech_stream, request)
+        with stream:
+            return b"".join([piece async for piece in stream])
+
+    async def text_to_speech_stream(self, request: TextToSpeechRequest | dict[str, Any]) -> AsyncIterator[bytes]:
+        """Audio bytes as each sentence is synthesised (opus unless response_format is given, as the SDK)."""
+        stream = await asyncio.to_thread(self.engine.text_to_speech_stream, request, default_format="opus")
+        try:
+            async for piece in stream:
+                yield piece
+        finally:
+            stream.close()
+
+    async def transcribe(self, file: AudioInput, request: TranscriptionRequest | dict[str, Any]
+                         ) -> TranscriptionResponse | VerboseTranscriptionResponse | str:
+        """Transcribe a file (path, bytes or file object) in any container PyAV reads."""
+        return await asyncio.to_thread(self.engine.transcribe, file, request)
+
+    async def transcribe_stream(self, file: AudioInput, request: TranscriptionRequest | dict[str, Any]
+                                ) -> AsyncIterator[TranscriptionStreamEvent]:
+        """Delta events as segments are decoded, then a done event."""
+        stream = await asyncio.to_thread(self.engine.transcribe_stream, file, request)
+        try:
+            async for event in stream:
+                yield event
+        finally:
+            stream.close()
+
+    async def translate(self, file: AudioInput, request: TranslationRequest | dict[str, Any]
+                        ) -> TranslationResponse | str:
+        """Speech in another language to English text."""
+        return await asyncio.to_thread(self.engine.translate, file, request)
+
+    async def transcribe_async(self, file: AudioInput, model: str = "stt-1b-en_fr", language: str | None = None,
+                               prompt: str | None = None, response_format: str = "json",
+                               temperature: float | None = None) -> AsyncTranscriptionJobAccepted:
+        """Start a transcription job; poll it with get_transcription_job."""
+        return await asyncio.to_thread(self.engine.transcribe_async, file, model, language, prompt,
+                                       response_format, temperature)
+
+    async def get_transcription_job(self, job_id: str) -> TranscriptionJobInfo:
+        """A job's status and progress (0..1)."""
+        return self.engine.get_transcription_job(job_id)
+
+    async def get_transcription_result(self, job_id: str) -> TranscriptionJobResult:
+        """A completed job's text, language and duration."""
+        return self.engine.get_transcription_result(job_id)
+
+    async def list_transcription_jobs(self, status: str | None = None, limit: int = 50
+                                      ) -> TranscriptionJobListResponse:
+        """Recent jobs, newest first."""
+        return self.engine.list_transcription_jobs(status, limit)
+
+    async def transcribe_and_wait(self, file: AudioInput, model: str = "stt-1b-en_fr", language: str | None = None,
+                                  prompt: str | None = None, response_format: str = "json",
+                                  temperature: float | None = None, poll_interval: float = 1.0,
+                                  timeout: float = 600.0,
+                                  on_progress: Callable[[TranscriptionJobInfo], Any] | None = None
+                                  ) -> TranscriptionJobResult:
+        """Submit a job and poll until it completes (TimeoutError, or RuntimeError if it fails)."""
+        job = await self.transcribe_async(file, model, language, prompt, response_format, temperature)
+        started = time.monotonic()
+        while True:
+            info = self.engine.get_transcription_job(job.job_id)
+            if on_progress is not None:
+                on_progress(info)
+            if _job_done(info, job.job_id, started, timeout):
+                return self.engine.get_transcription_result(job.job_id)
+            await asyncio.sleep(poll_interval)
 
     async def list_models(self) -> ListModelsResponse:
         """Every model in the registry, with aliases."""

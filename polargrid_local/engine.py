@@ -24,6 +24,8 @@ from .llm.requests import (check_stops, chat_job, completion_job, embedding_job,
                            sampling_for_completion)
 from .pool import ModelPool
 from .registry import Registry
+from .speech.jobs import TranscriptionJobs
+from .speech.service import SpeechService
 from .stream import Stream
 from .types import ChatCompletionChunk, CompletionChunk
 from .usage import UsageBook
@@ -43,6 +45,8 @@ class LocalEngine:
         self.usage = UsageBook()
         self.started = datetime.now(timezone.utc)
         self._closed = threading.Event()
+        self.speech = SpeechService(self)
+        self.jobs = TranscriptionJobs(self.speech)
         for name in preload:
             self.load_model({"model_name": name})
 
@@ -135,6 +139,41 @@ class LocalEngine:
         stream = Stream(results, ctx, chunker.feed, load_seconds, on_finish=finished)
         stream.chunker = chunker
         return stream
+
+    # -- speech: see speech/service.py and speech/jobs.py ------------------------------------
+
+    def text_to_speech(self, request) -> bytes:
+        """Synthesise the whole input; bytes in the requested format."""
+        return self.speech.speech(request)
+
+    def text_to_speech_stream(self, request, *, default_format: str | None = None) -> Stream[bytes]:
+        """Audio bytes per sentence as it is synthesised (``stream.content_type`` names the format)."""
+        return self.speech.speech_stream(request, stream_default_format=default_format)
+
+    def transcribe(self, file, request):
+        """Transcription in the requested format: TranscriptionResponse, VerboseTranscriptionResponse or str."""
+        return self.speech.transcribe(file, request)
+
+    def transcribe_stream(self, file, request) -> Stream[Any]:
+        """transcript.text.delta events per segment, then transcript.text.done."""
+        return self.speech.transcribe_stream(file, request)
+
+    def translate(self, file, request):
+        """English text of speech in any language the model knows."""
+        return self.speech.transcribe(file, request, task="translate")
+
+    def transcribe_async(self, file, model: str = "stt-1b-en_fr", language: str | None = None,
+                         prompt: str | None = None, response_format: str = "json", temperature: float | None = None):
+        return self.jobs.submit(file, model, language, prompt, response_format, temperature)
+
+    def get_transcription_job(self, job_id: str):
+        return self.jobs.info(job_id)
+
+    def get_transcription_result(self, job_id: str):
+        return self.jobs.result(job_id)
+
+    def list_transcription_jobs(self, status: str | None = None, limit: int = 50):
+        return self.jobs.list(status, limit)
 
     # -- models, GPU, health: see admin.py -------------------------------------------------
 

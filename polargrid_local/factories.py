@@ -39,6 +39,35 @@ def embedding_factory(spec: ModelSpec, path: str, overrides: dict[str, Any]):
                         normalize=bool(spec.engine.get("normalize", True)), **settings)
 
 
+def stt_factory(spec: ModelSpec, path: str, overrides: dict[str, Any]):
+    from .llm.backend import available_cpus
+    from .speech.stt import WhisperBackend
+
+    gpu = overrides.get("n_gpu_layers")
+    gpu = spec.engine.get("n_gpu_layers", "auto") if gpu is None else gpu
+    use_cuda = gpu not in (0, "0") and _ct2_cuda()
+    return WhisperBackend(path, device="cuda" if use_cuda else "cpu",
+                          compute_type=spec.engine.get("compute_type", "int8" if not use_cuda else "float16"),
+                          cpu_threads=overrides.get("n_threads") or spec.engine.get("n_threads") or available_cpus(),
+                          english_only=bool(spec.engine.get("english_only", False)))
+
+
+def tts_factory(spec: ModelSpec, path: str, overrides: dict[str, Any]):
+    from .speech.tts import PiperBackend
+
+    return PiperBackend(path, voices=spec.engine.get("voices"),
+                        output_sample_rate=int(spec.engine.get("output_sample_rate", 24000)))
+
+
+def _ct2_cuda() -> bool:
+    try:
+        import ctranslate2
+
+        return ctranslate2.get_cuda_device_count() > 0
+    except Exception:
+        return False
+
+
 def default_factories() -> dict[str, Any]:
     """The real engines available in this installation."""
-    return {"chat": chat_factory, "embedding": embedding_factory}
+    return {"chat": chat_factory, "embedding": embedding_factory, "stt": stt_factory, "tts": tts_factory}

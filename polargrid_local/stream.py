@@ -23,10 +23,12 @@ class Stream(Generic[T]):
     """
 
     def __init__(self, results: ResultStream[Any], ctx: JobContext, convert: Callable[[Any], list[T]],
-                 load_seconds: float = 0.0, on_finish: Callable[[Stream[T]], None] | None = None) -> None:
+                 load_seconds: float = 0.0, on_finish: Callable[[Stream[T]], None] | None = None,
+                 tail: Callable[[], list[T]] | None = None) -> None:
         self._results = results
         self._ctx = ctx
         self._convert = convert
+        self._tail = tail
         self._pending: deque[T] = deque()
         self._on_finish = on_finish
         self._finished = False
@@ -61,12 +63,23 @@ class Stream(Generic[T]):
     def __iter__(self) -> Stream[T]:
         return self
 
+    def _end(self) -> bool:
+        """At the end of the results: queue the tail items once; False when nothing is left."""
+        if self._tail is not None:
+            self._pending.extend(self._tail())
+            self._tail = None
+            if self._pending:
+                return True
+        self._finish()
+        return False
+
     def __next__(self) -> T:
         while not self._pending:
             try:
                 event = next(self._results)
             except StopIteration:
-                self._finish()
+                if self._end():
+                    break
                 raise
             except BaseException as exc:
                 raise self._fail(exc) from exc
@@ -81,7 +94,8 @@ class Stream(Generic[T]):
             try:
                 event = await self._results.__anext__()
             except StopAsyncIteration:
-                self._finish()
+                if self._end():
+                    break
                 raise
             except BaseException as exc:
                 if isinstance(exc, (GeneratorExit, KeyboardInterrupt)) or type(exc).__name__ == "CancelledError":

@@ -40,3 +40,31 @@ def client(engine: LocalEngine) -> PolarGridSync:
 def chat_request(content: str = "Write one sentence about cats.", **extra):
     return {"model": CHAT, "messages": [{"role": "user", "content": content}], "max_tokens": 32,
             "temperature": 0, **extra}
+
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Please call me back before five o'clock tomorrow.",
+    "It was a bright cold day in April and the clocks were striking thirteen.",
+]
+
+
+def words(text: str) -> list[str]:
+    return "".join(c.lower() if c.isalnum() or c.isspace() else " " for c in text).split()
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    ref, hyp = words(reference), words(hypothesis)
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1] / max(1, len(ref))
+
+
+@pytest.fixture(scope="session")
+def speech_wav(client) -> bytes:
+    """Piper speaking the first test sentence, as WAV bytes."""
+    return client.text_to_speech({"model": "tts-1", "input": SENTENCES[0], "voice": "alloy",
+                                  "response_format": "wav"})

@@ -1,0 +1,147 @@
+"""Speech requests for LocalEngine: validation, model choice, decoding outside the worker, responses."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from polargrid.types import (TranscriptionRequest, TranscriptionStreamDelta, TranscriptionStreamDone,
+                             TranslationRequest)
+
+from ..audio.decode import AudioInput, decode_audio
+from ..audio.encode import CONTENT_TYPES, fix_wav_sizes
+from ..errors import coerce, engine_boundary, invalid
+from ..registry import ModelSpec
+from ..stream import Stream
+from .formats import RESPONSE_FORMATS, TranscriptionWord, build_response, segment_of
+from .stt import SttInfo, SttOptions
+from .tts import parse_speech_request, speech_job
+
+if TYPE_CHECKING:
+    from ..engine import LocalEngine
+
+
+def _value(v: Any) -> str:
+    return str(getattr(v, "value", v))
+
+
+class SpeechService:
+    """Text-to-speech and speech-to-text on the engine's model pool."""
+
+    def __init__(self, engine: LocalEngine) -> None:
+        self.engine = engine
+
+    # -- text to speech ------------------------------------------------------------------
+
+    def speech_stream(self, request: Any, *, stream_default_format: str | None = None) -> Stream[bytes]:
+        """Encoded audio, a piece per sentence as it is synthesised."""
+        explicit = isinstance(request, dict) and "response_format" in request or (
+            not isinstance(request, dict) and "response_format" in getattr(request, "model_fields_set", set()))
+        request = parse_speech_request(request)
+        fmt = _value(request.response_format).lower()
+        if stream_default_format and not explicit:
+            fmt = stream_default_format
+        spec = self.engine.pool.resolve(request.model, "tts")
+        with engine_boundary("speech"):
+            worker, load_seconds = self.engine.pool.worker(spec)
+            results, ctx = worker.submit(speech_job(request, fmt))
+        stream = Stream(results, ctx, lambda data: [data], load_seconds,
+                        on_finish=lambda s: self.engine.usage.record(spec.id, len(request.input)))
+        stream.content_type = CONTENT_TYPES[fmt]
+        return stream
+
+    def speech(self, request: Any) -> bytes:
+        """The whole clip: the fold of the stream (a wav header then gets its real sizes)."""
+        with self.speech_stream(request) as stream:
+            data = b"".join(stream)
+        if stream.content_type == CONTENT_TYPES["wav"]:
+            data = fix_wav_sizes(data)
+        return data
+
+    # -- speech to text ------------------------------------------------------------------
+
+    def _stt_model(self, name: str | None, task: str, language: str | None) -> ModelSpec:
+        spec = self.engine.pool.resolve(name or None, "stt")
+        needs_multilingual = task == "translate" or (language not in (None, "", "en"))
+        if needs_multilingual and spec.engine.get("english_only"):
+            fallback = spec.engine.get("multilingual_fallback")
+            fallback_spec = self.engine.registry.get(fallback) if fallback else None
+            if fallback_spec is None:
+                what = "translation" if task == "translate" else f"language {language!r}"
+                raise invalid(f"Model {spec.id!r} is English-only and cannot do {what}; "
+                              "choose a multilingual model", field="model")
+            return fallback_spec
+        return spec
+
+    def _parse(self, request: Any, task: str) -> tuple[Any, str, bool]:
+        words = False
+        if isinstance(request, dict):
+            request = dict(request)
+            granularities = request.pop("timestamp_granularities", None) or request.pop("timestamp_granularities[]",
+                                                                                      None)
+            if isinstance(granularities, str):
+                granularities = [granularities]
+            words = "word" in (granularities or [])
+        cls = TranslationRequest if task == "translate" else TranscriptionRequest
+        request = coerce(cls, request, f"{task} request")
+        fmt = _value(request.response_format or "json").lower()
+        if fmt not in RESPONSE_FORMATS:
+            raise invalid(f"Unsupported response_format {fmt!r}; choose one of: {', '.join(RESPONSE_FORMATS)}",
+                          field="response_format")
+        return request, fmt, words
+
+    def _open(self, file: AudioInput, request: Any, task: str, words: bool):
+        language = getattr(request, "language", None) or None
+        spec = self._stt_model(_value(request.model) if request.model else None, task, language)
+        decoded = decode_audio(file, 16000)
+        options = SttOptions(task=task, language=language, prompt=request.prompt, temperature=request.temperature,
+                             word_timestamps=words)
+        audio = decoded.samples
+
+        def job(backend, ctx):
+            yield from backend.transcribe(audio, options, ctx)
+
+        with engine_boundary("transcription"):
+            worker, load_seconds = self.engine.pool.worker(spec)
+            results, ctx = worker.submit(job)
+        return spec, Stream(results, ctx, lambda item: [item], load_seconds), decoded.duration
+
+    def transcribe(self, file: AudioInput, request: Any, *, task: str = "transcribe", on_progress=None):
+        """Transcribe (or translate) a whole file into the requested response format."""
+        request, fmt, words = self._parse(request, task)
+        spec, stream, duration = self._open(file, request, task, words)
+        info: SttInfo | None = None
+        segments, word_list = [], []
+        with stream:
+            for item in stream:
+                if isinstance(item, SttInfo):
+                    info = item
+                    continue
+                segments.append(segment_of(item))
+                word_list += [TranscriptionWord(word=w.word, start=round(w.start, 3), end=round(w.end, 3))
+                              for w in (item.words or [])]
+                if on_progress is not None and duration:
+                    on_progress(min(1.0, item.end / duration))
+        self.engine.usage.record(spec.id, sum(len(s.tokens) for s in segments))
+        language = info.language if info else (request.language or "en")
+        return build_response(fmt, task, language, info.duration if info else duration, segments,
+                              word_list if words else None)
+
+    def transcribe_stream(self, file: AudioInput, request: Any) -> Stream[Any]:
+        """Delta events as segments are decoded, then one done event with the whole text."""
+        request, _fmt, _words = self._parse(request, "transcribe")
+        spec, stream, duration = self._open(file, request, "transcribe", False)
+        state = {"text": "", "language": request.language or "en", "duration": duration}
+
+        def convert(item):
+            if isinstance(item, SttInfo):
+                state["language"], state["duration"] = item.language, item.duration
+                return []
+            piece = item.text if state["text"] else item.text.lstrip()
+            state["text"] += piece
+            return [TranscriptionStreamDelta(type="transcript.text.delta", delta=piece)]
+
+        def done():
+            return [TranscriptionStreamDone(type="transcript.text.done", text=state["text"],
+                                            duration=round(state["duration"], 3), language=state["language"])]
+
+        stream._convert, stream._tail = convert, done
+        return stream
