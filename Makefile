@@ -44,6 +44,7 @@ test: models
 
 bench: models
 	$(PY) benchmarks/bench_text.py
+	$(PY) benchmarks/bench_audio.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,8 +1,8 @@
 """Whisper's log-mel spectrogram: the same numbers as faster-whisper's FeatureExtractor, computed faster.
 
 One numba kernel (parallel over blocks of frames) reflect-pads, frames, windows, takes each
-frame's 400-point DFT and its power; the mel projection is one BLAS matrix product; log10, the
-clamp to (max - 8) and the rescale are numpy's vectorised ufuncs, in place.
+frame's 400-point DFT, its power, and the mel bands (sparse: each triangle spans a few bins);
+log10, the clamp to (max - 8) and the rescale are numpy's vectorised ufuncs, in place.
 """
 from __future__ import annotations
 
@@ -34,6 +34,15 @@ def mel_filters(n_mels: int = 80, sr: int = SAMPLE_RATE, n_fft: int = N_FFT) -> 
     weights = np.maximum(0.0, np.minimum(lower, upper))
     weights *= (2.0 / (freqs[2: n_mels + 2] - freqs[:n_mels]))[:, None]
     return weights.astype(np.float32)
+
+
+@lru_cache(maxsize=4)
+def _bands(n_mels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    weights = mel_filters(n_mels)
+    nonzero = weights > 0
+    lo = np.where(nonzero.any(1), nonzero.argmax(1), 0).astype(np.int64)
+    hi = np.where(nonzero.any(1), N_BINS - nonzero[:, ::-1].argmax(1), 0).astype(np.int64)
+    return weights, lo, hi
 
 
 def _window() -> np.ndarray:
@@ -71,7 +80,8 @@ def _dft_tables() -> tuple[np.ndarray, ...]:
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath=True)
-def _power_spectrum(audio, padding, window, n_frames, c1, s1, t_re, t_im, w_re, w_im, workers, out):
+def _mel_power(audio, padding, window, n_frames, c1, s1, t_re, t_im, w_re, w_im, mel_w, band_lo, band_hi,
+               workers, out):
     n = audio.size
     total = n + padding
     half = N_FFT // 2
@@ -82,14 +92,16 @@ def _power_spectrum(audio, padding, window, n_frames, c1, s1, t_re, t_im, w_re, 
         y_im = np.empty((_N1, _N2, LANES), np.float32)
         a_re = np.empty(LANES, np.float32)
         a_im = np.empty(LANES, np.float32)
+        power = np.empty((N_BINS, LANES), np.float32)
         for b in range(worker, n_blocks, workers):
             _block(audio, n, total, half, window, n_frames, b, c1, s1, t_re, t_im, w_re, w_im,
-                   xs, y_re, y_im, a_re, a_im, out)
+                   xs, y_re, y_im, a_re, a_im, power)
+            _project(power, mel_w, band_lo, band_hi, b * LANES, a_re, out)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
 def _block(audio, n, total, half, window, n_frames, b, c1, s1, t_re, t_im, w_re, w_im,
-           xs, y_re, y_im, a_re, a_im, out):
+           xs, y_re, y_im, a_re, a_im, power):
     f0 = b * LANES
     lanes = min(LANES, n_frames - f0)
     if lanes < LANES:
@@ -137,10 +149,22 @@ def _block(audio, n, total, half, window, n_frames, b, c1, s1, t_re, t_im, w_re,
                     a_re[lane] += yr * wr - yi * wi
                     a_im[lane] += yr * wi + yi * wr
             column = k + _N1 * m
-            for lane in range(lanes):
-                frame = f0 + lane
-                if frame < out.shape[0]:
-                    out[frame, column] = a_re[lane] * a_re[lane] + a_im[lane] * a_im[lane]
+            for lane in range(LANES):
+                power[column, lane] = a_re[lane] * a_re[lane] + a_im[lane] * a_im[lane]
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _project(power, mel_w, band_lo, band_hi, f0, acc, out):
+    """Mel bands of one block: each triangular filter touches at most a dozen bins."""
+    lanes = min(LANES, out.shape[1] - f0)
+    for m in range(mel_w.shape[0]):
+        acc[:] = 0.0
+        for k in range(band_lo[m], band_hi[m]):
+            w = mel_w[m, k]
+            for lane in range(LANES):
+                acc[lane] += w * power[k, lane]
+        for lane in range(lanes):
+            out[m, f0 + lane] = acc[lane]
 
 
 def log_mel_spectrogram(audio: np.ndarray, n_mels: int = 80, padding: int = 160) -> np.ndarray:
@@ -152,9 +176,8 @@ def log_mel_spectrogram(audio: np.ndarray, n_mels: int = 80, padding: int = 160)
     if total < N_FFT // 2 + 1:
         raise ValueError(f"audio too short: {audio.size} samples; at least {N_FFT // 2 + 1 - padding} needed")
     n_frames = 1 + (total + 2 * (N_FFT // 2) - N_FFT) // HOP
-    power = np.empty((n_frames - 1, N_BINS), dtype=np.float32)  # the last frame is dropped, as Whisper does
-    _power_spectrum(audio, padding, _window(), n_frames, *_dft_tables(), numba.get_num_threads(), power)
-    mel = mel_filters(n_mels) @ power.T
+    mel = np.empty((n_mels, n_frames - 1), dtype=np.float32)  # the last frame is dropped, as Whisper does
+    _mel_power(audio, padding, _window(), n_frames, *_dft_tables(), *_bands(n_mels), numba.get_num_threads(), mel)
     np.maximum(mel, np.float32(1e-10), out=mel)
     np.log10(mel, out=mel)
     np.maximum(mel, mel.max() - np.float32(8.0), out=mel)

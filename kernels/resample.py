@@ -181,5 +181,8 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     if audio.ndim != 1:
         raise ValueError("resample expects mono audio: a 1-D array")
     stream = Resampler(orig_sr, target_sr)
-    head = stream.process(audio)
-    return np.concatenate([head, stream.flush()]) if stream.up != stream.down else head
+    if stream.up == stream.down:
+        return np.asarray(audio, dtype=np.float32).copy()
+    stream._buffer = np.ascontiguousarray(audio, dtype=np.float32)  # one call: no copy into the stream buffer
+    stream._seen = stream._buffer.size
+    return stream.flush()

@@ -13,6 +13,16 @@ def _registry(args: argparse.Namespace) -> Registry:
     return Registry.load(args.models, args.cache_dir)
 
 
+def default_models(registry: Registry) -> list:
+    """The default model of each kind, and the models they hand work to (the multilingual STT fallback)."""
+    specs = [s for s in (registry.default(k) for k in ("chat", "embedding", "stt", "tts")) if s is not None]
+    for spec in list(specs):
+        fallback = registry.get(spec.engine.get("multilingual_fallback", "") or "")
+        if fallback is not None and fallback not in specs:
+            specs.append(fallback)
+    return specs
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
     registry = _registry(args)
     if args.all:
@@ -26,7 +36,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
                 return 2
             specs.append(spec)
     else:
-        specs = [s for s in (registry.default(k) for k in ("chat", "embedding", "stt", "tts")) if s is not None]
+        specs = default_models(registry)
     for spec in specs:
         try:
             path = pull(registry, spec, force=args.force, verify=args.verify)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
+from pathlib import Path
 
 from polargrid import NotFoundError
 
@@ -35,6 +37,18 @@ async def _demo(models, cache_dir) -> int:
             await client.chat_completion({**request, "model": "no-such-model"})
         except NotFoundError as exc:
             print(f"\nunknown model -> polargrid.NotFoundError: {exc}")
+
+        sentence = "Local speech synthesis and recognition, with no network at all."
+        started = time.perf_counter()
+        audio = await client.text_to_speech({"model": "tts-1", "input": sentence, "voice": "alloy",
+                                             "response_format": "mp3"})
+        out = Path(tempfile.gettempdir()) / "polargrid-local-demo.mp3"
+        out.write_bytes(audio)
+        print(f"\nspeech> {sentence!r} -> {out} ({len(audio)} bytes, {time.perf_counter() - started:.2f}s)")
+        started = time.perf_counter()
+        heard = await client.transcribe(out, {"model": "whisper-1", "response_format": "verbose_json"})
+        print(f"transcribe> {heard.text!r} (language {heard.language}, {heard.duration:.1f}s of audio, "
+              f"{time.perf_counter() - started:.2f}s)")
     return 0
 
 

@@ -18,8 +18,10 @@ CHAT = "smollm2-135m-instruct"
 
 @pytest.fixture(scope="session")
 def registry() -> Registry:
+    from polargrid_local.cli import default_models
+
     reg = Registry.load(MODELS_FILE)
-    missing = [m.id for m in (reg.default(k) for k in ("chat", "embedding")) if m and not is_pulled(reg, m)]
+    missing = [m.id for m in default_models(reg) if not is_pulled(reg, m)]
     if missing:
         pytest.fail(f"models not pulled: {missing}; run `make models` first", pytrace=False)
     return reg

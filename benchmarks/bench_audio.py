@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""Audio benchmark: kernels vs their baselines, and STT/TTS through PolarGrid vs the engines called directly.
+
+Everything is measured in this one run, on this machine; medians of --repeats runs. Prints one JSON object.
+
+    python benchmarks/bench_audio.py [--repeats 7]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from polargrid_local import PolarGridSync
+from polargrid_local.audio import decode_audio, log_mel_spectrogram, resample
+from polargrid_local.llm.backend import available_cpus
+
+TEXT = ("Edge devices need speech that works offline. This benchmark speaks a few sentences, "
+        "then listens to them again. Each sentence is synthesised in turn, so streaming can start early.")
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def speechlike(rate: int, seconds: float) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    t = np.arange(int(rate * seconds)) / rate
+    voiced = sum(np.sin(2 * np.pi * f * t) / k for k, f in enumerate((140, 280, 420, 700, 1100, 2400, 3300), 1))
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3 * t)
+    return (0.1 * voiced * envelope + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def bench_logmel(repeats: int) -> dict:
+    from faster_whisper.feature_extractor import FeatureExtractor
+
+    audio = speechlike(16000, 60)
+    extractor = FeatureExtractor(feature_size=80)
+    ours = median_time(lambda: log_mel_spectrogram(audio, 80), repeats)
+    theirs = median_time(lambda: extractor(audio), repeats)
+    diff = float(np.abs(log_mel_spectrogram(audio, 80) - extractor(audio)).max())
+    return {"audio_s": 60, "ours_ms": round(ours * 1e3, 2), "faster_whisper_ms": round(theirs * 1e3, 2),
+            "speedup_vs_faster_whisper": round(theirs / ours, 2), "max_abs_diff": diff}
+
+
+def _pyav_resample(x: np.ndarray, orig: int, target: int) -> np.ndarray:
+    import av
+
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=target)
+    frame = av.AudioFrame.from_ndarray(x[None, :], format="flt", layout="mono")
+    frame.sample_rate = orig
+    out = [f.to_ndarray() for f in resampler.resample(frame)] + [f.to_ndarray() for f in resampler.resample(None)]
+    return np.concatenate(out, axis=1)[0]
+
+
+def _snr(ours: np.ndarray, reference: np.ndarray) -> float:
+    n = min(ours.size, reference.size)
+    core = slice(n // 10, n - n // 10)
+    return float(10 * np.log10(np.sum(reference[core] ** 2) / np.sum((ours[core] - reference[core]) ** 2)))
+
+
+def bench_resample(repeats: int) -> dict:
+    import soxr
+
+    out = {}
+    for orig, target in ((44100, 16000), (22050, 24000), (48000, 16000)):
+        x = speechlike(orig, 60)
+        vhq = soxr.resample(x, orig, target, quality="VHQ")
+        ours = median_time(lambda: resample(x, orig, target), repeats)
+        soxr_vhq = median_time(lambda: soxr.resample(x, orig, target, quality="VHQ"), repeats)
+        soxr_hq = median_time(lambda: soxr.resample(x, orig, target, quality="HQ"), repeats)
+        pyav = median_time(lambda: _pyav_resample(x, orig, target), repeats)
+        out[f"{orig}->{target}"] = {
+            "audio_s": 60, "ours_ms": round(ours * 1e3, 2), "soxr_vhq_ms": round(soxr_vhq * 1e3, 2),
+            "soxr_hq_ms": round(soxr_hq * 1e3, 2), "pyav_ms": round(pyav * 1e3, 2),
+            "speed_vs_pyav": round(pyav / ours, 2), "speed_vs_soxr_vhq": round(soxr_vhq / ours, 2),
+            "snr_db_vs_soxr_vhq": round(_snr(resample(x, orig, target), vhq), 1),
+            "pyav_snr_db_vs_soxr_vhq": round(_snr(_pyav_resample(x, orig, target), vhq), 1)}
+    return out
+
+
+def bench_stt(client: PolarGridSync, wav: bytes, path: str, repeats: int) -> dict:
+    from faster_whisper import WhisperModel
+
+    duration = decode_audio(wav, 16000).duration
+    client.transcribe(wav, {"model": "whisper-1"})
+    ours = median_time(lambda: client.transcribe(wav, {"model": "whisper-1"}), repeats)
+    registry = client.engine.registry
+    model = WhisperModel(str(registry.get("whisper-1").path_in(registry.cache_dir)), device="cpu",
+                         compute_type="int8", cpu_threads=available_cpus())
+    direct = median_time(lambda: list(model.transcribe(path, beam_size=5, vad_filter=False)[0]), repeats)
+    return {"audio_s": round(duration, 2), "ours_rtf": round(ours / duration, 4),
+            "faster_whisper_rtf": round(direct / duration, 4), "ratio_vs_direct": round(direct / ours, 3)}
+
+
+def bench_tts(client: PolarGridSync, repeats: int) -> dict:
+    from piper import PiperVoice
+
+    registry = client.engine.registry
+    voice = PiperVoice.load(str(registry.get("tts-1").path_in(registry.cache_dir)))
+    request = {"model": "tts-1", "input": TEXT, "voice": "alloy", "response_format": "pcm"}
+    pcm = client.text_to_speech(request)
+    duration = len(pcm) / 2 / 24000
+    ours = median_time(lambda: client.text_to_speech(request), repeats)
+    direct = median_time(lambda: [c.audio_int16_bytes for c in voice.synthesize(TEXT)], repeats)
+    firsts, totals = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        first = None
+        for _chunk in client.text_to_speech_stream({**request, "response_format": "opus"}):
+            first = first or time.perf_counter() - started
+        firsts.append(first)
+        totals.append(time.perf_counter() - started)
+    return {"audio_s": round(duration, 2), "ours_rtf": round(ours / duration, 4),
+            "piper_rtf": round(direct / duration, 4), "ratio_vs_direct": round(direct / ours, 3),
+            "stream_first_audio_s": round(statistics.median(firsts), 3),
+            "stream_total_s": round(statistics.median(totals), 3)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    result = {"benchmark": "audio", "threads": available_cpus(), "logmel": bench_logmel(args.repeats),
+              "resample": bench_resample(args.repeats)}
+    with PolarGridSync() as client:
+        wav = client.text_to_speech({"model": "tts-1", "input": TEXT, "voice": "alloy", "response_format": "wav"})
+        path = "/tmp/polargrid-bench-speech.wav"
+        with open(path, "wb") as f:
+            f.write(wav)
+        result["stt"] = bench_stt(client, wav, path, max(3, args.repeats // 2))
+        result["tts"] = bench_tts(client, max(3, args.repeats // 2))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
