@@ -8,6 +8,8 @@ import time
 from .pull import PullError, is_pulled, pull
 from .registry import Registry, RegistryError
 
+API_KEYS_ENV = "POLARGRID_LOCAL_API_KEYS"
+
 
 def _registry(args: argparse.Namespace) -> Registry:
     return Registry.load(args.models, args.cache_dir)
@@ -79,6 +81,30 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    from .engine import LocalEngine
+    from .server import ServerConfig, make_server
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(message)s")
+    keys = list(args.api_key or []) + [k for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+    engine = LocalEngine(args.models, cache_dir=args.cache_dir, n_threads=args.threads, preload=args.preload or ())
+    server = make_server(engine, ServerConfig(host=args.host, port=args.port, api_keys=[k.strip() for k in keys],
+                                              rate_limit=args.rate_limit, max_body=args.max_body))
+    print(f"polargrid-local serving on {server.url} ({'API keys required' if keys else 'no API key required'})",
+          file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        engine.close()
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -108,6 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="serve the PolarGrid REST API (OpenAI-compatible) over HTTP")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=55111)
+    p.add_argument("--api-key", action="append", help=f"require this Bearer key (repeatable; also ${API_KEYS_ENV})")
+    p.add_argument("--rate-limit", type=int, help="requests per minute per key (or per client without keys)")
+    p.add_argument("--max-body", type=int, default=64 * 1024 * 1024, help="largest request body in bytes")
+    p.add_argument("--threads", type=int, help="CPU threads per model")
+    p.add_argument("--preload", action="append", help="load this model at start (repeatable)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="chat, and speech and transcription where installed, all offline")
     p.set_defaults(func=cmd_demo)

@@ -1,0 +1,4 @@
+"""The local HTTP facade: PolarGrid's REST API (OpenAI-compatible) over stdlib http.server."""
+from .app import PolarGridHTTPServer, ServerConfig, make_server
+
+__all__ = ["PolarGridHTTPServer", "ServerConfig", "make_server"]
