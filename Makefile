@@ -45,6 +45,7 @@ test: models
 bench: models
 	$(PY) benchmarks/bench_text.py
 	$(PY) benchmarks/bench_audio.py
+	$(PY) benchmarks/bench_http.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
