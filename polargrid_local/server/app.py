@@ -245,9 +245,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(key, value)
         if self.close_connection:
             self.send_header("Connection", "close")
-        self.end_headers()
-        if not head:
-            self.wfile.write(response.body)
+        # Headers and body in one write: one segment for small answers, and a client still gets the
+        # body when we close right after (a refused upload).
+        self._headers_buffer.append(b"\r\n" + (b"" if head else response.body))
+        self.flush_headers()
         return response.status
 
     def _send_stream(self, response: StreamingResponse) -> int:
