@@ -25,9 +25,16 @@ def llama_settings(spec: ModelSpec, overrides: dict[str, Any]) -> dict[str, Any]
 
 
 def chat_factory(spec: ModelSpec, path: str, overrides: dict[str, Any]):
+    """Continuous batching (n_parallel sequences, max_queue waiting) unless n_parallel is 1."""
     from .llm.backend import LlamaBackend
+    from .llm.batching import BatchedLlamaBackend
 
-    return LlamaBackend(path, **llama_settings(spec, overrides))
+    settings = llama_settings(spec, overrides)
+    n_parallel = int(overrides.get("n_parallel") or spec.engine.get("n_parallel", 8))
+    if n_parallel <= 1:
+        return LlamaBackend(path, **settings)
+    max_queue = int(overrides.get("max_queue") or spec.engine.get("max_queue", 64))
+    return BatchedLlamaBackend(path, n_parallel=n_parallel, max_queue=max_queue, **settings)
 
 
 def embedding_factory(spec: ModelSpec, path: str, overrides: dict[str, Any]):

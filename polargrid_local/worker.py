@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
+from .errors import RateLimitError
 from .streams import ResultStream, StreamCancelled
 
 logger = logging.getLogger("polargrid_local")
@@ -36,6 +37,9 @@ class JobContext:
         return max(0.0, self.started_at - self.submitted_at)
 
 
+_NOTHING = object()
+
+
 class WorkerClosed(RuntimeError):
     """The model was unloaded while a request waited for it."""
 
@@ -59,12 +63,20 @@ class ModelWorker(Generic[B]):
 
     @property
     def queue_depth(self) -> int:
+        scheduler = getattr(self.backend, "scheduler", None)
+        if scheduler is not None:
+            return self._jobs.qsize() + scheduler.active + len(scheduler.waiting)
         return self._jobs.qsize() + (1 if self._busy else 0)
 
     def submit(self, fn: JobFn) -> tuple[ResultStream[Any], JobContext]:
         """Queue a job; returns the stream its results arrive on."""
         if self._closed:
             raise WorkerClosed(f"model {self.name!r} is unloaded")
+        limit = getattr(self.backend, "max_queue", None)
+        if getattr(fn, "batched", False) and limit is not None:
+            if self.queue_depth >= self.backend.n_parallel + limit:
+                raise RateLimitError(f"model {self.name!r} is serving {self.backend.n_parallel} requests with "
+                                     f"{limit} more queued; retry shortly", retry_after=1)
         stream: ResultStream[Any] = ResultStream()
         ctx = JobContext(stream=stream, submitted_at=time.perf_counter())
         self._jobs.put((fn, ctx))
@@ -97,20 +109,49 @@ class ModelWorker(Generic[B]):
             self._thread.join(timeout)
 
     def _run(self) -> None:
+        scheduler = getattr(self.backend, "scheduler", None)
         while True:
-            item = self._jobs.get()
-            if item is None:
-                return
-            fn, ctx = item
-            if ctx.cancelled:
-                ctx.stream.finish()
-                continue
-            self._busy = True
-            ctx.started_at = time.perf_counter()
+            busy = scheduler is not None and scheduler.busy
             try:
-                self._drive(fn, ctx)
-            finally:
-                self._busy = False
+                item = self._jobs.get(block=not busy)
+            except queue.Empty:
+                item = _NOTHING
+            if item is None:
+                if scheduler is not None:
+                    scheduler.close()
+                return
+            if item is not _NOTHING:
+                fn, ctx = item
+                if ctx.cancelled:
+                    ctx.stream.finish()
+                elif getattr(fn, "batched", False):
+                    self._admit(fn, ctx, scheduler)
+                else:
+                    self._busy = True
+                    ctx.started_at = time.perf_counter()
+                    try:
+                        self._drive(fn, ctx)
+                    finally:
+                        self._busy = False
+                if not self._jobs.empty():
+                    continue  # admit everything that arrived before the next decode
+            if scheduler is not None and scheduler.busy:
+                try:
+                    scheduler.step()
+                except Exception as exc:  # a broken step must not kill the model's thread
+                    logger.exception("batch step on %s failed", self.name)
+                    scheduler._fail_all(exc)
+
+    def _admit(self, fn: JobFn, ctx: JobContext, scheduler) -> None:
+        """A generation job: prepared here (template, tokens, checks), then decoded with the others."""
+        ctx.started_at = time.perf_counter()
+        try:
+            prompts = fn(self.backend, ctx)
+        except BaseException as exc:
+            ctx.stream.finish(exc)
+            return
+        for prompt in prompts:
+            scheduler.admit(prompt)
 
     def _drive(self, fn: JobFn, ctx: JobContext) -> None:
         results = None

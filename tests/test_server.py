@@ -286,22 +286,27 @@ def test_a_client_that_disconnects_cancels_its_generation(server, engine):
 
 
 def test_mid_stream_failure_becomes_an_error_frame(server, engine, monkeypatch):
-    backend = engine.pool.worker(engine.registry.get(CHAT))[0].backend
-    real = backend.stream
+    scheduler = engine.pool.worker(engine.registry.get(CHAT))[0].backend.scheduler
+    real = scheduler._sample
+    calls = []
 
-    def failing(*args, **kwargs):
-        for i, delta in enumerate(real(*args, **kwargs)):
-            if i == 2:
-                raise RuntimeError("the GPU caught fire")
-            yield delta
+    def failing(slot, index):
+        calls.append(index)
+        if len(calls) == 3:
+            raise RuntimeError("the GPU caught fire")
+        return real(slot, index)
 
-    monkeypatch.setattr(backend, "stream", failing)
+    monkeypatch.setattr(scheduler, "_sample", failing)
     response, body = raw(server, "POST", "/v1/chat/completions", json.dumps(
         {"model": CHAT, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 20, "stream": True}).encode())
     frames = [f for f in body.decode().split("\n\n") if f]
     assert response.status == 200 and frames[-1] == "data: [DONE]"
     error = json.loads(frames[-2][6:])["error"]
     assert "the GPU caught fire" in error["message"] and error["type"] == "server_error"
+    monkeypatch.undo()
+    reply = json.loads(raw(server, "POST", "/v1/chat/completions", json.dumps(
+        {"model": CHAT, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}).encode())[1])
+    assert reply["choices"][0]["message"]["content"], "the engine keeps serving"
 
 
 def test_concurrent_http_streams(server):

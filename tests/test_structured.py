@@ -25,7 +25,7 @@ TIME = {"type": "function", "function": {
 
 
 def test_json_object_output_parses(client):
-    reply = client.chat_completion(chat_request("Give me a JSON object describing a cat.", max_tokens=120,
+    reply = client.chat_completion(chat_request("Give me a JSON object with the keys name and age for a cat.", max_tokens=120,
                                                 response_format={"type": "json_object"}))
     assert reply.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(reply.choices[0].message.content), dict)

@@ -10,6 +10,7 @@ from polargrid.types import ChatCompletionRequest, CompletionRequest, Message
 from ..errors import invalid
 from ..worker import JobContext
 from .backend import LlamaBackend, SamplingParams, Started, TextDelta
+from .batching import PromptJob
 from .constraints import ToolPlan, plan_tools, response_format_grammar
 
 DEFAULT_TOP_K = 40
@@ -142,32 +143,45 @@ def fit_prompt(tokens: list[int], backend: LlamaBackend, model_id: str, index: i
 def chat_job(plan: ChatPlan, model_id: str):
     """The function a worker runs for one chat request."""
 
-    def run(backend: LlamaBackend, ctx: JobContext) -> Iterator[Started | TextDelta]:
+    def run(backend, ctx: JobContext):
         try:
             prompt = backend.render_chat(template_messages(plan.messages, backend, plan.tools))
         except Exception as exc:
             raise invalid(f"the chat template of {model_id!r} rejected these messages: {exc}") from exc
         tokens = backend.tokenize(prompt, add_bos=backend.add_bos_for_template(prompt))
         fit_prompt(tokens, backend, model_id)
-        yield Started(prompt_tokens=len(tokens))
-        yield from backend.stream(tokens, plan.params, plan.max_tokens, plan.stop, cancelled=lambda: ctx.cancelled)
+        if hasattr(backend, "scheduler"):
+            return [PromptJob(tokens, plan.params, plan.max_tokens, plan.stop, ctx.stream)]
+        return _plain(backend, ctx, [tokens], plan.params, plan.max_tokens, plan.stop)
 
+    run.batched = True
     return run
 
 
 def completion_job(prompts: list[str], params: SamplingParams, max_tokens: int, stop: list[str], model_id: str):
     """The function a worker runs for one completion request (one choice per prompt)."""
 
-    def run(backend: LlamaBackend, ctx: JobContext) -> Iterator[Started | TextDelta]:
+    def run(backend, ctx: JobContext):
         encoded = [backend.tokenize(p, add_bos=True, special=False) for p in prompts]
         for index, tokens in enumerate(encoded):
             fit_prompt(tokens, backend, model_id, index)
-        for index, tokens in enumerate(encoded):
-            yield Started(prompt_tokens=len(tokens), index=index)
-            for delta in backend.stream(tokens, params, max_tokens, stop, cancelled=lambda: ctx.cancelled):
-                yield dataclasses.replace(delta, index=index)
+        if hasattr(backend, "scheduler"):
+            siblings = [len(encoded)]
+            return [PromptJob(tokens, params, max_tokens, stop, ctx.stream, index, siblings)
+                    for index, tokens in enumerate(encoded)]
+        return _plain(backend, ctx, encoded, params, max_tokens, stop)
 
+    run.batched = True
     return run
+
+
+def _plain(backend: LlamaBackend, ctx: JobContext, encoded: list[list[int]], params: SamplingParams,
+           max_tokens: int, stop: list[str]) -> Iterator[Started | TextDelta]:
+    """One request at a time, on a backend without a batch scheduler."""
+    for index, tokens in enumerate(encoded):
+        yield Started(prompt_tokens=len(tokens), index=index)
+        for delta in backend.stream(tokens, params, max_tokens, stop, cancelled=lambda: ctx.cancelled):
+            yield dataclasses.replace(delta, index=index)
 
 
 def embedding_job(texts: list[str], model_id: str):
