@@ -43,9 +43,11 @@ test: models
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: models
+	$(PY) -m pip install --quiet -e ".[test,bench]"
 	$(PY) benchmarks/bench_text.py
 	$(PY) benchmarks/bench_audio.py
 	$(PY) benchmarks/bench_http.py
+	$(PY) benchmarks/bench_batch.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

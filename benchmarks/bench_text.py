@@ -16,54 +16,12 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-
 from polargrid_local import PolarGridSync, Registry
 from polargrid_local.llm.backend import available_cpus
 
+from _raw import measure
+
 PROMPT = "1, 2, 3, 4, 5, 6, 7, 8,"
-
-
-def raw_decode_tok_s(path: str, threads: int, prompt_len: int, n: int) -> float:
-    """Greedy decode of n tokens after a prompt of prompt_len tokens, llama.cpp's C API only."""
-    import llama_cpp as L
-    from llama_cpp import _logger
-
-    _logger.set_verbose(False)
-    L.llama_backend_init()
-    params = L.llama_model_default_params()
-    params.n_gpu_layers = 0
-    model = L.llama_model_load_from_file(path.encode(), params)
-    vocab = L.llama_model_get_vocab(model)
-    n_vocab = L.llama_vocab_n_tokens(vocab)
-    cp = L.llama_context_default_params()
-    cp.n_ctx, cp.n_batch, cp.n_threads, cp.n_threads_batch = 2048, 512, threads, threads
-    ctx = L.llama_init_from_model(model, cp)
-    batch = L.llama_batch_init(512, 0, 1)
-
-    def decode(tokens: list[int], start: int) -> None:
-        for i, tok in enumerate(tokens):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, start + i, 1
-            batch.seq_id[i][0], batch.logits[i] = 0, int(i == len(tokens) - 1)
-        batch.n_tokens = len(tokens)
-        if L.llama_decode(ctx, batch) != 0:
-            raise RuntimeError("llama_decode failed")
-
-    def argmax() -> int:
-        return int(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, -1), shape=(n_vocab,)).argmax())
-
-    prompt = list(range(1000, 1000 + prompt_len))
-    decode(prompt, 0)
-    tok = argmax()
-    started = time.perf_counter()
-    for i in range(n):
-        decode([tok], prompt_len + i)
-        tok = argmax()
-    elapsed = time.perf_counter() - started
-    L.llama_batch_free(batch)
-    L.llama_free(ctx)
-    L.llama_model_free(model)
-    return n / elapsed
 
 
 def engine_decode(client: PolarGridSync, model: str, n: int) -> tuple[float, int]:
@@ -104,17 +62,19 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=available_cpus())
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
     registry = Registry.load()
     spec = registry.get(args.model)
     path = str(spec.path_in(registry.cache_dir))
+    runs, raw = [], []
     with PolarGridSync(n_threads=args.threads, n_gpu_layers=0) as client:
         engine_decode(client, spec.id, 16)  # load and warm
-        runs = [engine_decode(client, spec.id, args.tokens) for _ in range(args.repeats)]
+        for _ in range(args.repeats):       # alternated, so drift in the machine's speed hits both
+            runs.append(engine_decode(client, spec.id, args.tokens))
+            raw += measure(path, args.threads, "single", prompt_len=runs[-1][1], tokens=args.tokens)
     prompt_len = runs[0][1]
-    raw = [raw_decode_tok_s(path, args.threads, prompt_len, args.tokens) for _ in range(args.repeats)]
     engine = statistics.median(r[0] for r in runs)
     raw_median = statistics.median(raw)
     starts = [cold_start(spec.id, args.threads) for _ in range(2)]

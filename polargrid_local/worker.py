@@ -124,7 +124,7 @@ class ModelWorker(Generic[B]):
                 fn, ctx = item
                 if ctx.cancelled:
                     ctx.stream.finish()
-                elif getattr(fn, "batched", False):
+                elif getattr(fn, "batched", False) and scheduler is not None:
                     self._admit(fn, ctx, scheduler)
                 else:
                     self._busy = True

@@ -201,3 +201,23 @@ def test_many_async_tasks_at_once(fresh):
 
     replies = asyncio.run(main())
     assert len({r.id for r in replies}) == 12 and all(r.choices[0].message.content for r in replies)
+
+
+def test_a_shared_system_prompt_is_copied_between_slots(registry):
+    engine = LocalEngine(registry, n_parallel=4)
+    try:
+        system = {"role": "system", "content": "You answer questions about the weather. " * 25}
+        busy = engine.chat_completion_stream({"model": CHAT, "max_tokens": 400, "temperature": 0, "messages": [
+            system, {"role": "user", "content": "Write a very long essay about clouds."}]})
+        next(busy)
+        next(busy)
+        scheduler = scheduler_of(engine)
+        evaluated, borrowed = scheduler.prompt_tokens_evaluated, scheduler.prompt_tokens_borrowed
+        reply = engine.chat_completion({"model": CHAT, "max_tokens": 12, "temperature": 0, "messages": [
+            system, {"role": "user", "content": "Is it raining?"}]})
+        assert scheduler.prompt_tokens_borrowed - borrowed > 150
+        assert scheduler.prompt_tokens_evaluated - evaluated < 30
+        assert reply.choices[0].message.content
+        busy.close()
+    finally:
+        engine.close()

@@ -22,6 +22,8 @@ from .backend import DEFAULT_SEED, SamplingParams, Started, TextDelta, _StopMatc
 
 logger = logging.getLogger("polargrid_local")
 
+MIN_BORROW = 16  # shorter shared prefixes are cheaper to evaluate than to copy a KV buffer
+
 
 @dataclass
 class PromptJob:
@@ -53,7 +55,8 @@ class _Slot:
 class BatchScheduler:
     """Owns a multi-sequence llama.cpp context; runs on the model's worker thread only."""
 
-    def __init__(self, llama, *, n_parallel: int, n_ctx_per_seq: int, n_batch: int, n_threads: int) -> None:
+    def __init__(self, llama, *, n_parallel: int, n_ctx_per_seq: int, n_batch: int, n_threads: int,
+                 prefill_chunk: int = 64) -> None:
         import llama_cpp as L
 
         self.L = L
@@ -61,6 +64,7 @@ class BatchScheduler:
         self.n_parallel = n_parallel
         self.n_ctx_per_seq = n_ctx_per_seq
         self.n_batch = n_batch
+        self.prefill_chunk = prefill_chunk
         params = L.llama_context_default_params()
         params.n_ctx = n_ctx_per_seq * n_parallel
         params.n_batch = n_batch
@@ -84,6 +88,7 @@ class BatchScheduler:
         self._piece = ctypes.create_string_buffer(256)
         self.tokens_generated = 0
         self.prompt_tokens_evaluated = 0
+        self.prompt_tokens_borrowed = 0
 
     # -- admission -----------------------------------------------------------------------
 
@@ -114,6 +119,8 @@ class BatchScheduler:
             reuse = job.params.seed is None
             slot = max(free, key=lambda s: _common_prefix(s.cached, job.tokens) if reuse else -len(s.cached))
             common = min(_common_prefix(slot.cached, job.tokens), len(job.tokens) - 1) if reuse else 0
+            if reuse:
+                common = self._borrow_prefix(slot, job.tokens, common)
             self.L.llama_memory_seq_rm(self.memory, slot.seq_id, common, -1)
             slot.cached = slot.cached[:common]
             try:
@@ -126,6 +133,22 @@ class BatchScheduler:
             slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             slot.stops = _StopMatcher(job.stops)
             self._push(slot, Started(prompt_tokens=len(job.tokens), index=job.index))
+
+    def _borrow_prefix(self, slot: _Slot, tokens: list[int], common: int) -> int:
+        """Copy another slot's cache when it shares a longer prefix (a common system prompt)."""
+        donor = max((s for s in self.slots if s is not slot), key=lambda s: _common_prefix(s.cached, tokens),
+                    default=None)
+        if donor is None:
+            return common
+        shared = min(_common_prefix(donor.cached, tokens), len(tokens) - 1)
+        if shared < common + MIN_BORROW:
+            return common
+        # Across KV streams llama.cpp copies whole buffers only; the tail is trimmed right after.
+        self.L.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+        self.L.llama_memory_seq_cp(self.memory, donor.seq_id, slot.seq_id, -1, -1)
+        slot.cached = list(donor.cached)
+        self.prompt_tokens_borrowed += shared
+        return shared
 
     def _sampler(self, p: SamplingParams):
         L = self.L
@@ -164,7 +187,11 @@ class BatchScheduler:
         generating = [s for s in self.slots if s.job is not None and s.next_token is not None]
         entries: list[tuple[int, int, int, bool]] = [(s.seq_id, s.next_token, len(s.cached), True) for s in generating]
         prefill: list[tuple[_Slot, list[int]]] = []
-        room = self.n_batch - len(entries)
+        waiting_first = sum(1 for s in self.slots if s.job is not None and s.pending)
+        # Several prompts at once: small chunks, in order, so the first ones start streaming early
+        # instead of every request waiting for one big prefill (time to first token, p50).
+        budget = self.n_batch if waiting_first <= 1 else min(self.n_batch, self.prefill_chunk)
+        room = budget - len(entries) if waiting_first > 1 else self.n_batch - len(entries)
         for slot in self.slots:   # prompt chunks fill what the running streams leave of the batch
             if room <= 0:
                 break
