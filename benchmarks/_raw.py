@@ -68,7 +68,7 @@ class RawLlama:
 
 
 def measure(path: str, threads: int, mode: str, n_seq: int = 1, prompt_len: int = 32, tokens: int = 96,
-            repeats: int = 1) -> list[float]:
+            repeats: int = 1, n_gpu_layers: int = 0) -> list[float]:
     """Run the raw baseline in a fresh interpreter: two llama.cpp instances in one process slow each other
     down (measured here: a context created and freed before the engine's cost it a third of its speed)."""
     import json
@@ -76,11 +76,11 @@ def measure(path: str, threads: int, mode: str, n_seq: int = 1, prompt_len: int 
     import sys
 
     code = ("import json, sys; sys.path.insert(0, %r); from _raw import RawLlama\n"
-            "r = RawLlama(%r, %d, n_seq=%d, n_ctx=%d)\n"
+            "r = RawLlama(%r, %d, n_seq=%d, n_ctx=%d, n_gpu_layers=%d)\n"
             "out = [r.single_decode_tok_s(%d, %d) if %r == 'single' else r.batched_decode_tok_s(%d, %d, %d)"
             " for _ in range(%d)]\n"
             "r.close(); print(json.dumps(out))\n") % (
-        __file__.rsplit("/", 1)[0], path, threads, n_seq, max(4096, n_seq * (prompt_len + tokens) + 64),
+        __file__.rsplit("/", 1)[0], path, threads, n_seq, max(4096, n_seq * (prompt_len + tokens) + 64), n_gpu_layers,
         prompt_len, tokens, mode, n_seq, prompt_len, tokens, repeats)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from polargrid.types import (BackendInfo, BackendStatus, GPUInfo, GPUMemoryInfo, GPUMemoryResponse, GPUMemorySimple,
-                             GPUMemoryState, GPUProcess, GPUPurgeRequest, GPUPurgeResponse, GPUStatusResponse,
+                             GPUMemoryState, GPUProcess, GPUPurgeRequest, GPUPurgeResponse,
                              GPUUtilization, HealthFeatures, HealthResponse, ListModelsResponse, LoadModelRequest,
                              LoadModelResponse, ModelInfo, ModelStatusResponse, RegionModelStatus, RegionStatus,
                              SystemStatus, UnloadAllModelsResponse, UnloadModelRequest, UnloadModelResponse)
@@ -17,6 +17,7 @@ from .errors import NotFoundError, coerce, engine_boundary, invalid
 from .gpu import MB, cuda_build
 from .pull import is_pulled
 from .registry import ModelSpec
+from .types import GPUStatusResponse, ModelMemory
 
 if TYPE_CHECKING:
     from .engine import LocalEngine
@@ -113,7 +114,12 @@ def get_gpu_status(engine: LocalEngine) -> GPUStatusResponse:
                     utilization=GPUUtilization(gpu_percent=d.gpu_percent, memory_percent=d.memory_percent))
             for d in devices]
     processes = [GPUProcess(pid=p.pid, name=p.name, memory_mb=p.used_bytes // MB) for p in engine.nvml.processes()]
-    return GPUStatusResponse(status="success", timestamp=_now(), gpus=gpus, processes=processes, total_gpus=len(gpus))
+    pool = engine.pool
+    models = [ModelMemory(model=m, estimated_mb=est.total // MB, estimated_gpu_mb=est.gpu_bytes // MB,
+                          measured_gpu_mb=pool.gpu_measured.get(m, 0) // MB)
+              for m in pool.loaded() if (est := pool.estimates.get(m)) is not None]
+    return GPUStatusResponse(status="success", timestamp=_now(), gpus=gpus, processes=processes, total_gpus=len(gpus),
+                             models=models)
 
 
 def get_gpu_memory(engine: LocalEngine) -> GPUMemoryResponse:

@@ -37,13 +37,16 @@ class LocalEngine:
     def __init__(self, models: str | Path | Registry | None = None, *, cache_dir: str | Path | None = None,
                  factories: dict[str, Any] | None = None, n_threads: int | None = None,
                  n_gpu_layers: int | str | None = None, n_ctx: int | None = None, n_parallel: int | None = None,
-                 max_queue: int | None = None, nvml: NvmlProbe | None = None,
+                 max_queue: int | None = None, memory_policy: str | None = None,
+                 memory_budget_mb: int | None = None, nvml: NvmlProbe | None = None,
                  preload: tuple[str, ...] | list[str] = ()) -> None:
         self.registry = models if isinstance(models, Registry) else Registry.load(models, cache_dir)
         self.nvml = nvml or NvmlProbe()
         overrides = {"n_threads": n_threads, "n_gpu_layers": n_gpu_layers, "n_ctx": n_ctx, "n_parallel": n_parallel,
                      "max_queue": max_queue}
-        self.pool = ModelPool(self.registry, factories or default_factories(), overrides=overrides, nvml=self.nvml)
+        policy = memory_policy or self.registry.settings.get("memory_policy", "refuse")
+        self.pool = ModelPool(self.registry, factories or default_factories(), overrides=overrides, nvml=self.nvml,
+                              memory_policy=policy, memory_budget_mb=memory_budget_mb)
         self.usage = UsageBook()
         self.started = datetime.now(timezone.utc)
         self._closed = threading.Event()

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 from .errors import NotFoundError, ServerError, invalid
-from .gpu import NvmlProbe, resident_bytes
+from .gpu import MB, NvmlProbe, resident_bytes
+from .memory import (POLICIES, Estimate, available_host_bytes, check_fits, estimate, gguf_facts, gpu_layers_that_fit,
+                     settings_for)
 from .pull import is_pulled
 from .registry import ModelSpec, Registry
 from .worker import ModelWorker
@@ -31,11 +33,17 @@ class ModelPool:
     """Owns one ModelWorker per loaded model; backends come from injected factories, one per kind."""
 
     def __init__(self, registry: Registry, factories: dict[str, BackendFactory], *, overrides: dict[str, Any] | None = None,
-                 nvml: NvmlProbe | None = None) -> None:
+                 nvml: NvmlProbe | None = None, memory_policy: str = "refuse", memory_budget_mb: int | None = None) -> None:
+        if memory_policy not in POLICIES:
+            raise ValueError(f"memory_policy must be one of {', '.join(POLICIES)}")
         self.registry = registry
         self.factories = factories
         self.overrides = overrides or {}
         self.nvml = nvml or NvmlProbe()
+        self.memory_policy = memory_policy
+        self.memory_budget = memory_budget_mb * MB if memory_budget_mb else None
+        self.estimates: dict[str, Estimate] = {}
+        self.gpu_measured: dict[str, int] = {}
         self._workers: dict[str, ModelWorker[Any]] = {}
         self._states: dict[str, LoadState] = {}
         self._errors: dict[str, str] = {}
@@ -103,18 +111,80 @@ class ModelPool:
         if factory is None:
             raise ServerError(f"no engine for {spec.kind} models is available in this installation", 501)
         path = str(spec.path_in(self.registry.cache_dir))
+        extra = self._admit_memory(spec, path) if spec.kind in ("chat", "embedding") else {}
+        gpu_before = self.nvml.used_by_this_process()
         try:
-            return factory(spec, path, self.overrides)
+            backend = factory(spec, path, {**self.overrides, **extra})
         except (NotFoundError, ServerError):
             raise
         except Exception as exc:
             raise ServerError(f"loading {spec.id!r} failed: {type(exc).__name__}: {exc}", 500) from exc
+        self.gpu_measured[spec.id] = max(0, self.nvml.used_by_this_process() - gpu_before)
+        return backend
+
+    def _admit_memory(self, spec: ModelSpec, path: str) -> dict[str, Any]:
+        """Refuse (or make room for) a load that would not fit; returns overrides for the load."""
+        from .factories import resolve_gpu_layers
+
+        settings = settings_for(spec.engine, self.overrides)
+        layers = resolve_gpu_layers(settings.get("n_gpu_layers"), self.nvml)
+        parallel = int(settings.get("n_parallel") or 8) if spec.kind == "chat" else 1
+        try:
+            est = estimate(path, n_ctx=int(settings.get("n_ctx") or 2048), n_parallel=parallel,
+                           n_batch=int(settings.get("n_batch") or 512), n_gpu_layers=layers,
+                           embedding=spec.kind == "embedding")
+        except Exception as exc:  # an unreadable header fails the load itself, with its own message
+            logger.debug("no memory estimate for %s: %s", spec.id, exc)
+            return {}
+        extra: dict[str, Any] = {}
+        reason = self._does_not_fit(est, settings)
+        if reason and self.memory_policy == "evict":
+            for victim in sorted(self.loaded(), key=lambda m: -self.estimates.get(m, Estimate(0, 0, 0, 0)).total):
+                victim_spec = self.registry.get(victim)
+                if victim_spec is None or victim == spec.id or self.queue_depth(victim_spec):
+                    continue
+                logger.info("unloading idle %s to make room for %s", victim, spec.id)
+                self.unload(victim_spec)
+                reason = self._does_not_fit(est, settings)
+                if not reason:
+                    break
+        if reason and self.memory_policy == "offload-less" and est.gpu_fraction > 0:
+            free_gpu = self._free_gpu(settings)
+            n_layer = gguf_facts(path)["n_layer"]
+            fit = gpu_layers_that_fit(est, free_gpu or 0, n_layer)
+            logger.info("offloading %d of %d layers of %s to fit GPU memory", fit, n_layer, spec.id)
+            est = estimate(path, n_ctx=int(settings.get("n_ctx") or 2048), n_parallel=parallel,
+                           n_batch=int(settings.get("n_batch") or 512), n_gpu_layers=fit,
+                           embedding=spec.kind == "embedding")
+            extra["n_gpu_layers"] = fit
+            reason = self._does_not_fit(est, settings)
+        if reason:
+            raise ServerError(f"Not loading {spec.id!r}: it {reason}. Unload a model, lower n_ctx or n_parallel, "
+                              f"or set memory_policy='evict' or 'offload-less'.", 507)
+        self.estimates[spec.id] = est
+        return extra
+
+    def _free_gpu(self, settings: dict[str, Any]) -> int | None:
+        devices = self.nvml.devices()
+        if not devices:
+            return None
+        index = int(settings.get("main_gpu") or 0)
+        return devices[min(index, len(devices) - 1)].free_bytes
+
+    def _does_not_fit(self, est: Estimate, settings: dict[str, Any]) -> str | None:
+        budget = None
+        if self.memory_budget is not None:
+            budget = self.memory_budget - sum(self.estimates.get(m, Estimate(0, 0, 0, 0)).total for m in self.loaded())
+        free_gpu = self._free_gpu(settings) if est.gpu_fraction > 0 else None
+        return check_fits(est, free_gpu=free_gpu, free_host=available_host_bytes(), budget=budget)
 
     def unload(self, spec: ModelSpec) -> UnloadReport | None:
         """Stop the model's worker and free its backend; None if it was not loaded."""
         with self._lock:
             worker = self._workers.pop(spec.id, None)
             self._states[spec.id] = "unloaded"
+        self.estimates.pop(spec.id, None)
+        self.gpu_measured.pop(spec.id, None)
         if worker is None:
             return None
         ram_before, gpu_before = resident_bytes(), self.nvml.used_by_this_process()

@@ -107,8 +107,10 @@ def default_models_file() -> Path:
 class Registry:
     """Every model the library knows, indexed by id and alias (case-insensitive)."""
 
-    def __init__(self, models: list[ModelSpec], defaults: dict[str, str], cache_dir: Path, source: str = "") -> None:
+    def __init__(self, models: list[ModelSpec], defaults: dict[str, str], cache_dir: Path, source: str = "",
+                 settings: dict[str, Any] | None = None) -> None:
         self.models = models
+        self.settings = settings or {}
         self.defaults = defaults
         self.cache_dir = cache_dir
         self.source = source
@@ -140,7 +142,7 @@ class Registry:
             Path(os.path.expanduser(settings["cache_dir"])) if settings.get("cache_dir") and not os.environ.get(CACHE_DIR_ENV)
             else default_cache_dir())
         models = [_parse_model(raw, str(file)) for raw in data.get("models", [])]
-        return cls(models, dict(data.get("defaults", {})), cache, str(file))
+        return cls(models, dict(data.get("defaults", {})), cache, str(file), dict(settings))
 
     def get(self, name: str) -> ModelSpec | None:
         """The model with this id or alias, or None."""
