@@ -29,18 +29,26 @@ def _plan(n_in: int, rate: float, frame: int) -> tuple[int, int]:
     return n_out, n_out // (frame // 2) + 1
 
 
-def time_stretch_numpy(audio: np.ndarray, rate: float, sample_rate: int) -> np.ndarray:
-    """Reference implementation, plain numpy."""
+def _setup(audio: np.ndarray, rate: float, sample_rate: int):
+    """Padded input, window, sizes and output buffers shared by both implementations; None: nothing to do."""
     audio = _check(audio, rate)
     if rate == 1.0 or audio.size == 0:
-        return audio.copy()
+        return None
     frame, tol = _params(sample_rate)
     hop = frame // 2
     n_out, n_frames = _plan(audio.size, rate, frame)
     window = np.hanning(frame + 1)[:-1].astype(np.float32)
     padded = np.concatenate([np.zeros(tol, np.float32), audio, np.zeros(frame + tol + int(hop * rate) + 2, np.float32)])
     out = np.zeros(n_frames * hop + frame, np.float32)
-    norm = np.zeros_like(out)
+    return padded, window, frame, tol, hop, n_out, n_frames, out, np.zeros_like(out)
+
+
+def time_stretch_numpy(audio: np.ndarray, rate: float, sample_rate: int) -> np.ndarray:
+    """Reference implementation, plain numpy."""
+    setup = _setup(audio, rate, sample_rate)
+    if setup is None:
+        return _check(audio, rate).copy()
+    padded, window, frame, tol, hop, n_out, n_frames, out, norm = setup
     previous = tol  # padded index where the last frame was read
     for k in range(n_frames):
         nominal = tol + int(round(k * hop * rate))
@@ -84,15 +92,9 @@ def _wsola(padded, rate, frame, tol, n_frames, window, out, norm):
 
 def time_stretch(audio: np.ndarray, rate: float, sample_rate: int) -> np.ndarray:
     """Play ``rate`` times faster (0.25..4) without changing pitch; the result has len(audio)/rate samples."""
-    audio = _check(audio, rate)
-    if rate == 1.0 or audio.size == 0:
-        return audio.copy()
-    frame, tol = _params(sample_rate)
-    hop = frame // 2
-    n_out, n_frames = _plan(audio.size, rate, frame)
-    window = np.hanning(frame + 1)[:-1].astype(np.float32)
-    padded = np.concatenate([np.zeros(tol, np.float32), audio, np.zeros(frame + tol + int(hop * rate) + 2, np.float32)])
-    out = np.zeros(n_frames * hop + frame, np.float32)
-    norm = np.zeros_like(out)
+    setup = _setup(audio, rate, sample_rate)
+    if setup is None:
+        return _check(audio, rate).copy()
+    padded, window, frame, tol, hop, n_out, n_frames, out, norm = setup
     _wsola(padded, float(rate), frame, tol, n_frames, window, out, norm)
     return (out / np.maximum(norm, np.float32(1e-3)))[:n_out]

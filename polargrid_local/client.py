@@ -76,31 +76,39 @@ def wait_for_job(engine: LocalEngine, job_id: str, poll_interval: float, timeout
         sleep(poll_interval)
 
 
-class PolarGridSync:
-    """The synchronous client. Streams are real iterators: chunks arrive as they are generated."""
+class _LocalClient:
+    """What both clients share: the engine they bridge to, and the region they report."""
 
     def __init__(self, api_key: str | None = None, *, models: str | Path | Registry | None = None,
                  cache_dir: str | Path | None = None, n_threads: int | None = None,
-                 n_gpu_layers: int | str | None = None, n_ctx: int | None = None, preload: list[str] | tuple = (),
+                 n_gpu_layers: int | str | None = None, n_ctx: int | None = None, n_parallel: int | None = None,
+                 max_queue: int | None = None, memory_policy: str | None = None,
+                 memory_budget_mb: int | None = None, preload: list[str] | tuple = (),
                  engine: LocalEngine | None = None, **sdk_args: Any) -> None:
-        local = dict(cache_dir=cache_dir, n_threads=n_threads, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, preload=preload)
+        local = dict(cache_dir=cache_dir, n_threads=n_threads, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx,
+                     n_parallel=n_parallel, max_queue=max_queue, memory_policy=memory_policy,
+                     memory_budget_mb=memory_budget_mb, preload=preload)
         self.engine = _engine(engine, models, local, {"api_key": api_key, **sdk_args})
 
     def close(self) -> None:
         """Unload every model."""
         self.engine.close()
 
-    def __enter__(self) -> PolarGridSync:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def get_region_id(self) -> str:
         return REGION_ID
 
     def get_region_name(self) -> str:
         return REGION_NAME
+
+
+class PolarGridSync(_LocalClient):
+    """The synchronous client. Streams are real iterators: chunks arrive as they are generated."""
+
+    def __enter__(self) -> PolarGridSync:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def chat_completion(self, request: ChatCompletionRequest | dict[str, Any]) -> ChatCompletionResponse:
         """Generate a chat completion."""
@@ -226,15 +234,8 @@ class PolarGridSync:
         return self.engine.get_usage(start_date, end_date)
 
 
-class PolarGrid:
+class PolarGrid(_LocalClient):
     """The async client: the same calls as polargrid.PolarGrid, a thin bridge over LocalEngine."""
-
-    def __init__(self, api_key: str | None = None, *, models: str | Path | Registry | None = None,
-                 cache_dir: str | Path | None = None, n_threads: int | None = None,
-                 n_gpu_layers: int | str | None = None, n_ctx: int | None = None, preload: list[str] | tuple = (),
-                 engine: LocalEngine | None = None, **sdk_args: Any) -> None:
-        local = dict(cache_dir=cache_dir, n_threads=n_threads, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, preload=preload)
-        self.engine = _engine(engine, models, local, {"api_key": api_key, **sdk_args})
 
     @classmethod
     async def create(cls, api_key: str | None = None, **kwargs: Any) -> PolarGrid:
@@ -245,56 +246,52 @@ class PolarGrid:
         """Unload every model."""
         await asyncio.to_thread(self.engine.close)
 
-    def close(self) -> None:
-        self.engine.close()
-
     async def __aenter__(self) -> PolarGrid:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    def get_region_id(self) -> str:
-        return REGION_ID
+    @staticmethod
+    async def _relay(open_stream: Callable[..., Any], *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        """Open an engine stream off the event loop, then relay it; leaving early closes (cancels) it."""
+        stream = await asyncio.to_thread(open_stream, *args, **kwargs)
+        try:
+            async for item in stream:
+                yield item
+        finally:
+            stream.close()
 
-    def get_region_name(self) -> str:
-        return REGION_NAME
+    @staticmethod
+    async def _gather(open_stream: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, list[Any]]:
+        """The whole stream, read without blocking the loop (the non-streaming calls fold it)."""
+        stream = await asyncio.to_thread(open_stream, *args, **kwargs)
+        with stream:
+            return stream, [item async for item in stream]
 
     async def chat_completion_stream(self, request: ChatCompletionRequest | dict[str, Any], *,
                                      stream_options: dict[str, Any] | None = None
                                      ) -> AsyncIterator[ChatCompletionChunk]:
         """Stream a chat completion; leaving the loop or cancelling the task stops the generation."""
-        stream = await asyncio.to_thread(self.engine.chat_completion_stream, request, stream_options=stream_options)
-        try:
-            async for chunk in stream:
-                yield chunk
-        finally:
-            stream.close()
+        async for chunk in self._relay(self.engine.chat_completion_stream, request, stream_options=stream_options):
+            yield chunk
 
     async def chat_completion(self, request: ChatCompletionRequest | dict[str, Any]) -> ChatCompletionResponse:
-        """Generate a chat completion: the fold of its stream, read without blocking the loop."""
-        stream = await asyncio.to_thread(self.engine.chat_completion_stream, request,
-                                         stream_options={"include_usage": True})
-        with stream:
-            chunks = [chunk async for chunk in stream]
+        """Generate a chat completion: the fold of its stream."""
+        stream, chunks = await self._gather(self.engine.chat_completion_stream, request,
+                                            stream_options={"include_usage": True})
         return fold_chat(chunks, stream.chunker, stream.metadata())
 
     async def completion_stream(self, request: CompletionRequest | dict[str, Any], *,
                                 stream_options: dict[str, Any] | None = None) -> AsyncIterator[CompletionChunk]:
         """Stream a text completion."""
-        stream = await asyncio.to_thread(self.engine.completion_stream, request, stream_options=stream_options)
-        try:
-            async for chunk in stream:
-                yield chunk
-        finally:
-            stream.close()
+        async for chunk in self._relay(self.engine.completion_stream, request, stream_options=stream_options):
+            yield chunk
 
     async def completion(self, request: CompletionRequest | dict[str, Any]) -> CompletionResponse:
-        """Generate a text completion."""
-        stream = await asyncio.to_thread(self.engine.completion_stream, request,
-                                         stream_options={"include_usage": True})
-        with stream:
-            chunks = [chunk async for chunk in stream]
+        """Generate a text completion: the fold of its stream."""
+        stream, chunks = await self._gather(self.engine.completion_stream, request,
+                                            stream_options={"include_usage": True})
         return fold_completion(chunks, stream.chunker, stream.metadata())
 
     async def generate(self, request: GenerateRequest | dict[str, Any]) -> GenerateResponse:
@@ -307,18 +304,12 @@ class PolarGrid:
 
     async def text_to_speech(self, request: TextToSpeechRequest | dict[str, Any]) -> bytes:
         """Speak the input; bytes in response_format (mp3 by default; opus, aac, flac, wav, pcm)."""
-        stream = await asyncio.to_thread(self.engine.text_to_speech_stream, request)
-        with stream:
-            return b"".join([piece async for piece in stream])
+        return await asyncio.to_thread(self.engine.text_to_speech, request)
 
     async def text_to_speech_stream(self, request: TextToSpeechRequest | dict[str, Any]) -> AsyncIterator[bytes]:
         """Audio bytes as each sentence is synthesised (opus unless response_format is given, as the SDK)."""
-        stream = await asyncio.to_thread(self.engine.text_to_speech_stream, request, default_format="opus")
-        try:
-            async for piece in stream:
-                yield piece
-        finally:
-            stream.close()
+        async for piece in self._relay(self.engine.text_to_speech_stream, request, default_format="opus"):
+            yield piece
 
     async def transcribe(self, file: AudioInput, request: TranscriptionRequest | dict[str, Any]
                          ) -> TranscriptionResponse | VerboseTranscriptionResponse | str:
@@ -328,12 +319,8 @@ class PolarGrid:
     async def transcribe_stream(self, file: AudioInput, request: TranscriptionRequest | dict[str, Any]
                                 ) -> AsyncIterator[TranscriptionStreamEvent]:
         """Delta events as segments are decoded, then a done event."""
-        stream = await asyncio.to_thread(self.engine.transcribe_stream, file, request)
-        try:
-            async for event in stream:
-                yield event
-        finally:
-            stream.close()
+        async for event in self._relay(self.engine.transcribe_stream, file, request):
+            yield event
 
     async def translate(self, file: AudioInput, request: TranslationRequest | dict[str, Any]
                         ) -> TranslationResponse | str:
