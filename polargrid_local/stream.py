@@ -34,6 +34,8 @@ class Stream(Generic[T]):
         self._finished = False
         self.load_seconds = load_seconds
         self.finished_at: float | None = None
+        self.chunker: Any = None               # what turns events into chunks; the folds read its usage
+        self.content_type: str | None = None   # for byte streams (speech): the MIME type of the format
 
     def metadata(self) -> PGMetadata:
         """Region 'local' and the real split of this request's time: load, queue, inference."""

@@ -58,7 +58,9 @@ class SpeechService:
 
     # -- speech to text ------------------------------------------------------------------
 
-    def _stt_model(self, name: str | None, task: str, language: str | None) -> ModelSpec:
+    def stt_model(self, name: str | None, task: str, language: str | None) -> ModelSpec:
+        """The STT model for a request: an English-only model hands translation and other languages to its
+        multilingual fallback (models.toml)."""
         spec = self.engine.pool.resolve(name or None, "stt")
         needs_multilingual = task == "translate" or (language not in (None, "", "en"))
         if needs_multilingual and spec.engine.get("english_only"):
@@ -71,7 +73,8 @@ class SpeechService:
             return fallback_spec
         return spec
 
-    def _parse(self, request: Any, task: str) -> tuple[Any, str, bool]:
+    def parse_request(self, request: Any, task: str) -> tuple[Any, str, bool]:
+        """The SDK request (object or dict), its response format, and whether word timings were asked for."""
         words = False
         if isinstance(request, dict):
             request = dict(request)
@@ -88,9 +91,10 @@ class SpeechService:
                           field="response_format")
         return request, fmt, words
 
-    def _open(self, file: AudioInput, request: Any, task: str, words: bool):
+    def _open(self, file: AudioInput, request: Any, task: str, words: bool, convert=lambda item: [item], tail=None):
+        """Decode here (off the model's thread), then queue the transcription on the model's worker."""
         language = getattr(request, "language", None) or None
-        spec = self._stt_model(_value(request.model) if request.model else None, task, language)
+        spec = self.stt_model(_value(request.model) if request.model else None, task, language)
         decoded = decode_audio(file, 16000)
         options = SttOptions(task=task, language=language, prompt=request.prompt, temperature=request.temperature,
                              word_timestamps=words)
@@ -102,11 +106,11 @@ class SpeechService:
         with engine_boundary("transcription"):
             worker, load_seconds = self.engine.pool.worker(spec)
             results, ctx = worker.submit(job)
-        return spec, Stream(results, ctx, lambda item: [item], load_seconds), decoded.duration
+        return spec, Stream(results, ctx, convert, load_seconds, tail=tail), decoded.duration
 
     def transcribe(self, file: AudioInput, request: Any, *, task: str = "transcribe", on_progress=None):
         """Transcribe (or translate) a whole file into the requested response format."""
-        request, fmt, words = self._parse(request, task)
+        request, fmt, words = self.parse_request(request, task)
         spec, stream, duration = self._open(file, request, task, words)
         info: SttInfo | None = None
         segments, word_list = [], []
@@ -127,9 +131,8 @@ class SpeechService:
 
     def transcribe_stream(self, file: AudioInput, request: Any) -> Stream[Any]:
         """Delta events as segments are decoded, then one done event with the whole text."""
-        request, _fmt, _words = self._parse(request, "transcribe")
-        spec, stream, duration = self._open(file, request, "transcribe", False)
-        state = {"text": "", "language": request.language or "en", "duration": duration}
+        request, _fmt, _words = self.parse_request(request, "transcribe")
+        state = {"text": "", "language": request.language or "en", "duration": 0.0}
 
         def convert(item):
             if isinstance(item, SttInfo):
@@ -143,5 +146,6 @@ class SpeechService:
             return [TranscriptionStreamDone(type="transcript.text.done", text=state["text"],
                                             duration=round(state["duration"], 3), language=state["language"])]
 
-        stream._convert, stream._tail = convert, done
+        _spec, stream, duration = self._open(file, request, "transcribe", False, convert, done)
+        state["duration"] = duration
         return stream
