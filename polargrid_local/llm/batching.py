@@ -121,7 +121,10 @@ class BatchScheduler:
             common = min(_common_prefix(slot.cached, job.tokens), len(job.tokens) - 1) if reuse else 0
             if reuse:
                 common = self._borrow_prefix(slot, job.tokens, common)
-            self.L.llama_memory_seq_rm(self.memory, slot.seq_id, common, -1)
+            if not self.L.llama_memory_seq_rm(self.memory, slot.seq_id, common, -1):
+                # some caches (recurrent, sliding-window) cannot drop a tail: start the sequence afresh
+                self.L.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+                common = 0
             slot.cached = slot.cached[:common]
             try:
                 slot.sampler = self._sampler(job.params)
