@@ -122,26 +122,31 @@ class LocalEngine:
         if not texts or any(not isinstance(t, str) or not t for t in texts):
             raise invalid("Input is required: a non-empty string or a list of non-empty strings", field="input")
         spec = self.pool.resolve(request.model, "embedding")
-        with engine_boundary("embedding"):
-            worker, _ = self.pool.worker(spec)
-            results, _ctx = worker.submit(embedding_job(texts, spec.id))
-            with results:
-                vectors, count = next(iter(results))
+        with self.open_stream(spec, embedding_job(texts, spec.id), "embedding") as stream:
+            vectors, count = next(stream)
         self.usage.record(spec.id, count)
         return EmbeddingResponse(data=[EmbeddingData(index=i, embedding=v) for i, v in enumerate(vectors)],
                                  model=request.model, usage=TokenUsage(prompt_tokens=count, completion_tokens=0,
                                                                        total_tokens=count))
 
-    def _open(self, spec, job, chunker, what: str) -> Stream[Any]:
+    def open_stream(self, spec, job, what: str, convert=lambda item: [item], *, on_finish=None,
+                    tail=None) -> Stream[Any]:
+        """Load the model if needed, queue ``job`` on its worker, and return the caller's Stream.
+
+        Every request goes through here, so loading and queueing failures become the SDK's errors in
+        one place, and every stream reports the same load/queue/inference timings.
+        """
         with engine_boundary(what):
             worker, load_seconds = self.pool.worker(spec)
             results, ctx = worker.submit(job)
+        return Stream(results, ctx, convert, load_seconds, on_finish=on_finish, tail=tail)
 
+    def _open(self, spec, job, chunker, what: str) -> Stream[Any]:
         def finished(stream: Stream[Any]) -> None:
             usage = chunker.usage
             self.usage.record(spec.id, usage.total_tokens if usage else 0, stream.metadata().latency_ms or 0)
 
-        stream = Stream(results, ctx, chunker.feed, load_seconds, on_finish=finished)
+        stream = self.open_stream(spec, job, what, chunker.feed, on_finish=finished)
         stream.chunker = chunker
         return stream
 

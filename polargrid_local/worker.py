@@ -14,7 +14,6 @@ from .streams import ResultStream, StreamCancelled
 logger = logging.getLogger("polargrid_local")
 
 B = TypeVar("B")
-T = TypeVar("T")
 
 JobFn = Callable[[Any, "JobContext"], Iterator[Any]]
 
@@ -81,16 +80,6 @@ class ModelWorker(Generic[B]):
         ctx = JobContext(stream=stream, submitted_at=time.perf_counter())
         self._jobs.put((fn, ctx))
         return stream, ctx
-
-    def call(self, fn: Callable[[B], T]) -> T:
-        """Run ``fn(backend)`` on the worker thread and return its result."""
-
-        def job(backend: B, _ctx: JobContext) -> Iterator[T]:
-            yield fn(backend)
-
-        stream, _ = self.submit(job)
-        with stream:
-            return next(iter(stream))
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop accepting jobs, cancel queued ones, wait for the running one to end."""

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import base64
-import itertools
 import json
 import re
 from typing import Any, Callable, Iterator
@@ -42,6 +41,7 @@ class Routes:
 
 
 ROUTES = Routes()
+_NONE = object()
 
 
 # -- streaming helpers ---------------------------------------------------------------------
@@ -52,19 +52,35 @@ def _frame(payload: Any) -> bytes:
     return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
 
+def _primed(stream) -> Iterator[Any]:
+    """The stream's first item is read now, so a bad request fails before the 200 goes out; then the rest.
+    Closing the returned iterator closes the stream, which stops the work behind it."""
+    first = next(iter(stream), _NONE)
+
+    def items() -> Iterator[Any]:
+        try:
+            if first is not _NONE:
+                yield first
+            yield from stream
+        finally:
+            stream.close()
+
+    return items()
+
+
 def sse(stream) -> StreamingResponse:
-    """Server-sent events: the first item is read before the 200 goes out, so bad requests get a 4xx."""
-    first = next(iter(stream), None)
+    """Server-sent events, with an error frame if the work fails after streaming began."""
+    items = _primed(stream)
 
     def frames() -> Iterator[bytes]:
         try:
-            for item in itertools.chain([first] if first is not None else [], stream):
+            for item in items:
                 yield _frame(item)
         except sdk.PolarGridError as exc:
             status, kind = error_status(exc)
             yield _frame(error_body(exc, status, kind))
         finally:
-            stream.close()
+            items.close()
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(frames())
@@ -130,16 +146,7 @@ def speech(engine: LocalEngine, request: Request) -> Response | StreamingRespons
         body.pop(extra, None)
     if streaming:
         stream = engine.text_to_speech_stream(body)
-        first = next(iter(stream), b"")
-
-        def chunks() -> Iterator[bytes]:
-            try:
-                yield first
-                yield from stream
-            finally:
-                stream.close()
-
-        return StreamingResponse(chunks(), content_type=stream.content_type)
+        return StreamingResponse(_primed(stream), content_type=stream.content_type)
     fmt = str(body.get("response_format") or "mp3").lower()
     return Response(200, engine.text_to_speech(body), content_type=CONTENT_TYPES.get(fmt, "application/octet-stream"))
 

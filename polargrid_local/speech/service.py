@@ -8,7 +8,7 @@ from polargrid.types import (TranscriptionRequest, TranscriptionStreamDelta, Tra
 
 from ..audio.decode import AudioInput, decode_audio
 from ..audio.encode import CONTENT_TYPES, fix_wav_sizes
-from ..errors import coerce, engine_boundary, invalid
+from ..errors import coerce, invalid
 from ..registry import ModelSpec
 from ..stream import Stream
 from .formats import RESPONSE_FORMATS, TranscriptionWord, build_response, segment_of
@@ -40,11 +40,8 @@ class SpeechService:
         if stream_default_format and not explicit:
             fmt = stream_default_format
         spec = self.engine.pool.resolve(request.model, "tts")
-        with engine_boundary("speech"):
-            worker, load_seconds = self.engine.pool.worker(spec)
-            results, ctx = worker.submit(speech_job(request, fmt))
-        stream = Stream(results, ctx, lambda data: [data], load_seconds,
-                        on_finish=lambda s: self.engine.usage.record(spec.id, len(request.input)))
+        stream = self.engine.open_stream(spec, speech_job(request, fmt), "speech",
+                                         on_finish=lambda _s: self.engine.usage.record(spec.id, len(request.input)))
         stream.content_type = CONTENT_TYPES[fmt]
         return stream
 
@@ -103,10 +100,8 @@ class SpeechService:
         def job(backend, ctx):
             yield from backend.transcribe(audio, options, ctx)
 
-        with engine_boundary("transcription"):
-            worker, load_seconds = self.engine.pool.worker(spec)
-            results, ctx = worker.submit(job)
-        return spec, Stream(results, ctx, convert, load_seconds, tail=tail), decoded.duration
+        stream = self.engine.open_stream(spec, job, "transcription", convert, tail=tail)
+        return spec, stream, decoded.duration
 
     def transcribe(self, file: AudioInput, request: Any, *, task: str = "transcribe", on_progress=None):
         """Transcribe (or translate) a whole file into the requested response format."""
