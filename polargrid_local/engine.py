@@ -21,7 +21,7 @@ from .factories import default_factories
 from .gpu import NvmlProbe
 from .llm.chunks import ChatChunker, CompletionChunker, fold_chat, fold_completion
 from .llm.requests import (check_stops, chat_job, completion_job, embedding_job, plan_chat,
-                           sampling_for_completion)
+                           sampling_for)
 from .pool import ModelPool
 from .registry import Registry
 from .speech.jobs import TranscriptionJobs
@@ -91,7 +91,7 @@ class LocalEngine:
         spec = self.pool.resolve(request.model, "chat")
         chunker = CompletionChunker(request.model, _include_usage(stream_options))
         chunker.prompts_total = len(prompts)
-        params = sampling_for_completion(request, seed)
+        params = sampling_for(request, seed=seed)
         job = completion_job(prompts, params, request.max_tokens or 100, check_stops(request.stop), spec.id)
         return self._open(spec, job, chunker, "completion")
 

@@ -16,28 +16,20 @@ from .constraints import ToolPlan, plan_tools, response_format_grammar
 DEFAULT_TOP_K = 40
 
 
-def sampling_for_chat(request: ChatCompletionRequest, grammar: str | None) -> SamplingParams:
+def sampling_for(request: ChatCompletionRequest | CompletionRequest, *, seed: int | None = None,
+                 grammar: str | None = None) -> SamplingParams:
+    """Sampling settings of a chat or completion request (a completion request has no min_p,
+    repetition_penalty or seed fields: those come as keywords or take their neutral values)."""
     return SamplingParams(
         temperature=0.7 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
         top_k=DEFAULT_TOP_K if request.top_k is None else _top_k(request.top_k),
-        min_p=request.min_p or 0.0,
+        min_p=getattr(request, "min_p", None) or 0.0,
         frequency_penalty=request.frequency_penalty or 0.0,
         presence_penalty=request.presence_penalty or 0.0,
-        repetition_penalty=_repetition(request.repetition_penalty),
-        seed=request.seed,
+        repetition_penalty=_repetition(getattr(request, "repetition_penalty", None)),
+        seed=seed if seed is not None else getattr(request, "seed", None),
         grammar=grammar,
-    )
-
-
-def sampling_for_completion(request: CompletionRequest, seed: int | None = None) -> SamplingParams:
-    return SamplingParams(
-        temperature=0.7 if request.temperature is None else request.temperature,
-        top_p=1.0 if request.top_p is None else request.top_p,
-        top_k=DEFAULT_TOP_K if request.top_k is None else _top_k(request.top_k),
-        frequency_penalty=request.frequency_penalty or 0.0,
-        presence_penalty=request.presence_penalty or 0.0,
-        seed=seed,
     )
 
 
@@ -89,7 +81,7 @@ def plan_chat(request: ChatCompletionRequest, model_id: str) -> ChatPlan:
     grammar = response_format_grammar(request.response_format)
     if tools is not None and grammar is not None:
         raise invalid("response_format and tools cannot constrain the same request; use one")
-    params = sampling_for_chat(request, tools.grammar if tools else grammar)
+    params = sampling_for(request, grammar=tools.grammar if tools else grammar)
     return ChatPlan(list(request.messages), params, request.max_tokens or 150, check_stops(request.stop), tools)
 
 
