@@ -327,3 +327,30 @@ def test_concurrent_http_streams(server):
     for t in threads:
         t.join(60)
     assert not errors and len(results) == 4 and all(results.values())
+
+
+def test_audio_stream_failing_midway_ends_incomplete_and_serving_goes_on(server, engine, monkeypatch):
+    backend = engine.pool.worker(engine.registry.get("tts-1"))[0].backend
+    real = backend.synthesize
+
+    def failing(*args, **kwargs):
+        for i, audio in enumerate(real(*args, **kwargs)):
+            if i == 1:
+                raise RuntimeError("the voice broke")
+            yield audio
+
+    monkeypatch.setattr(backend, "synthesize", failing)
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    conn.request("POST", "/v1/audio/speech", body=json.dumps(
+        {"model": "tts-1", "input": " ".join(SENTENCES), "voice": "alloy", "response_format": "pcm",
+         "stream": True}))
+    response = conn.getresponse()
+    assert response.status == 200
+    with pytest.raises(http.client.IncompleteRead):
+        response.read()
+    conn.close()
+    monkeypatch.undo()
+    response, body = raw(server, "POST", "/v1/audio/speech", json.dumps(
+        {"model": "tts-1", "input": "Still here.", "voice": "alloy", "response_format": "wav"}).encode())
+    assert response.status == 200 and body[:4] == b"RIFF"

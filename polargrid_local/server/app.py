@@ -265,6 +265,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError, socket.timeout, OSError):
             self.close_connection = True  # the client left: closing the response cancels its generation
+        except Exception:
+            # A byte stream (audio) that fails after the 200 has no error frame: the body ends without
+            # its final chunk, which clients report as an incomplete response.
+            logger.exception("%s %s failed while streaming", self.command, self.path)
+            self.close_connection = True
         finally:
             response.close()
         return response.status
