@@ -172,19 +172,24 @@ def purge_gpu(engine: LocalEngine, request: GPUPurgeRequest | dict[str, Any] | N
                             models_unloaded=unloaded, errors=errors, recommendation=recommendation)
 
 
-def health(engine: LocalEngine) -> HealthResponse:
+def _runtime(engine: LocalEngine) -> str:
+    if engine.fake is not None:  # fake engines: nothing of llama.cpp is loaded
+        return f"python-{platform.python_version()} polargrid_local-fake"
     try:
         import llama_cpp
 
         llama_version = llama_cpp.__version__
     except Exception:  # pragma: no cover - a broken install still answers health
         llama_version = "missing"
+    return f"python-{platform.python_version()} llama-cpp-python-{llama_version}" + (" cuda" if cuda_build() else " cpu")
+
+
+def health(engine: LocalEngine) -> HealthResponse:
     healthy = not engine._closed.is_set()
     extensions = sorted({m.kind for m in engine.registry.models if m.kind in engine.pool.factories})
     return HealthResponse(
         status="healthy" if healthy else "unhealthy", node=socket.gethostname(),
-        runtime=f"python-{platform.python_version()} llama-cpp-python-{llama_version}"
-                + (" cuda" if cuda_build() else " cpu"),
+        runtime=_runtime(engine),
         timestamp=_now(), features=HealthFeatures(dynamic_loading=True, huggingface_support=True),
         backend=BackendStatus(healthy=healthy, info=BackendInfo(name="polargrid-local", version=__version__,
                                                                 extensions=extensions)))

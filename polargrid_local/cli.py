@@ -90,7 +90,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(message)s")
     keys = list(args.api_key or []) + [k for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
-    engine = LocalEngine(args.models, cache_dir=args.cache_dir, n_threads=args.threads, preload=args.preload or ())
+    engine = LocalEngine(args.models, cache_dir=args.cache_dir, n_threads=args.threads, preload=args.preload or (),
+                         fake=args.fake)
     server = make_server(engine, ServerConfig(host=args.host, port=args.port, api_keys=[k.strip() for k in keys],
                                               rate_limit=args.rate_limit, max_body=args.max_body))
     print(f"polargrid-local serving on {server.url} ({'API keys required' if keys else 'no API key required'})",
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="CPU threads per model")
     p.add_argument("--preload", action="append", help="load this model at start (repeatable)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--fake", action="store_true", help="serve polargrid_local.testing's fake engines (no model files)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="chat, and speech and transcription where installed, all offline")

@@ -27,6 +27,7 @@ from polargrid.types import (ChatCompletionRequest, ChatCompletionResponse, Comp
 
 from .audio.decode import AudioInput
 from .engine import LocalEngine
+from .offline import enable as enable_offline_guard
 from .llm.chunks import fold_chat, fold_completion
 from .speech.formats import VerboseTranscriptionResponse
 from .registry import Registry
@@ -84,11 +85,19 @@ class _LocalClient:
                  n_gpu_layers: int | str | None = None, n_ctx: int | None = None, n_parallel: int | None = None,
                  max_queue: int | None = None, memory_policy: str | None = None,
                  memory_budget_mb: int | None = None, preload: list[str] | tuple = (),
-                 engine: LocalEngine | None = None, **sdk_args: Any) -> None:
+                 engine: LocalEngine | None = None, fake: Any = False, offline: bool = False,
+                 **sdk_args: Any) -> None:
         local = dict(cache_dir=cache_dir, n_threads=n_threads, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx,
                      n_parallel=n_parallel, max_queue=max_queue, memory_policy=memory_policy,
-                     memory_budget_mb=memory_budget_mb, preload=preload)
+                     memory_budget_mb=memory_budget_mb, preload=preload, fake=fake, offline=offline)
         self.engine = _engine(engine, models, local, {"api_key": api_key, **sdk_args})
+        if offline and engine is not None:
+            enable_offline_guard()
+
+    @property
+    def fake(self):
+        """The fake engines' script (polargrid_local.testing.FakeScript) when made with fake=True, else None."""
+        return self.engine.fake
 
     def close(self) -> None:
         """Unload every model."""

@@ -20,6 +20,8 @@ from .errors import coerce, engine_boundary, invalid
 from .factories import default_factories
 from .gpu import NvmlProbe
 from .llm.chunks import ChatChunker, CompletionChunker, fold_chat, fold_completion
+from .offline import enable as enable_offline_guard
+from .offline import offline_requested
 from .llm.requests import (check_stops, chat_job, completion_job, embedding_job, plan_chat,
                            sampling_for)
 from .pool import ModelPool
@@ -39,7 +41,17 @@ class LocalEngine:
                  n_gpu_layers: int | str | None = None, n_ctx: int | None = None, n_parallel: int | None = None,
                  max_queue: int | None = None, memory_policy: str | None = None,
                  memory_budget_mb: int | None = None, nvml: NvmlProbe | None = None,
-                 preload: tuple[str, ...] | list[str] = ()) -> None:
+                 preload: tuple[str, ...] | list[str] = (), fake: Any = False, offline: bool = False) -> None:
+        """``fake=True`` (or a testing.FakeScript) serves every model kind from polargrid_local.testing's
+        deterministic fakes, without model files; ``offline=True`` turns on the offline guard (offline.py)."""
+        if offline or offline_requested():
+            enable_offline_guard()
+        self.fake = None
+        if fake:
+            from .testing import FakeScript, fake_factories
+
+            self.fake = fake if isinstance(fake, FakeScript) else FakeScript()
+            factories = fake_factories(self.fake, factories)
         self.registry = models if isinstance(models, Registry) else Registry.load(models, cache_dir)
         self.nvml = nvml or NvmlProbe()
         overrides = {"n_threads": n_threads, "n_gpu_layers": n_gpu_layers, "n_ctx": n_ctx, "n_parallel": n_parallel,

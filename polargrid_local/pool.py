@@ -104,14 +104,15 @@ class ModelPool:
             return worker, seconds
 
     def _create_backend(self, spec: ModelSpec) -> Any:
-        if not is_pulled(self.registry, spec):
+        factory = self.factories.get(spec.kind)
+        needs_files = getattr(factory, "needs_files", True)  # a fake engine's factory says False
+        if needs_files and not is_pulled(self.registry, spec):
             raise NotFoundError(f"Model {spec.id!r} is registered but not downloaded. "
                                 f"Run `polargrid-local pull {spec.id}` (cache: {self.registry.cache_dir}).")
-        factory = self.factories.get(spec.kind)
         if factory is None:
             raise ServerError(f"no engine for {spec.kind} models is available in this installation", 501)
         path = str(spec.path_in(self.registry.cache_dir))
-        extra = self._admit_memory(spec, path) if spec.kind in ("chat", "embedding") else {}
+        extra = self._admit_memory(spec, path) if needs_files and spec.kind in ("chat", "embedding") else {}
         gpu_before = self.nvml.used_by_this_process()
         try:
             backend = factory(spec, path, {**self.overrides, **extra})

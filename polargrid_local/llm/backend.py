@@ -30,7 +30,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
     seed: int | None = None
-    grammar: str | None = None
+    grammar: Any = None  # constraints.Grammar: its .gbnf is the llama.cpp grammar
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ class LlamaBackend:
         if params.grammar:
             from llama_cpp.llama_grammar import LlamaGrammar
 
-            grammar = LlamaGrammar.from_string(params.grammar, verbose=False)
+            grammar = LlamaGrammar.from_string(params.grammar.gbnf, verbose=False)
         self.llama.set_seed(DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF)
         if params.seed is not None:
             # A reused prefix changes how the prompt is batched, which moves logits by rounding

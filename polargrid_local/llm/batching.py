@@ -160,7 +160,7 @@ class BatchScheduler:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(
                 self.n_vocab, 64, p.repetition_penalty, p.frequency_penalty, p.presence_penalty))
         if p.grammar:
-            grammar = L.llama_sampler_init_grammar(self.vocab, p.grammar.encode(), b"root")
+            grammar = L.llama_sampler_init_grammar(self.vocab, p.grammar.gbnf.encode(), b"root")
             if not grammar:
                 L.llama_sampler_free(chain)
                 raise invalid("the grammar for this request could not be parsed by llama.cpp")

@@ -4,11 +4,10 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jsonschema
-from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 from polargrid.types import ChatTool, ResponseFormat, ToolCall, ToolCallFunction
 
 from ..errors import invalid
@@ -17,35 +16,68 @@ from ..errors import invalid
 _FREE_TEXT_GBNF = r'''free-text ::= [^{ \t\n] [^\x00]*'''
 
 
+@dataclass(frozen=True, eq=False)
+class Grammar:
+    """What a constrained request's output must be: a JSON document fitting ``schema`` (any object when
+    None), or, with ``free_text``, either that or text that does not open a JSON object (tool_choice auto).
+
+    The llama.cpp grammar (``gbnf``) is made on first use, on the model's worker, so planning a request
+    needs no llama.cpp (a fake engine reads ``schema`` instead).
+    """
+
+    schema: dict[str, Any] | None
+    what: str = "response_format"
+    free_text: bool = False
+    _gbnf: list[str] = field(default_factory=list, repr=False)
+
+    @property
+    def gbnf(self) -> str:
+        if not self._gbnf:
+            self._gbnf.append(self._convert())
+        return self._gbnf[0]
+
+    def _convert(self) -> str:
+        from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+        if self.schema is None:
+            return JSON_GBNF
+        try:
+            grammar = json_schema_to_gbnf(json.dumps(self.schema))
+        except Exception as exc:  # the converter asserts on what it cannot express
+            raise invalid(f"{self.what} uses JSON schema features the grammar converter does not support: "
+                          f"{exc}") from None
+        if not self.free_text:
+            return grammar
+        grammar = re.sub(r"^root ::=", "tool-call ::=", grammar, count=1, flags=re.M)
+        return f"root ::= tool-call | free-text\n{grammar}\n{_FREE_TEXT_GBNF}\n"
+
+
 @dataclass(frozen=True)
 class ToolPlan:
     """How a request with tools is decoded: an extra system prompt and a grammar."""
 
     system_prompt: str
-    grammar: str
+    grammar: Grammar
     required: bool
 
 
-def schema_grammar(schema: Any, what: str) -> str:
-    """A GBNF grammar accepting exactly the JSON documents the schema allows."""
+def schema_grammar(schema: Any, what: str, free_text: bool = False) -> Grammar:
+    """The grammar accepting exactly the JSON documents the schema allows (checked here, converted on use)."""
     if not isinstance(schema, dict):
         raise invalid(f"{what} must be a JSON schema object")
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
         raise invalid(f"{what} is not a valid JSON schema: {exc.message}") from None
-    try:
-        return json_schema_to_gbnf(json.dumps(schema))
-    except Exception as exc:  # the converter asserts on what it cannot express
-        raise invalid(f"{what} uses JSON schema features the grammar converter does not support: {exc}") from None
+    return Grammar(schema, what, free_text)
 
 
-def response_format_grammar(response_format: ResponseFormat | None) -> str | None:
+def response_format_grammar(response_format: ResponseFormat | None) -> Grammar | None:
     """Grammar for response_format: text -> None, json_object -> any object, json_schema -> that schema."""
     if response_format is None or response_format.type == "text":
         return None
     if response_format.type == "json_object":
-        return JSON_GBNF
+        return Grammar(None)
     spec = response_format.json_schema
     if not spec:
         raise invalid("response_format.json_schema is required when type is 'json_schema'")
@@ -81,13 +113,8 @@ def plan_tools(tools: list[ChatTool] | None, tool_choice: Any) -> ToolPlan | Non
     elif choice not in ("auto", "required"):
         raise invalid("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}")
     call_schema = {"anyOf": [_call_schema(t) for t in chosen]} if len(chosen) > 1 else _call_schema(chosen[0])
-    call_grammar = schema_grammar(call_schema, "tools")
     required = choice != "auto"
-    if required:
-        grammar = call_grammar
-    else:
-        grammar = re.sub(r"^root ::=", "tool-call ::=", call_grammar, count=1, flags=re.M)
-        grammar = f"root ::= tool-call | free-text\n{grammar}\n{_FREE_TEXT_GBNF}\n"
+    grammar = schema_grammar(call_schema, "tools", free_text=not required)
     return ToolPlan(system_prompt=_tool_prompt(chosen, required), grammar=grammar, required=required)
 
 

@@ -11,13 +11,13 @@ from ..errors import invalid
 from ..worker import JobContext
 from .backend import LlamaBackend, SamplingParams, Started, TextDelta
 from .batching import PromptJob
-from .constraints import ToolPlan, plan_tools, response_format_grammar
+from .constraints import Grammar, ToolPlan, plan_tools, response_format_grammar
 
 DEFAULT_TOP_K = 40
 
 
 def sampling_for(request: ChatCompletionRequest | CompletionRequest, *, seed: int | None = None,
-                 grammar: str | None = None) -> SamplingParams:
+                 grammar: Grammar | None = None) -> SamplingParams:
     """Sampling settings of a chat or completion request (a completion request has no min_p,
     repetition_penalty or seed fields: those come as keywords or take their neutral values)."""
     return SamplingParams(

@@ -1,0 +1,2 @@
+class Cassette: pass
+class CassetteMiss(LookupError): pass
