@@ -100,13 +100,17 @@ def _is_ip_literal(host: Any) -> bool:
 def call_site() -> str:
     """Where the refused call came from: the first frame outside the socket layers and this guard."""
     frame = sys._getframe(1)
-    skip = ("socket.py", "offline.py", os.sep + "asyncio" + os.sep, os.sep + "http" + os.sep, "ssl.py",
-            os.sep + "urllib" + os.sep, "httpcore", "httpx", "urllib3", "requests" + os.sep, "anyio")
+    layers = (os.sep + "asyncio" + os.sep, os.sep + "http" + os.sep, os.sep + "urllib" + os.sep,
+              os.sep + "httpcore", os.sep + "httpx", os.sep + "urllib3", os.sep + "requests" + os.sep,
+              os.sep + "anyio" + os.sep)
     first = None
     while frame is not None:
-        where = f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+        filename = frame.f_code.co_filename
+        where = f"{filename}:{frame.f_lineno} in {frame.f_code.co_name}"
         first = first or where
-        if not any(part in frame.f_code.co_filename for part in skip):
+        inside = filename == __file__ or os.path.basename(filename) in ("socket.py", "ssl.py") or any(
+            part in filename for part in layers)
+        if not inside:
             return where
         frame = frame.f_back
     return first or "unknown"
