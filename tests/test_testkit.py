@@ -118,11 +118,14 @@ def test_tokens_budget_stops_and_context_window_behave_like_the_engine(pg):
     assert stopped.choices[0].message.content == "one two three" and stopped.choices[0].finish_reason == "stop"
     with pytest.raises(polargrid.ValidationError, match="context window"):
         pg.chat_completion(chat("word " * 3000))
+    pg.fake.chat.stream(None, ["one two", " three four"])  # the budget can end inside a piece
+    cut = pg.chat_completion(chat(max_tokens=3))
+    assert cut.choices[0].message.content == "one two three" and cut.choices[0].finish_reason == "length"
     done = pg.completion({"model": "smollm2", "prompt": ["a", "b"], "max_tokens": 2})
     assert [c.index for c in done.choices] == [0, 1] and done.usage.completion_tokens == 4
 
 
-PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20, "minLength": 2},
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20, "minLength": 6},
                                            "age": {"type": "integer", "minimum": 18, "maximum": 150},
                                            "email": {"type": "string", "format": "email"},
                                            "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"},
