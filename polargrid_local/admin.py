@@ -204,7 +204,8 @@ def get_status(engine: LocalEngine) -> SystemStatus:
         elif state == "loading":
             status, instances = "loading", 0
         else:
-            status, instances = ("available" if is_pulled(engine.registry, spec) else "unavailable"), 0
+            loadable = engine.fake is not None or is_pulled(engine.registry, spec)  # fakes need no files
+            status, instances = ("available" if loadable else "unavailable"), 0
         models.append(RegionModelStatus(model_id=spec.id, status=status, instances=instances,
                                         avg_latency_ms=engine.usage.average_latency_ms(spec.id),
                                         queue_depth=engine.pool.queue_depth(spec)))

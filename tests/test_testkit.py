@@ -239,6 +239,15 @@ def test_async_client_streams_and_faults(fake_engine):
 
     assert asyncio.run(run()) == ["x", "y"]
 
+    async def created():
+        async with await PolarGrid.create(fake=True) as own:
+            status = await own.get_status()
+            return (await own.chat_completion(chat("hi"))).choices[0].message.content, status
+
+    content, status = asyncio.run(created())
+    assert content == "This is a deterministic reply from the polargrid_local fake engine."
+    assert {m.status for m in status.regions[0].models} == {"available"}
+
 
 # -- embeddings and speech -----------------------------------------------------------------
 

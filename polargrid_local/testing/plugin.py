@@ -127,7 +127,8 @@ def _polargrid_http(polargrid_engine):
     from polargrid_local.server import ServerConfig, make_server
 
     server = make_server(polargrid_engine, ServerConfig(host="127.0.0.1", port=0))
-    thread = threading.Thread(target=server.serve_forever, name="polargrid-test-server", daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="polargrid-test-server",
+                              daemon=True)
     thread.start()
     yield server
     server.shutdown()
