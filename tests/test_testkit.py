@@ -225,7 +225,7 @@ def test_slow_streams_pace_their_pieces_and_stalls_hold_until_closed(pg):
     assert scheduler.active == 0
 
 
-def test_async_client_streams_and_faults(fake_engine):
+def test_async_client_streams_and_faults(fake_engine, tmp_path):
     fake_engine.fake.reset()
     fake_engine.fake.chat.stream("hi", ["x", "y"])
     client = PolarGrid(engine=fake_engine)
@@ -240,7 +240,7 @@ def test_async_client_streams_and_faults(fake_engine):
     assert asyncio.run(run()) == ["x", "y"]
 
     async def created():
-        async with await PolarGrid.create(fake=True) as own:
+        async with await PolarGrid.create(fake=True, cache_dir=tmp_path) as own:  # an empty cache
             status = await own.get_status()
             return (await own.chat_completion(chat("hi"))).choices[0].message.content, status
 
