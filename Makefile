@@ -35,6 +35,7 @@ install-cuda: $(PY)
 # Fetches the default model of each kind (the only step that uses the network).
 models: install
 	$(PY) -m polargrid_local pull
+	$(PY) -m polargrid_local pull smollm2-135m-embed   # no download: the chat model's file, linked; tests compare it
 
 demo: models
 	$(PY) -m polargrid_local demo
@@ -48,6 +49,7 @@ bench: models
 	$(PY) benchmarks/bench_audio.py
 	$(PY) benchmarks/bench_http.py
 	$(PY) benchmarks/bench_batch.py
+	$(PY) benchmarks/bench_embed.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -20,10 +20,10 @@ from .errors import coerce, engine_boundary, invalid
 from .factories import default_factories
 from .gpu import NvmlProbe
 from .llm.chunks import ChatChunker, CompletionChunker, fold_chat, fold_completion
+from .llm.embeddings import embedding_job, plan_embeddings, split_options
+from .llm.requests import check_stops, chat_job, completion_job, plan_chat, sampling_for
 from .offline import enable as enable_offline_guard
 from .offline import offline_requested
-from .llm.requests import (check_stops, chat_job, completion_job, embedding_job, plan_chat,
-                           sampling_for)
 from .pool import ModelPool
 from .registry import Registry
 from .speech.jobs import TranscriptionJobs
@@ -127,14 +127,14 @@ class LocalEngine:
                                 created_at=datetime.fromtimestamp(reply.created).isoformat(),
                                 processing_time_ms=round(1000 * (time.perf_counter() - started)))
 
-    def embeddings(self, request: EmbeddingRequest | dict[str, Any]) -> EmbeddingResponse:
-        """One vector per input string."""
+    def embeddings(self, request: EmbeddingRequest | dict[str, Any], *, dimensions: int | None = None,
+                   encoding_format: str | None = None) -> EmbeddingResponse:
+        """One vector per input string. OpenAI's ``dimensions`` and ``encoding_format`` may also be request keys."""
+        request, options = split_options(request, {"dimensions": dimensions, "encoding_format": encoding_format})
         request = coerce(EmbeddingRequest, request, "embedding request")
-        texts = [request.input] if isinstance(request.input, str) else list(request.input)
-        if not texts or any(not isinstance(t, str) or not t for t in texts):
-            raise invalid("Input is required: a non-empty string or a list of non-empty strings", field="input")
+        plan = plan_embeddings(request, options)
         spec = self.pool.resolve(request.model, "embedding")
-        with self.open_stream(spec, embedding_job(texts, spec.id), "embedding") as stream:
+        with self.open_stream(spec, embedding_job(plan, spec.id), "embedding") as stream:
             vectors, count = next(stream)
         self.usage.record(spec.id, count)
         return EmbeddingResponse(data=[EmbeddingData(index=i, embedding=v) for i, v in enumerate(vectors)],

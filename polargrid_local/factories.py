@@ -38,12 +38,17 @@ def chat_factory(spec: ModelSpec, path: str, overrides: dict[str, Any]):
 
 
 def embedding_factory(spec: ModelSpec, path: str, overrides: dict[str, Any]):
+    """A pooled llama.cpp embedder; engine.tokenizer (a tokenizer.json beside the entry) replaces GGUF tokenization."""
+    from pathlib import Path
+
     from .llm.backend import LlamaBackend
 
     settings = llama_settings(spec, overrides)
     settings.pop("chat_template", None)
+    tokenizer = spec.engine.get("tokenizer")
     return LlamaBackend(path, embedding=True, pooling=spec.engine.get("pooling", "mean"),
-                        normalize=bool(spec.engine.get("normalize", True)), **settings)
+                        normalize=bool(spec.engine.get("normalize", True)),
+                        tokenizer=Path(path).parent / tokenizer if tokenizer else None, **settings)
 
 
 def stt_factory(spec: ModelSpec, path: str, overrides: dict[str, Any]):

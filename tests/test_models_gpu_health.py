@@ -73,7 +73,7 @@ def test_unload_all(fresh):
     fresh.load_model({"model_name": "text-embedding-3-small"})
     result = fresh.unload_all_models()
     assert result.status == "success" and result.total_unloaded == 2
-    assert sorted(result.unloaded_models) == sorted([CHAT, "smollm2-135m-embed"])
+    assert sorted(result.unloaded_models) == sorted([CHAT, "all-minilm-l6-v2"])
     assert fresh.get_model_status().loaded == []
 
 
@@ -127,7 +127,7 @@ def test_embeddings_are_normalised_and_meaningful(client):
     assert all(math.isclose(sum(x * x for x in v), 1.0, rel_tol=1e-3) for v in vectors)
     dot = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731
     assert dot(vectors[0], vectors[1]) > dot(vectors[0], vectors[2])
-    single = client.embeddings({"model": "smollm2-135m-embed", "input": "The cat sat on the mat."})
+    single = client.embeddings({"model": "all-minilm-l6-v2", "input": "The cat sat on the mat."})
     assert single.data[0].embedding == pytest.approx(vectors[0], abs=1e-4)
     with pytest.raises(polargrid.ValidationError):
         client.embeddings({"model": "smollm2-135m-embed", "input": []})

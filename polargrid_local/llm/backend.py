@@ -65,7 +65,7 @@ class LlamaBackend:
     def __init__(self, path: str | Path, *, n_ctx: int = 2048, n_threads: int = 0, n_gpu_layers: int = 0,
                  n_batch: int = 512, embedding: bool = False, chat_template: str | None = None,
                  main_gpu: int = 0, tensor_split: list[float] | None = None, normalize: bool = True,
-                 pooling: str | None = None, flash_attn: bool = False) -> None:
+                 pooling: str | None = None, flash_attn: bool = False, tokenizer: str | Path | None = None) -> None:
         import llama_cpp
 
         self._llama_cpp = llama_cpp
@@ -73,6 +73,10 @@ class LlamaBackend:
         kwargs: dict[str, Any] = {}
         if pooling:
             kwargs["pooling_type"] = {"none": 0, "mean": 1, "cls": 2, "last": 3}[pooling]
+        if tokenizer:
+            from .hf_tokenizer import HFTokenizer
+
+            kwargs["tokenizer"] = HFTokenizer(tokenizer)
         self.llama = llama_cpp.Llama(
             model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
             n_gpu_layers=n_gpu_layers, n_batch=n_batch, n_ubatch=min(n_batch, 512), embedding=embedding,
@@ -92,6 +96,11 @@ class LlamaBackend:
     @property
     def n_ctx(self) -> int:
         return self.llama.n_ctx()
+
+    @property
+    def n_embd(self) -> int:
+        """The width of the model's vectors."""
+        return self.llama.n_embd()
 
     @property
     def weights_bytes(self) -> int:

@@ -175,14 +175,3 @@ def _plain(backend: LlamaBackend, ctx: JobContext, encoded: list[list[int]], par
         for delta in backend.stream(tokens, params, max_tokens, stop, cancelled=lambda: ctx.cancelled):
             yield dataclasses.replace(delta, index=index)
 
-
-def embedding_job(texts: list[str], model_id: str):
-    def run(backend: LlamaBackend, ctx: JobContext) -> Iterator[tuple[list[list[float]], int]]:
-        for i, text in enumerate(texts):
-            n = len(backend.tokenize(text))
-            if n > backend.n_ctx:
-                raise invalid(f"input[{i}] is {n} tokens; model {model_id!r} embeds at most {backend.n_ctx}",
-                              field="input")
-        yield backend.embed(texts)
-
-    return run

@@ -125,12 +125,8 @@ def completions_stream(engine: LocalEngine, request: Request) -> StreamingRespon
 @ROUTES.add("POST", "/v1/embeddings")
 def embeddings(engine: LocalEngine, request: Request) -> Response:
     body = request.json()
-    encoding = body.pop("encoding_format", "float") or "float"
-    if encoding not in ("float", "base64"):
-        raise invalid("encoding_format must be 'float' or 'base64'", field="encoding_format")
-    body.pop("dimensions", None)
-    result = engine.embeddings(body).model_dump(mode="json")
-    if encoding == "base64":  # what the openai client asks for by default
+    result = engine.embeddings(body).model_dump(mode="json")  # checks dimensions and encoding_format
+    if body.get("encoding_format") == "base64":  # what the openai client asks for by default
         for item in result["data"]:
             item["embedding"] = base64.b64encode(np.asarray(item["embedding"], "<f4").tobytes()).decode()
     return json_response(result)
