@@ -103,10 +103,14 @@ class SpeechService:
         stream = self.engine.open_stream(spec, job, "transcription", convert, tail=tail)
         return spec, stream, decoded.duration
 
-    def transcribe(self, file: AudioInput, request: Any, *, task: str = "transcribe", on_progress=None):
-        """Transcribe (or translate) a whole file into the requested response format."""
+    def transcribe(self, file: AudioInput, request: Any, *, task: str = "transcribe", on_progress=None,
+                   on_open=None):
+        """Transcribe (or translate) a whole file into the requested response format. ``on_open`` gets the
+        stream being folded as soon as it is open (the HTTP facade closes it when its client leaves)."""
         request, fmt, words = self.parse_request(request, task)
         spec, stream, duration = self._open(file, request, task, words)
+        if on_open is not None:
+            on_open(stream)
         info: SttInfo | None = None
         segments, word_list = [], []
         with stream:
