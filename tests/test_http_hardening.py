@@ -20,7 +20,6 @@ import pytest
 from conftest import CHAT, MODELS_FILE
 from polargrid_local.limits import Limits
 from polargrid_local.server import ServerConfig, make_server
-from polargrid_local.server.security import AuthFailures
 
 KEY = "pg_hardening_key"
 
@@ -250,6 +249,9 @@ def test_a_transcription_stops_when_its_client_leaves(server, engine, monkeypatc
 
 # -- defect 10: client mistakes are 400s naming the field ------------------------------------
 
+OK_CHAT = json.dumps({"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).encode()
+
+
 def _post(server, path, body: bytes, content_type="application/json"):
     with connect(server) as sock:
         sock.sendall(request_bytes("POST", path, body, {"Content-Type": content_type, "Connection": "close"}))
@@ -260,8 +262,8 @@ def _post(server, path, body: bytes, content_type="application/json"):
     ("/v1/chat/completions", b'{"model": "x", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}", None),
     ("/v1/chat/completions", b'{"model": "x", "messages": ' + b"[" * 100 + b"]" * 100 + b"}", "messages" + "[0]" * 64),
     ("/v1/chat/completions", b'{"model": "x", "max_tokens": 1' + b"0" * 5000 + b', "messages": []}', None),
-    ("/v1/chat/completions", b'{"model": "x", "temperature": NaN, "messages": []}', None),
-    ("/v1/chat/completions", b'{"model": "x", "temperature": 1e999, "messages": []}', None),
+    ("/v1/chat/completions", OK_CHAT.replace(b'"max_tokens": 1', b'"temperature": NaN'), None),
+    ("/v1/chat/completions", OK_CHAT.replace(b'"max_tokens": 1', b'"temperature": 1e999'), None),
     ("/v1/chat/completions", b'{"model": "x", "messages": [{"role": "user", "content": "\\ud800"}]}',
      "messages[0].content"),
     ("/v1/completions", b'{"model": "x", "prompt": ["ok", "\\udfff"]}', "prompt[1]"),
@@ -303,6 +305,8 @@ def test_multipart_fields_that_are_not_utf8_are_400(server):
 # -- defect 11: guessing keys, and what the server tells strangers ---------------------------
 
 def test_failed_key_checks_are_rate_limited_per_address(servers):
+    from polargrid_local.server.security import AuthFailures
+
     srv = servers(api_keys=[KEY], limits=Limits(auth_failures_per_minute=3))
     srv.auth_failures = AuthFailures(3, clock=lambda: 1000.0)    # a frozen clock: no window rolls over
 
