@@ -166,7 +166,9 @@ class PolarGridHTTPServer(ThreadingHTTPServer):
         self.limiter = RateLimiter(config.rate_limit)
         self.auth_failures = AuthFailures(self.limits.auth_failures_per_minute)
         cache_dir = getattr(getattr(engine, "registry", None), "cache_dir", None)
-        self.private_paths = [str(cache_dir)] if cache_dir else []
+        # The cache path as it appears in a JSON body (escaped) and raw; never shown over HTTP.
+        self._private = sorted({json.dumps(str(cache_dir))[1:-1].encode(), str(cache_dir).encode("utf-8",
+                                "surrogateescape")}, key=len, reverse=True) if cache_dir else []
         self.draining = threading.Event()
         self._counts = threading.Lock()
         self.open_connections = 0
@@ -179,11 +181,12 @@ class PolarGridHTTPServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
-    def redact(self, text: str) -> str:
+    def redact(self, body: bytes) -> bytes:
         """Errors and status over HTTP never show where the models live on this host."""
-        for path in self.private_paths:
-            text = text.replace(path, CACHE_PLACEHOLDER).replace(json.dumps(path)[1:-1], CACHE_PLACEHOLDER)
-        return text
+        for path in self._private:
+            if path in body:
+                body = body.replace(path, CACHE_PLACEHOLDER.encode())
+        return body
 
     # -- connections: a cap, counted here, and 503 past it ---------------------------------
 

@@ -206,7 +206,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._send_stream(response)
         body = response.body
         if response.content_type == "application/json":
-            body = self.server.redact(body.decode()).encode()
+            body = self.server.redact(body)
         self.send_response(response.status)
         self.send_header("Content-Type", response.content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -234,7 +234,7 @@ class Handler(BaseHTTPRequestHandler):
             for chunk in response.chunks:
                 if chunk:
                     if events:
-                        chunk = self.server.redact(chunk.decode()).encode()
+                        chunk = self.server.redact(chunk)
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
             self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError, socket.timeout, OSError):
