@@ -42,6 +42,7 @@ def coerce(model_cls: type[pydantic.BaseModel], request: Any, what: str) -> Any:
         return request
     if not isinstance(request, dict):
         raise sdk.ValidationError(f"{what} must be a {model_cls.__name__} or a dict, not {type(request).__name__}")
+    check_text(request)
     try:
         return model_cls.model_validate(request)
     except pydantic.ValidationError as err:

@@ -401,3 +401,13 @@ def test_sigterm_drains_streams_refuses_new_work_and_exits_in_time(tmp_path):
             proc.kill()
             proc.wait()
         log.close()
+
+
+def test_the_in_process_api_rejects_lone_surrogates_too(client):
+    import polargrid
+
+    with pytest.raises(polargrid.ValidationError) as info:
+        client.chat_completion({"model": CHAT, "messages": [{"role": "user", "content": "a\ud800"}], "max_tokens": 2})
+    assert info.value.details == {"field": "messages[0].content"}
+    with pytest.raises(polargrid.ValidationError, match=r"input\[1\]"):
+        client.embeddings({"model": "text-embedding-3-small", "input": ["ok", "\udfff"]})
