@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from polargrid.types import (TranscriptionRequest, TranscriptionStreamDelta, TranscriptionStreamDone,
                              TranslationRequest)
 
@@ -17,6 +18,9 @@ from .tts import parse_speech_request, speech_job
 
 if TYPE_CHECKING:
     from ..engine import LocalEngine
+
+
+MIN_SAMPLES = 400   # one log-mel window at 16 kHz (25 ms): the feature kernel needs at least this much
 
 
 def _value(v: Any) -> str:
@@ -96,6 +100,8 @@ class SpeechService:
         options = SttOptions(task=task, language=language, prompt=request.prompt, temperature=request.temperature,
                              word_timestamps=words)
         audio = decoded.samples
+        if audio.size < MIN_SAMPLES:  # a clip shorter than one analysis window is silence-padded, not a 500
+            audio = np.pad(audio, (0, MIN_SAMPLES - audio.size))
 
         def job(backend, ctx):
             yield from backend.transcribe(audio, options, ctx)
