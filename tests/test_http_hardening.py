@@ -377,6 +377,10 @@ def test_sigterm_drains_streams_refuses_new_work_and_exits_in_time(tmp_path):
             return sock, first
 
         short, long_ = open_stream(2), open_stream(1500)   # one finishes within the drain, one cannot
+        plain = connect(Server, timeout=60)                 # and a non-streaming one that cannot either
+        plain.sendall(request_bytes("POST", "/v1/completions", json.dumps(
+            {"model": CHAT, "max_tokens": 1500, "temperature": 0, "prompt": "1, 2, 3, 4, 5,"}).encode()))
+        time.sleep(1.0)
         proc.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         time.sleep(0.5)
@@ -394,6 +398,9 @@ def test_sigterm_drains_streams_refuses_new_work_and_exits_in_time(tmp_path):
             assert text.endswith("data: [DONE]\n\n\r\n0\r\n\r\n"), text[-300:]   # [DONE], then the last chunk
             endings.append("shutting down" in text)
         assert endings == [False, True], "the short stream must finish; the long one must end with an error frame"
+        with plain:
+            status, headers, body = responses(read_all(plain))[0]
+        assert status == 503 and headers["connection"] == "close" and b"shutting down" in body
         assert proc.wait(timeout=drain + 15) == 0
         assert time.monotonic() - signalled < drain + 10
     finally:
@@ -427,3 +434,11 @@ def test_a_clip_shorter_than_one_analysis_window_is_transcribed_not_a_500(server
             b'form-data; name="file"; filename="a.wav"\r\n\r\n' + out.getvalue() + b"\r\n--b--\r\n")
     status, _headers, body = _post(server, "/v1/audio/transcriptions", form, "multipart/form-data; boundary=b")
     assert status == 200, body
+
+
+def test_an_unknown_language_code_is_a_400_naming_the_field(server):
+    form = (b'--b\r\nContent-Disposition: form-data; name="language"\r\n\r\nwhisper-1\r\n'   # found by the fuzz
+            b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n'
+            b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nRIFF\r\n--b--\r\n')
+    status, _headers, body = _post(server, "/v1/audio/transcriptions", form, "multipart/form-data; boundary=b")
+    assert status == 400 and json.loads(body)["error"]["param"] == "language", body

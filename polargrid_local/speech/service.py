@@ -23,6 +23,13 @@ if TYPE_CHECKING:
 MIN_SAMPLES = 400   # one log-mel window at 16 kHz (25 ms): the feature kernel needs at least this much
 
 
+def _languages() -> tuple[str, ...]:
+    """The language codes Whisper knows (an unknown one was a 500 from inside the worker)."""
+    from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+    return _LANGUAGE_CODES
+
+
 def _value(v: Any) -> str:
     return str(getattr(v, "value", v))
 
@@ -86,6 +93,10 @@ class SpeechService:
             words = "word" in (granularities or [])
         cls = TranslationRequest if task == "translate" else TranscriptionRequest
         request = coerce(cls, request, f"{task} request")
+        language = getattr(request, "language", None)
+        if language and language not in _languages():
+            raise invalid(f"Unknown language {language!r}; use an ISO-639-1 code such as 'en' or 'fr'",
+                          field="language")
         fmt = _value(request.response_format or "json").lower()
         if fmt not in RESPONSE_FORMATS:
             raise invalid(f"Unsupported response_format {fmt!r}; choose one of: {', '.join(RESPONSE_FORMATS)}",
