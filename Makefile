@@ -14,7 +14,7 @@ CUDA_ARCH ?= native
 PYTEST_ARGS ?=
 
 
-.PHONY: install install-cuda models demo test bench lint clean
+.PHONY: install install-cuda models demo test fuzz bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ demo: models
 
 test: models
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The hostile-input suites with many more Hypothesis examples than CI runs.
+fuzz: models
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests/test_hostile_http.py -s $(PYTEST_ARGS)
 
 bench: models
 	$(PY) -m pip install --quiet -e ".[test,bench]"

@@ -5,6 +5,7 @@ import argparse
 import sys
 import time
 
+from .limits import DEFAULT_LIMITS
 from .pull import PullError, is_pulled, pull
 from .registry import Registry, RegistryError
 
@@ -82,28 +83,41 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import dataclasses
     import logging
     import os
 
     from .engine import LocalEngine
-    from .server import ServerConfig, make_server
+    from .limits import DEFAULT_LIMITS
+    from .server import ServerConfig, serve
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(message)s")
     keys = list(args.api_key or []) + [k for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
     engine = LocalEngine(args.models, cache_dir=args.cache_dir, n_threads=args.threads, preload=args.preload or (),
                          fake=args.fake)
-    server = make_server(engine, ServerConfig(host=args.host, port=args.port, api_keys=[k.strip() for k in keys],
-                                              rate_limit=args.rate_limit, max_body=args.max_body))
-    print(f"polargrid-local serving on {server.url} ({'API keys required' if keys else 'no API key required'})",
-          file=sys.stderr, flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-        engine.close()
-    return 0
+    http_limits = {name: getattr(args, name) for name in HTTP_LIMIT_FLAGS if getattr(args, name) is not None}
+    limits = dataclasses.replace(getattr(engine, "limits", None) or DEFAULT_LIMITS, **http_limits)
+    config = ServerConfig(host=args.host, port=args.port, api_keys=[k.strip() for k in keys],
+                          rate_limit=args.rate_limit, limits=limits)
+
+    def ready(server) -> None:
+        print(f"polargrid-local serving on {server.url} ({'API keys required' if keys else 'no API key required'})",
+              file=sys.stderr, flush=True)
+
+    return serve(engine, config, on_ready=ready)
+
+
+# `serve` flags that set a field of Limits (the HTTP section): flag --max-body-bytes sets max_body_bytes.
+HTTP_LIMIT_FLAGS = {
+    "max_body_bytes": (int, "largest request body in bytes"),
+    "header_timeout_s": (float, "seconds for a request line and headers to arrive"),
+    "body_timeout_s": (float, "seconds for a whole request body to arrive"),
+    "keep_alive_timeout_s": (float, "seconds an idle connection stays open"),
+    "socket_timeout_s": (float, "seconds a single read or write may stall"),
+    "max_connections": (int, "open connections; past it a new one gets 503"),
+    "auth_failures_per_minute": (int, "failed API key checks per client address per minute before 429"),
+    "drain_timeout_s": (float, "on SIGTERM, seconds in-flight requests may run before they are stopped"),
+}
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -141,7 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=55111)
     p.add_argument("--api-key", action="append", help=f"require this Bearer key (repeatable; also ${API_KEYS_ENV})")
     p.add_argument("--rate-limit", type=int, help="requests per minute per key (or per client without keys)")
-    p.add_argument("--max-body", type=int, default=64 * 1024 * 1024, help="largest request body in bytes")
+    for name, (kind, text) in HTTP_LIMIT_FLAGS.items():
+        flag = "--" + name.replace("_", "-")
+        p.add_argument(flag, dest=name, type=kind, help=f"{text} (default {getattr(DEFAULT_LIMITS, name)})")
+    p.add_argument("--max-body", dest="max_body_bytes", type=int, help=argparse.SUPPRESS)  # the old spelling
     p.add_argument("--threads", type=int, help="CPU threads per model")
     p.add_argument("--preload", action="append", help="load this model at start (repeatable)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

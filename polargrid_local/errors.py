@@ -42,6 +42,7 @@ def coerce(model_cls: type[pydantic.BaseModel], request: Any, what: str) -> Any:
         return request
     if not isinstance(request, dict):
         raise sdk.ValidationError(f"{what} must be a {model_cls.__name__} or a dict, not {type(request).__name__}")
+    check_text(request)
     try:
         return model_cls.model_validate(request)
     except pydantic.ValidationError as err:
@@ -66,3 +67,35 @@ def as_server_error(exc: BaseException, what: str) -> sdk.PolarGridError:
     if isinstance(exc, sdk.PolarGridError):
         return exc
     return sdk.ServerError(f"{what} failed: {type(exc).__name__}: {exc}", 500)
+
+
+def check_text(value: Any, field: str = "", *, max_depth: int | None = None) -> None:
+    """Raise a ValidationError naming the field if any string in ``value`` (nested dicts and lists included,
+    keys too) is not valid Unicode, such as a lone UTF-16 surrogate (``"\\ud800"``), which no tokenizer
+    or encoder can take; or if the nesting is deeper than ``max_depth``. Iterative, so any depth is safe."""
+    stack = [(value, field, 0)]
+    while stack:
+        item, where, depth = stack.pop()
+        if max_depth is not None and depth > max_depth:
+            raise invalid(f"{where or 'the request'} is nested more than {max_depth} levels deep",
+                          field=where or None)
+        if isinstance(item, str):
+            if not _is_unicode(item):
+                raise invalid(f"{where or 'the request'} is not valid Unicode (it contains a lone surrogate)",
+                              field=where or None)
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                name = str(key)
+                if not _is_unicode(name):
+                    raise invalid(f"a key in {where or 'the request'} is not valid Unicode", field=where or None)
+                stack.append((child, f"{where}.{name}" if where else name, depth + 1))
+        elif isinstance(item, (list, tuple)):
+            stack.extend((child, f"{where}[{i}]", depth + 1) for i, child in enumerate(item))
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -14,7 +14,9 @@ import pytest
 from polargrid.types import EmbeddingRequest
 
 from conftest import CHAT, SENTENCES, word_error_rate
+from polargrid_local.limits import Limits
 from polargrid_local.server import ServerConfig, make_server
+from polargrid_local.server.security import RateLimiter
 
 
 def start(engine, **config):
@@ -215,7 +217,7 @@ def test_malformed_requests(server):
 
 
 def test_oversized_body_is_refused_unread(engine):
-    srv = start(engine, max_body=1000)
+    srv = start(engine, limits=Limits(max_body_bytes=1000))
     try:
         host, port = srv.server_address[:2]
         with socket.create_connection((host, port), timeout=10) as sock:
@@ -238,6 +240,7 @@ def test_oversized_body_is_refused_unread(engine):
 
 def test_api_keys_and_rate_limit(engine):
     srv = start(engine, api_keys=["pg_secret_one", "pg_secret_two"], rate_limit=3)
+    srv.limiter = RateLimiter(3, clock=lambda: 90.0)  # mid-minute for ever: no window can roll over mid-test
     try:
         response, _ = raw(srv, "GET", "/health")
         assert response.status == 200
@@ -273,7 +276,9 @@ def test_a_client_that_disconnects_cancels_its_generation(server, engine):
                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     received = b""
     while received.count(b"data: ") < 3:
-        received += sock.recv(4096)
+        piece = sock.recv(4096)
+        assert piece, f"the server closed the stream early: {received!r}"
+        received += piece
     sock.close()
     closed_at = time.monotonic()
     spec = engine.registry.get(CHAT)

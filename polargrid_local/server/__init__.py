@@ -1,4 +1,5 @@
 """The local HTTP facade: PolarGrid's REST API (OpenAI-compatible) over stdlib http.server."""
 from .app import PolarGridHTTPServer, ServerConfig, make_server
+from .lifecycle import serve
 
-__all__ = ["PolarGridHTTPServer", "ServerConfig", "make_server"]
+__all__ = ["PolarGridHTTPServer", "ServerConfig", "make_server", "serve"]

@@ -1,41 +1,46 @@
 """HTTP mechanics: routing, auth, rate limits, bounded bodies, JSON and chunked/SSE responses, errors.
 
-The facade adds only transport: every route calls LocalEngine and serialises what it returns.
+The facade adds only transport: every route calls LocalEngine and serialises what it returns. What the
+server promises a client (and its limits) is in limits.py and the README's "What the server promises".
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any, Callable, Iterator
-from urllib.parse import parse_qsl, urlsplit
 
 from polargrid import errors as sdk
 
 from ..engine import LocalEngine
-from ..errors import invalid
+from ..errors import check_text, invalid
+from ..limits import DEFAULT_LIMITS, Limits
+from .framing import HttpRefusal
 from .multipart import Part, parse_multipart
-from .security import KeyCheck, RateLimiter
+from .security import AuthFailures, KeyCheck, RateLimiter
+from .watch import Connection, ConnectionWatch
 
 logger = logging.getLogger("polargrid_local.server")
 
 DEFAULT_PORT = 55111
-DEFAULT_MAX_BODY = 64 * 1024 * 1024
 OPEN_PATHS = ("/health",)
+CACHE_PLACEHOLDER = "<model cache>"
 
 
 @dataclass
 class ServerConfig:
-    """How the facade listens and whom it serves."""
+    """How the facade listens and whom it serves; ``limits`` (default: the engine's) bounds what it accepts."""
 
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     api_keys: list[str] = field(default_factory=list)
     rate_limit: int | None = None          # requests per minute per key (per client address without keys)
-    max_body: int = DEFAULT_MAX_BODY
+    limits: Limits | None = None
 
 
 @dataclass
@@ -60,21 +65,40 @@ class StreamingResponse:
             close()
 
 
-class Request:
-    """What a route sees: method, path, query, headers and the (bounded) body."""
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:30]} is out of range")
+    return value
 
-    def __init__(self, method: str, path: str, query: dict[str, str], headers, body: bytes) -> None:
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+class Request:
+    """What a route sees: method, path, query, headers, the (bounded) body, and its client's connection."""
+
+    def __init__(self, method: str, path: str, query: dict[str, str], headers, body: bytes,
+                 client: Connection | None = None, limits: Limits = DEFAULT_LIMITS) -> None:
         self.method, self.path, self.query, self.headers, self.body = method, path, query, headers, body
+        self.client = client or Connection(None)
+        self.limits = limits
 
     def json(self) -> dict[str, Any]:
+        """The body as a JSON object: strict UTF-8 and RFC 8259 (no NaN), every string valid Unicode, nesting
+        bounded (``Limits.max_json_depth``); anything else is a 400 naming what is wrong."""
         if not self.body:
             raise invalid("request body is empty; send a JSON object")
         try:
-            data = json.loads(self.body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            data = json.loads(self.body.decode("utf-8"), parse_float=_finite, parse_constant=_no_constants)
+        except RecursionError:
+            raise invalid(f"request body is nested more than {self.limits.max_json_depth} levels deep") from None
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer too long to parse
             raise invalid(f"request body is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise invalid("request body must be a JSON object")
+        check_text(data, max_depth=self.limits.max_json_depth)
         return data
 
     def form(self) -> dict[str, Part]:
@@ -95,17 +119,9 @@ _STATUS = ((sdk.ValidationError, 400, "invalid_request_error"), (sdk.Authenticat
            (sdk.RateLimitError, 429, "rate_limit_error"), (sdk.TimeoutError, 504, "timeout_error"))
 
 
-class _Status(sdk.PolarGridError):
-    """An HTTP-level refusal (411, 413) with no SDK class of its own."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status_code = status
-
-
 def error_status(exc: sdk.PolarGridError) -> tuple[int, str]:
-    if isinstance(exc, _Status):
-        return exc.status_code, "invalid_request_error"
+    if isinstance(exc, HttpRefusal):
+        return exc.status_code, "invalid_request_error" if exc.status_code < 500 else "server_error"
     if isinstance(exc, sdk.ServerError):
         return (exc.status_code if 500 <= exc.status_code < 600 else 500), "server_error"
     for cls, status, kind in _STATUS:
@@ -118,7 +134,7 @@ def error_body(exc: sdk.PolarGridError, status: int, kind: str) -> dict[str, Any
     """One body both clients read: OpenAI's ``error`` object and the SDK's top-level message/code."""
     details = getattr(exc, "details", None)
     param = (details or {}).get("field") if isinstance(details, dict) else None
-    code = type(exc).__name__
+    code = type(exc).__name__ if not isinstance(exc, HttpRefusal) else "InvalidRequestError"
     return {"error": {"message": exc.message, "type": kind, "code": code, "param": param},
             "message": exc.message, "code": code, "details": details, "status": status}
 
@@ -136,147 +152,98 @@ Route = Callable[..., "Response | StreamingResponse"]
 
 
 class PolarGridHTTPServer(ThreadingHTTPServer):
-    """A threading HTTP server holding the engine, the routes and the security settings."""
+    """A threading HTTP server holding the engine, the routes, the security settings and the limits."""
 
     daemon_threads = True
     request_queue_size = 128
 
     def __init__(self, engine: LocalEngine, config: ServerConfig, routes) -> None:
+        from .handler import Handler
+
         self.engine, self.config, self.routes = engine, config, routes
+        self.limits: Limits = config.limits or getattr(engine, "limits", None) or DEFAULT_LIMITS
         self.keys = KeyCheck(config.api_keys)
         self.limiter = RateLimiter(config.rate_limit)
-        super().__init__((config.host, config.port), _Handler)
+        self.auth_failures = AuthFailures(self.limits.auth_failures_per_minute)
+        cache_dir = getattr(getattr(engine, "registry", None), "cache_dir", None)
+        # The cache path as it appears in a JSON body (escaped) and raw; never shown over HTTP.
+        self._private = sorted({json.dumps(str(cache_dir))[1:-1].encode(), str(cache_dir).encode("utf-8",
+                                "surrogateescape")}, key=len, reverse=True) if cache_dir else []
+        self.draining = threading.Event()
+        self._counts = threading.Lock()
+        self.open_connections = 0
+        self.in_flight = 0
+        super().__init__((config.host, config.port), Handler)
+        self.watch = ConnectionWatch()
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
+    def redact(self, body: bytes) -> bytes:
+        """Errors and status over HTTP never show where the models live on this host."""
+        for path in self._private:
+            if path in body:
+                body = body.replace(path, CACHE_PLACEHOLDER.encode())
+        return body
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: PolarGridHTTPServer
-    server_version = "polargrid-local"
+    # -- connections: a cap, counted here, and 503 past it ---------------------------------
 
-    def setup(self) -> None:
-        super().setup()
-        # Headers and body go out as separate writes; without this, Nagle and delayed ACKs add ~40 ms.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_HEAD(self) -> None:
-        self._dispatch("HEAD")
-
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
-
-    def do_PATCH(self) -> None:
-        self._dispatch("PATCH")
-
-    def log_message(self, format: str, *args: Any) -> None:  # the default writes to stderr
-        logger.debug("%s " + format, self.address_string(), *args)
-
-    def _dispatch(self, method: str) -> None:
-        started = time.perf_counter()
-        url = urlsplit(self.path)
-        status = 500
+    def process_request(self, request, client_address) -> None:
+        with self._counts:
+            admitted = self.open_connections < self.limits.max_connections and not self.draining.is_set()
+            if admitted:
+                self.open_connections += 1
+        if not admitted:
+            self.refuse(request, "the server is shutting down" if self.draining.is_set() else
+                        f"the server is at its limit of {self.limits.max_connections} connections; retry shortly")
+            return
         try:
-            response = self._handle(method, url.path, dict(parse_qsl(url.query)))
-        except sdk.PolarGridError as exc:
-            response = error_response(exc)
-        except Exception as exc:  # a bug in a route: still an answer the clients can read
-            logger.exception("unhandled error on %s %s", method, url.path)
-            response = error_response(sdk.ServerError(f"internal error: {type(exc).__name__}: {exc}", 500))
+            super().process_request(request, client_address)
+        except BaseException:
+            self._closed_one()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
         try:
-            status = self._send(response, head=method == "HEAD")
+            super().process_request_thread(request, client_address)
         finally:
-            logger.info("%s %s %d %.1fms", method, url.path, status, 1000 * (time.perf_counter() - started))
+            self._closed_one()
 
-    def _handle(self, method: str, path: str, query: dict[str, str]) -> Response | StreamingResponse:
-        route, params, allowed = self.server.routes.match(method, path)
-        if route is None:
-            if allowed:
-                return Response(405, json.dumps(error_body(sdk.PolarGridError(
-                    f"{method} is not allowed on {path}; use {', '.join(allowed)}"), 405, "invalid_request_error")
-                ).encode(), headers={"Allow": ", ".join(allowed)})
-            raise sdk.NotFoundError(f"No route {method} {path}")
-        caller = self.client_address[0]
-        if path not in OPEN_PATHS and self.server.keys.enabled:
-            caller = self.server.keys.identify(self.headers.get("Authorization"))
-            if caller is None:
-                raise sdk.AuthenticationError("Invalid or missing API key: send 'Authorization: Bearer <key>'")
-        if path not in OPEN_PATHS:
-            retry = self.server.limiter.check(caller)
-            if retry is not None:
-                raise sdk.RateLimitError(f"Rate limit of {self.server.limiter.per_minute} requests per minute "
-                                         f"exceeded; retry in {retry}s", retry_after=retry)
-        body = self._read_body()
-        request = Request(method, path, query, self.headers, body)
-        return route(self.server.engine, request, **params)
+    def _closed_one(self) -> None:
+        with self._counts:
+            self.open_connections -= 1
 
-    def _read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            self.close_connection = True
-            raise _Status(411, "chunked request bodies are not accepted; send Content-Length")
+    def refuse(self, sock: socket.socket, message: str) -> None:
+        """503 on the accepting thread, without a handler thread, then a short lingering close."""
+        body = json.dumps(error_body(sdk.ServerError(message, 503), 503, "server_error")).encode()
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+                "\r\nRetry-After: 1\r\nConnection: close\r\n\r\n").encode()
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            raise invalid("Content-Length is not a number") from None
-        if length > self.server.config.max_body:
-            self.close_connection = True  # the body stays unread
-            raise _Status(413, f"request body of {length} bytes is over the {self.server.config.max_body} byte limit")
-        return self.rfile.read(length) if length > 0 else b""
+            sock.settimeout(1.0)
+            sock.sendall(head + body)
+        except OSError:
+            sock.close()
+            return
+        self.watch.linger(sock)
 
-    def _send(self, response: Response | StreamingResponse, head: bool = False) -> int:
-        if isinstance(response, StreamingResponse):
-            return self._send_stream(response)
-        self.send_response(response.status)
-        self.send_header("Content-Type", response.content_type)
-        self.send_header("Content-Length", str(len(response.body)))
-        for key, value in response.headers.items():
-            self.send_header(key, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        # Headers and body in one write: one segment for small answers, and a client still gets the
-        # body when we close right after (a refused upload).
-        self._headers_buffer.append(b"\r\n" + (b"" if head else response.body))
-        self.flush_headers()
-        return response.status
+    def request_started(self) -> None:
+        with self._counts:
+            self.in_flight += 1
 
-    def _send_stream(self, response: StreamingResponse) -> int:
-        try:
-            self.send_response(response.status)
-            self.send_header("Content-Type", response.content_type)
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Transfer-Encoding", "chunked")
-            self.send_header("X-Accel-Buffering", "no")
-            self.end_headers()
-            for chunk in response.chunks:
-                if chunk:
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            self.wfile.write(b"0\r\n\r\n")
-        except (BrokenPipeError, ConnectionResetError, socket.timeout, OSError):
-            self.close_connection = True  # the client left: closing the response cancels its generation
-        except Exception:
-            # A byte stream (audio) that fails after the 200 has no error frame: the body ends without
-            # its final chunk, which clients report as an incomplete response.
-            logger.exception("%s %s failed while streaming", self.command, self.path)
-            self.close_connection = True
-        finally:
-            response.close()
-        return response.status
+    def request_ended(self) -> None:
+        with self._counts:
+            self.in_flight -= 1
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.watch.shutdown()
 
 
 def make_server(engine: LocalEngine, config: ServerConfig | None = None) -> PolarGridHTTPServer:
-    """A ready server (not yet serving): call ``serve_forever()``, or run it on a thread."""
+    """A ready server (not yet serving): call ``serve_forever()``, or run it on a thread; ``serve()`` runs one
+    in the foreground with a graceful drain on SIGTERM."""
     from .routes import ROUTES
 
     return PolarGridHTTPServer(engine, config or ServerConfig(), ROUTES)

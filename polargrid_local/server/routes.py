@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 from typing import Any, Callable, Iterator
 from urllib.parse import unquote
@@ -14,7 +15,9 @@ from polargrid.types import TranscriptionJobStatus
 from ..audio.encode import CONTENT_TYPES
 from ..engine import LocalEngine
 from ..errors import invalid
+from ..llm.chunks import fold_chat, fold_completion
 from .app import Request, Response, StreamingResponse, error_body, error_status, json_response
+from .watch import ClientGone
 
 
 class Routes:
@@ -44,7 +47,48 @@ ROUTES = Routes()
 _NONE = object()
 
 
-# -- streaming helpers ---------------------------------------------------------------------
+# -- fields a route reads itself, and streams watched for their client --------------------
+
+_KINDS = {bool: "a boolean (true or false)", int: "an integer", dict: "an object", str: "a string"}
+
+
+def _take(body: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
+    """Pop a field this route interprets itself, of exactly ``kind`` (JSON null: the default); anything
+    else is a 400 naming the field, so ``"stream": "x"`` never starts a stream."""
+    value = body.pop(name, None)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise invalid(f"{name} must be {_KINDS[kind]}", field=name)
+    return value
+
+
+def _watched(stream, request: Request) -> Iterator[Any]:
+    """The stream's first item is read now, so a bad request fails before the 200 goes out; then the rest.
+    The stream is closed when its client leaves, and closing the returned iterator closes it too; a stream
+    stopped by a shutdown ends by raising the 503 (an error frame, or an incomplete byte stream)."""
+    client = request.client
+    client.add(stream)
+    try:
+        first = next(iter(stream), _NONE)
+        client.raise_if_stopped()
+    except BaseException:
+        client.discard(stream)
+        stream.close()
+        raise
+
+    def items() -> Iterator[Any]:
+        try:
+            if first is not _NONE:
+                yield first
+            yield from stream
+            client.raise_if_stopped()
+        finally:
+            stream.close()
+            client.discard(stream)
+
+    return items()
+
 
 def _frame(payload: Any) -> bytes:
     if hasattr(payload, "model_dump"):
@@ -52,30 +96,16 @@ def _frame(payload: Any) -> bytes:
     return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
 
-def _primed(stream) -> Iterator[Any]:
-    """The stream's first item is read now, so a bad request fails before the 200 goes out; then the rest.
-    Closing the returned iterator closes the stream, which stops the work behind it."""
-    first = next(iter(stream), _NONE)
-
-    def items() -> Iterator[Any]:
-        try:
-            if first is not _NONE:
-                yield first
-            yield from stream
-        finally:
-            stream.close()
-
-    return items()
-
-
-def sse(stream) -> StreamingResponse:
-    """Server-sent events, with an error frame if the work fails after streaming began."""
-    items = _primed(stream)
+def sse(stream, request: Request) -> StreamingResponse:
+    """Server-sent events, with an error frame if the work fails (or is stopped) after streaming began."""
+    items = _watched(stream, request)
 
     def frames() -> Iterator[bytes]:
         try:
             for item in items:
                 yield _frame(item)
+        except ClientGone:
+            return
         except sdk.PolarGridError as exc:
             status, kind = error_status(exc)
             yield _frame(error_body(exc, status, kind))
@@ -90,7 +120,7 @@ def sse(stream) -> StreamingResponse:
 
 def _chat_body(request: Request) -> dict[str, Any]:
     body = request.json()
-    if body.get("n", 1) != 1:
+    if _take(body, "n", int, 1) != 1:
         raise invalid("n must be 1: one choice per request", field="n")
     if "max_tokens" not in body and body.get("max_completion_tokens") is not None:
         body["max_tokens"] = body["max_completion_tokens"]
@@ -100,26 +130,40 @@ def _chat_body(request: Request) -> dict[str, Any]:
 @ROUTES.add("POST", "/v1/chat/completions")
 def chat_completions(engine: LocalEngine, request: Request) -> Response | StreamingResponse:
     body = _chat_body(request)
-    if body.pop("stream", False):
-        return sse(engine.chat_completion_stream(body))
-    body.pop("stream_options", None)
-    return json_response(engine.chat_completion(body))
+    options = _take(body, "stream_options", dict)
+    if _take(body, "stream", bool, False):
+        return sse(engine.chat_completion_stream(body, stream_options=options), request)
+    with request.client.watch() as watch:  # the fold of the stream, stopped if the client leaves
+        stream = watch(engine.chat_completion_stream(body, stream_options={"include_usage": True}))
+        with stream:
+            chunks = list(stream)
+    return json_response(fold_chat(chunks, stream.chunker, stream.metadata()))
+
+
+def _completion_body(request: Request) -> tuple[dict[str, Any], dict[str, Any] | None, int | None]:
+    body = request.json()
+    if _take(body, "n", int, 1) != 1:
+        raise invalid("n must be 1: one choice per prompt", field="n")
+    return body, _take(body, "stream_options", dict), _take(body, "seed", int)
 
 
 @ROUTES.add("POST", "/v1/completions")
 def completions(engine: LocalEngine, request: Request) -> Response | StreamingResponse:
-    body = request.json()
-    if body.pop("stream", False):
-        return sse(engine.completion_stream(body))
-    body.pop("stream_options", None)
-    return json_response(engine.completion(body))
+    body, options, seed = _completion_body(request)
+    if _take(body, "stream", bool, False):
+        return sse(engine.completion_stream(body, stream_options=options, seed=seed), request)
+    with request.client.watch() as watch:
+        stream = watch(engine.completion_stream(body, stream_options={"include_usage": True}, seed=seed))
+        with stream:
+            chunks = list(stream)
+    return json_response(fold_completion(chunks, stream.chunker, stream.metadata()))
 
 
 @ROUTES.add("POST", "/v1/completions/stream")
 def completions_stream(engine: LocalEngine, request: Request) -> StreamingResponse:
-    body = request.json()
-    body.pop("stream", None)
-    return sse(engine.completion_stream(body))
+    body, options, seed = _completion_body(request)
+    _take(body, "stream", bool)
+    return sse(engine.completion_stream(body, stream_options=options, seed=seed), request)
 
 
 @ROUTES.add("POST", "/v1/embeddings")
@@ -137,14 +181,38 @@ def embeddings(engine: LocalEngine, request: Request) -> Response:
 @ROUTES.add("POST", "/v1/audio/speech")
 def speech(engine: LocalEngine, request: Request) -> Response | StreamingResponse:
     body = request.json()
-    streaming = bool(body.pop("stream", False))
+    streaming = _take(body, "stream", bool, False)
     for extra in ("instructions", "stream_format", "voice_transcript", "language"):
         body.pop(extra, None)
     if streaming:
         stream = engine.text_to_speech_stream(body)
-        return StreamingResponse(_primed(stream), content_type=stream.content_type)
+        return StreamingResponse(_bytes(_watched(stream, request)), content_type=stream.content_type)
     fmt = str(body.get("response_format") or "mp3").lower()
     return Response(200, engine.text_to_speech(body), content_type=CONTENT_TYPES.get(fmt, "application/octet-stream"))
+
+
+def _bytes(items: Iterator[bytes]) -> Iterator[bytes]:
+    """A byte stream whose client left just ends (there is nobody to tell)."""
+    try:
+        yield from items
+    except ClientGone:
+        return
+    finally:
+        items.close()
+
+
+def _text(part) -> str:
+    try:
+        return part.data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid(f"multipart field {part.name!r} is not UTF-8 text", field=part.name) from None
+
+
+def _form_bool(params: dict[str, Any], name: str) -> bool:
+    value = str(params.pop(name, "") or "").strip().lower()
+    if value not in ("", "true", "1", "false", "0"):
+        raise invalid(f"{name} must be true or false", field=name)
+    return value in ("true", "1")
 
 
 def _stt_fields(request: Request) -> tuple[bytes, str, dict[str, Any], bool]:
@@ -152,9 +220,8 @@ def _stt_fields(request: Request) -> tuple[bytes, str, dict[str, Any], bool]:
     file = form.get("file")
     if file is None or file.filename is None and not file.data:
         raise invalid("the multipart body needs a 'file' part", field="file")
-    fields: dict[str, Any] = {k: v.data.decode("utf-8", "replace") for k, v in form.items() if k != "file"}
-    granularities = [v.data.decode() for k, v in form.items() if k in ("timestamp_granularities[]",
-                                                                       "timestamp_granularities")]
+    fields: dict[str, Any] = {k: _text(v) for k, v in form.items() if k != "file"}
+    granularities = [fields.pop(k) for k in ("timestamp_granularities[]", "timestamp_granularities") if k in fields]
     params = {**request.query, **fields}
     in_form = "model" in fields
     params.pop("sync", None)
@@ -165,6 +232,8 @@ def _stt_fields(request: Request) -> tuple[bytes, str, dict[str, Any], bool]:
             params["temperature"] = float(params["temperature"])
         except ValueError:
             raise invalid("temperature must be a number", field="temperature") from None
+        if not math.isfinite(params["temperature"]):
+            raise invalid("temperature must be a finite number", field="temperature")
     return file.data, file.filename or "audio", params, in_form
 
 
@@ -177,11 +246,12 @@ def _transcript_response(result: Any) -> Response:
 @ROUTES.add("POST", "/v1/audio/transcriptions")
 def transcriptions(engine: LocalEngine, request: Request) -> Response | StreamingResponse:
     data, filename, params, in_form = _stt_fields(request)
-    stream = str(params.pop("stream", "")).lower() in ("true", "1")
-    if stream:
-        return sse(engine.transcribe_stream(data, params))
+    if _form_bool(params, "stream"):
+        return sse(engine.transcribe_stream(data, params), request)
     if request.query.get("sync", "").lower() in ("true", "1") or in_form or request.query.get("model") is None:
-        return _transcript_response(engine.transcribe(data, params))
+        with request.client.watch() as watch:
+            result = engine.speech.transcribe(data, params, on_open=watch)
+        return _transcript_response(result)
     job = engine.transcribe_async(_Named(data, filename), params.get("model", "stt-1b-en_fr"),
                                   params.get("language"), params.get("prompt"),
                                   params.get("response_format", "json"), params.get("temperature"))
@@ -229,7 +299,9 @@ def transcription_job_result(engine: LocalEngine, request: Request, job_id: str)
 def translations(engine: LocalEngine, request: Request) -> Response:
     data, _filename, params, _in_form = _stt_fields(request)
     params.pop("language", None)
-    return _transcript_response(engine.translate(data, params))
+    with request.client.watch() as watch:
+        result = engine.speech.transcribe(data, params, task="translate", on_open=watch)
+    return _transcript_response(result)
 
 
 class _Named(bytes):
@@ -290,7 +362,9 @@ def gpu_purge(engine: LocalEngine, request: Request) -> Response:
 
 @ROUTES.add("GET", "/health")
 def health(engine: LocalEngine, request: Request) -> Response:
-    return json_response(engine.health())
+    payload = engine.health().model_dump(mode="json")
+    payload["node"] = "local"  # an open route: it does not name the host
+    return json_response(payload)
 
 
 @ROUTES.add("GET", "/v1/status")

@@ -1,4 +1,5 @@
-"""API keys (compared in constant time, never logged) and a per-key requests-per-minute limit."""
+"""API keys (compared in constant time, never logged), a per-key requests-per-minute limit, and a limit
+on failed key checks per client address."""
 from __future__ import annotations
 
 import hmac
@@ -54,3 +55,40 @@ class RateLimiter:
             if len(self._windows) > 10000:
                 self._windows = {k: v for k, v in self._windows.items() if v[0] == window}
         return None
+
+
+class AuthFailures:
+    """Failed API-key checks per client address over the last minute. Past the limit, a client gets 429
+    before its key is even compared, so keys cannot be guessed at full speed."""
+
+    def __init__(self, per_minute: int | None, clock=time.monotonic) -> None:
+        self.per_minute = per_minute
+        self.clock = clock
+        self._failures: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def retry_after(self, address: str) -> int | None:
+        """None if ``address`` may try a key now, else the seconds until it may."""
+        if not self.per_minute:
+            return None
+        now = self.clock()
+        with self._lock:
+            recent = [t for t in self._failures.get(address, ()) if now - t < 60]
+            if recent:
+                self._failures[address] = recent
+            else:
+                self._failures.pop(address, None)
+            if len(recent) < self.per_minute:
+                return None
+            return max(1, math.ceil(60 - (now - recent[-self.per_minute])))
+
+    def failed(self, address: str) -> None:
+        if not self.per_minute:
+            return
+        now = self.clock()
+        with self._lock:
+            times = self._failures.setdefault(address, [])
+            times.append(now)
+            del times[:-self.per_minute]
+            if len(self._failures) > 10000:
+                self._failures = {a: t for a, t in self._failures.items() if now - t[-1] < 60}

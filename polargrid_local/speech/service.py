@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from polargrid.types import (TranscriptionRequest, TranscriptionStreamDelta, TranscriptionStreamDone,
                              TranslationRequest)
 
@@ -17,6 +18,16 @@ from .tts import parse_speech_request, speech_job
 
 if TYPE_CHECKING:
     from ..engine import LocalEngine
+
+
+MIN_SAMPLES = 400   # one log-mel window at 16 kHz (25 ms): the feature kernel needs at least this much
+
+
+def _languages() -> tuple[str, ...]:
+    """The language codes Whisper knows (an unknown one was a 500 from inside the worker)."""
+    from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+    return _LANGUAGE_CODES
 
 
 def _value(v: Any) -> str:
@@ -82,6 +93,10 @@ class SpeechService:
             words = "word" in (granularities or [])
         cls = TranslationRequest if task == "translate" else TranscriptionRequest
         request = coerce(cls, request, f"{task} request")
+        language = getattr(request, "language", None)
+        if language and language not in _languages():
+            raise invalid(f"Unknown language {language!r}; use an ISO-639-1 code such as 'en' or 'fr'",
+                          field="language")
         fmt = _value(request.response_format or "json").lower()
         if fmt not in RESPONSE_FORMATS:
             raise invalid(f"Unsupported response_format {fmt!r}; choose one of: {', '.join(RESPONSE_FORMATS)}",
@@ -96,6 +111,8 @@ class SpeechService:
         options = SttOptions(task=task, language=language, prompt=request.prompt, temperature=request.temperature,
                              word_timestamps=words)
         audio = decoded.samples
+        if audio.size < MIN_SAMPLES:  # a clip shorter than one analysis window is silence-padded, not a 500
+            audio = np.pad(audio, (0, MIN_SAMPLES - audio.size))
 
         def job(backend, ctx):
             yield from backend.transcribe(audio, options, ctx)
@@ -103,10 +120,14 @@ class SpeechService:
         stream = self.engine.open_stream(spec, job, "transcription", convert, tail=tail)
         return spec, stream, decoded.duration
 
-    def transcribe(self, file: AudioInput, request: Any, *, task: str = "transcribe", on_progress=None):
-        """Transcribe (or translate) a whole file into the requested response format."""
+    def transcribe(self, file: AudioInput, request: Any, *, task: str = "transcribe", on_progress=None,
+                   on_open=None):
+        """Transcribe (or translate) a whole file into the requested response format. ``on_open`` gets the
+        stream being folded as soon as it is open (the HTTP facade closes it when its client leaves)."""
         request, fmt, words = self.parse_request(request, task)
         spec, stream, duration = self._open(file, request, task, words)
+        if on_open is not None:
+            on_open(stream)
         info: SttInfo | None = None
         segments, word_list = [], []
         with stream:
