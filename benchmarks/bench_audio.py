@@ -3,7 +3,7 @@
 
 Everything is measured in this one run, on this machine; medians of --repeats runs. Prints one JSON object.
 
-    python benchmarks/bench_audio.py [--repeats 7]
+    python benchmarks/bench_audio.py [--repeats 7] [--only logmel|long|routing] [--long-minutes 10]
 """
 from __future__ import annotations
 
@@ -161,13 +161,129 @@ def bench_tts(client: PolarGridSync, repeats: int) -> dict:
             "stream_total_s": round(statistics.median(totals), 3)}
 
 
+LONG_SENTENCES = [
+    "Edge devices need speech that works offline.", "The quick brown fox jumps over the lazy dog.",
+    "Please call me back before five o'clock tomorrow.", "It was a bright cold day in April.",
+    "The library opens at nine and closes at six on weekdays.", "She bought three apples and a loaf of bread.",
+    "Our train was delayed by twenty minutes this morning.", "The meeting has been moved to the second floor.",
+    "He plays the piano every evening after dinner.", "Remember to water the plants while I am away.",
+    "The weather tomorrow will be windy with light rain.", "They walked along the river until the sun went down.",
+    "Turn left at the next corner and keep going straight.", "The children built a small castle out of sand.",
+    "Please send me the report by the end of the week.", "A cup of hot tea is perfect on a cold day.",
+]
+
+
+def _wer(reference: str, hypothesis: str) -> float:
+    def words(text):
+        return "".join(c.lower() if c.isalnum() or c.isspace() else " " for c in text).split()
+
+    ref, hyp = words(reference), words(hypothesis)
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1] / max(1, len(ref))
+
+
+def long_speech(client: PolarGridSync, minutes: float) -> tuple[np.ndarray, str]:
+    """Synthetic speech, sentences with half-second pauses, tiled to ``minutes``; and its text."""
+    pieces = [decode_audio(client.text_to_speech({"model": "tts-1", "input": s, "voice": "alloy",
+                                                  "response_format": "wav"}), 16000).samples for s in LONG_SENTENCES]
+    gap = np.zeros(8000, np.float32)
+    unit = np.concatenate([p for piece in pieces for p in (piece, gap)])
+    copies = max(1, int(np.ceil(minutes * 60 * 16000 / unit.size)))
+    return np.tile(unit, copies), " ".join(LONG_SENTENCES * copies)
+
+
+def bench_long_audio(client: PolarGridSync, minutes: float) -> dict:
+    """10 minutes of speech: faster-whisper's sequential decoding (the old path: no VAD) against VAD-cut
+    chunks in its BatchedInferencePipeline (ours for long audio), same model, same run; then ours end to end."""
+    from faster_whisper import BatchedInferencePipeline
+
+    audio, text = long_speech(client, minutes)
+    duration = audio.size / 16000
+    engine = client.engine
+    spec = engine.registry.get("whisper-1")
+    worker, _ = engine.pool.worker(spec)
+    model = worker.backend.model
+    result: dict = {"audio_s": round(duration, 1), "model": spec.id, "threads": available_cpus()}
+    runs = {
+        "sequential": lambda: list(model.transcribe(audio, language="en", beam_size=5, vad_filter=False)[0]),
+        "sequential_vad": lambda: list(model.transcribe(audio, language="en", beam_size=5, vad_filter=True)[0]),
+        "batched_vad": lambda: list(BatchedInferencePipeline(model).transcribe(
+            audio, language="en", beam_size=5, vad_filter=True, batch_size=8)[0]),
+    }
+    for name, run in runs.items():
+        started = time.perf_counter()
+        segments = run()
+        seconds = time.perf_counter() - started
+        result[name] = {"seconds": round(seconds, 2), "x_realtime": round(duration / seconds, 1),
+                        "wer": round(_wer(text, " ".join(seg.text for seg in segments)), 4)}
+    wav = _wav_bytes(audio)
+    started = time.perf_counter()
+    ours = client.transcribe(wav, {"model": "whisper-1"}).text
+    seconds = time.perf_counter() - started
+    result["polargrid_whisper_1"] = {"seconds": round(seconds, 2), "x_realtime": round(duration / seconds, 1),
+                                     "wer": round(_wer(text, ours), 4)}
+    base = result["sequential"]["seconds"]
+    result["throughput_ratio_batched_vs_sequential"] = round(base / result["batched_vad"]["seconds"], 2)
+    result["throughput_ratio_polargrid_vs_sequential"] = round(base / seconds, 2)
+    return result
+
+
+def _wav_bytes(audio: np.ndarray) -> bytes:
+    import io
+    import wave
+
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16000)
+        out.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+    return buffer.getvalue()
+
+
+def bench_routing(client: PolarGridSync, wav: bytes, repeats: int) -> dict:
+    """What whisper-1's routing costs: language detection on whisper-base (first 30 s), then tiny.en for
+    English, against sending everything to whisper-base (which must detect the language itself)."""
+    engine = client.engine
+    tiny = engine.pool.worker(engine.registry.get("whisper-tiny.en"))[0].backend.model
+    base = engine.pool.worker(engine.registry.get("whisper-base"))[0].backend.model
+    audio = decode_audio(wav, 16000).samples
+    t = paired_times({
+        "detect": lambda: base.detect_language(audio[: 30 * 16000]),
+        "tiny_en": lambda: list(tiny.transcribe(audio, language="en", beam_size=5)[0]),
+        "base_detecting": lambda: list(base.transcribe(audio, beam_size=5)[0]),
+        "base_en": lambda: list(base.transcribe(audio, language="en", beam_size=5)[0]),
+        "polargrid_whisper_1": lambda: client.transcribe(wav, {"model": "whisper-1"}),
+    }, repeats)
+    ms = {name: round(statistics.median(v) * 1e3, 1) for name, v in t.items()}
+    routed = ms["detect"] + ms["tiny_en"]
+    return {"audio_s": round(audio.size / 16000, 2), "median_ms": ms,
+            "english_routed_ms": round(routed, 1), "english_all_to_base_ms": ms["base_detecting"],
+            "ratio_all_to_base_vs_routed": round(ms["base_detecting"] / routed, 2),
+            "other_language_routed_ms": round(ms["detect"] + ms["base_en"], 1)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--only", choices=["logmel", "resample", "long"], help="run one part only")
+    parser.add_argument("--only", choices=["logmel", "long", "routing"], help="run one part only")
+    parser.add_argument("--long-minutes", type=float, default=10.0)
     args = parser.parse_args()
     if args.only == "logmel":
         print(json.dumps({"benchmark": "audio", "logmel": bench_logmel(args.repeats)}))
+        return 0
+    if args.only in ("long", "routing"):
+        with PolarGridSync() as client:
+            if args.only == "long":
+                part = bench_long_audio(client, args.long_minutes)
+            else:
+                wav = client.text_to_speech({"model": "tts-1", "input": TEXT, "voice": "alloy", "response_format": "wav"})
+                part = bench_routing(client, wav, args.repeats)
+        print(json.dumps({"benchmark": "audio", args.only: part}))
         return 0
     result = {"benchmark": "audio", "threads": available_cpus(), "logmel": bench_logmel(args.repeats),
               "resample": bench_resample(args.repeats)}
@@ -178,6 +294,8 @@ def main() -> int:
             f.write(wav)
         result["stt"] = bench_stt(client, wav, path, max(3, args.repeats // 2))
         result["tts"] = bench_tts(client, max(3, args.repeats // 2))
+        result["routing"] = bench_routing(client, wav, max(3, args.repeats // 2))
+        result["long_audio"] = bench_long_audio(client, args.long_minutes)
     print(json.dumps(result))
     return 0
 
