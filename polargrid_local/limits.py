@@ -19,6 +19,24 @@ class Limits:
 
     # -- audio -----------------------------------------------------------------------------
 
+    # Longest audio a transcription accepts, read from the container before decoding and enforced while
+    # decoding (the decoded 16 kHz float32 buffer is at most this long: 1 h = 230 MB).
+    max_audio_seconds: float = 3600.0
+    # Source sample rates accepted (Hz); outside them a file is refused before decoding.
+    min_audio_sample_rate: int = 1000
+    max_audio_sample_rate: int = 384000
+    # Wall-clock budget of one transcription: base + per_audio_second x the audio's duration. Past it the
+    # request ends with a TimeoutError (HTTP 504) instead of holding the speech worker.
+    transcription_seconds_base: float = 60.0
+    transcription_seconds_per_audio_second: float = 2.0
+    # Token budget of one transcription: base + per_audio_second x duration (speech runs at 3-5 tokens/s;
+    # a decoder stuck repeating itself runs past this and is stopped with a TimeoutError).
+    transcription_tokens_base: int = 256
+    transcription_tokens_per_audio_second: float = 20.0
+    # Speech requests (transcription, translation, speech) waiting or running per speech model; past it
+    # a RateLimitError (429) with retry_after.
+    max_speech_queue: int = 16
+
     # -- HTTP ------------------------------------------------------------------------------
     max_body_bytes: int = 64 * 1024 * 1024    # largest request body (413 past it, connection closed)
     max_json_depth: int = 64                  # deepest nesting of a JSON body (400 past it)

@@ -11,7 +11,8 @@ import polargrid
 import pytest
 from polargrid.types import TranscriptionResponse, TranscriptionSegment, TranslationResponse
 
-from conftest import SENTENCES, word_error_rate
+from conftest import SENTENCES, word_error_rate, words
+from espeak import wav_bytes
 from polargrid_local.audio import decode_audio, encode_audio
 
 FORMATS = ["mp3", "opus", "aac", "flac", "wav", "pcm"]
@@ -259,3 +260,120 @@ def test_async_client_speech(engine, speech_wav):
     assert audio[:3] == b"ID3" or audio[0] == 0xFF
     assert word_error_rate(SENTENCES[1], text) < 0.2
     assert chunks and events[-1].type == "transcript.text.done" and job.text
+
+
+# -- whisper-1 is multilingual: routing by detected language, translation of speech that is not English ---
+
+FRENCH = "Merci beaucoup. Je suis très content de vous voir ici ce soir."
+FRENCH_WORDS = {"merci", "beaucoup", "je", "suis", "très", "vous", "voir", "ici", "ce", "soir"}
+GERMAN = "Guten Morgen. Ich heiße Anna und ich wohne in Berlin."
+
+
+@pytest.fixture(scope="module")
+def french_wav() -> bytes:
+    return wav_bytes(FRENCH, "fr", words_per_minute=170)   # eSpeak NG, not piper: piper here speaks English only
+
+
+def test_whisper_1_detects_french_and_transcribes_it_in_french(client, french_wav):
+    verbose = client.transcribe(french_wav, {"model": "whisper-1", "response_format": "verbose_json"})
+    assert verbose.language == "fr", verbose
+    assert len(FRENCH_WORDS & set(words(verbose.text))) >= 6, verbose.text
+
+
+def test_whisper_1_detects_german_and_english(client, speech_wav):
+    german = client.transcribe(wav_bytes(GERMAN, "de", 150), {"model": "whisper-1", "response_format": "verbose_json"})
+    assert german.language == "de" and {"guten", "morgen", "berlin"} <= set(words(german.text)), german
+    english = client.transcribe(speech_wav, {"model": "whisper-1", "response_format": "verbose_json"})
+    assert english.language == "en" and word_error_rate(SENTENCES[0], english.text) < 0.2
+
+
+def test_translation_of_french_speech_is_english(client, french_wav):
+    text = client.translate(french_wav, {"model": "whisper-1"}).text
+    found = set(words(text))
+    assert len(found & {"thank", "you", "very", "happy", "see", "here", "tonight", "i", "am"}) >= 4, text
+    assert len(found & FRENCH_WORDS) <= 1, text
+    german = client.translate(wav_bytes(GERMAN, "de", 150), {"model": "whisper-1", "response_format": "verbose_json"})
+    assert german.task == "translate" and {"good", "morning", "berlin"} <= set(words(german.text)), german.text
+
+
+# -- TTS is really 24 kHz: the resample from piper's 22.05 kHz keeps tempo and pitch -------------------
+
+LONG_TEXT = ("Edge devices need speech that works offline. This test speaks a few sentences, then measures them. "
+             "Each sentence is synthesised in turn, so streaming can start early. " + " ".join(SENTENCES))
+
+
+def test_tts_output_is_24_khz_at_piper_s_own_tempo(client, engine):
+    from piper import PiperVoice
+
+    wav = client.text_to_speech({"model": "tts-1", "input": LONG_TEXT, "voice": "alloy", "response_format": "wav"})
+    with av.open(io.BytesIO(wav)) as container:
+        assert container.streams.audio[0].codec_context.sample_rate == 24000
+    ours = [len(wav[44:]) / 2 / 24000]
+    ours.append(len(client.text_to_speech({"model": "tts-1", "input": LONG_TEXT, "voice": "alloy",
+                                           "response_format": "pcm"})) / 2 / 24000)
+    registry = engine.registry
+    voice = PiperVoice.load(str(registry.get("tts-1").path_in(registry.cache_dir)))
+    assert voice.config.sample_rate == 22050
+    native = [sum(c.audio_float_array.size for c in voice.synthesize(LONG_TEXT)) / 22050 for _ in range(2)]
+    # piper draws its phoneme durations afresh each call (about 1.5% spread over this text); playing
+    # 22.05 kHz samples as 24 kHz would be 8.1% short, and a wrong resample ratio shows up the same way
+    assert abs(np.mean(ours) / np.mean(native) - 1) < 0.035, (ours, native)
+
+
+# -- silence and noise give no text; long audio goes through VAD and the batched pipeline ---------------
+
+def _wav16(samples: np.ndarray, rate: int = 16000) -> bytes:
+    import wave
+
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("model", ["whisper-1", "whisper-base"])
+def test_silence_and_noise_give_empty_text(client, model):
+    silence = _wav16(np.zeros(16000 * 5))
+    noise = _wav16(np.random.default_rng(1).standard_normal(16000 * 5) * 0.05)
+    for audio in (silence, noise):
+        verbose = client.transcribe(audio, {"model": model, "response_format": "verbose_json"})
+        assert verbose.text == "" and verbose.segments == [], verbose.text
+    long_silence = _wav16(np.zeros(16000 * 45))
+    assert client.transcribe(long_silence, {"model": model}).text == ""
+
+
+def test_vad_filter_is_controlled_per_request(client):
+    silence = _wav16(np.zeros(16000 * 5))
+    # with VAD off, whisper decodes the silence and hallucinates (tiny.en says "You"): the request turned it off
+    assert client.transcribe(silence, {"model": "whisper-1", "language": "en", "vad_filter": "false"}).text != ""
+    assert client.transcribe(silence, {"model": "whisper-1", "language": "en", "vad_filter": True}).text == ""
+    with pytest.raises(polargrid.ValidationError) as info:
+        client.transcribe(silence, {"model": "whisper-1", "vad_filter": "sometimes"})
+    assert info.value.details == {"field": "vad_filter"}
+
+
+def test_long_audio_goes_through_vad_and_the_batched_pipeline(client, monkeypatch):
+    from faster_whisper import BatchedInferencePipeline
+
+    calls = []
+    real = BatchedInferencePipeline.transcribe
+
+    def spy(self, audio, **kwargs):
+        calls.append(kwargs)
+        return real(self, audio, **kwargs)
+
+    monkeypatch.setattr(BatchedInferencePipeline, "transcribe", spy)
+    pieces = [decode_audio(client.text_to_speech({"model": "tts-1", "input": s, "voice": "alloy",
+                                                  "response_format": "wav"})).samples for s in SENTENCES]
+    gap = np.zeros(16000 * 4, np.float32)      # long pauses: VAD cuts them out
+    audio = np.concatenate([p for piece in pieces * 3 for p in (piece, gap)])
+    assert audio.size / 16000 > 40
+    verbose = client.transcribe(_wav16(audio), {"model": "whisper-1", "response_format": "verbose_json"})
+    assert calls and calls[0]["vad_filter"] is True
+    assert word_error_rate(" ".join(SENTENCES * 3), verbose.text) < 0.15, verbose.text
+    starts = [s.start for s in verbose.segments]
+    assert starts == sorted(starts) and verbose.segments[-1].end > 30
+    assert verbose.language == "en" and abs(verbose.duration - audio.size / 16000) < 0.05

@@ -40,7 +40,7 @@ class TranscriptionJobs:
         request = {"model": model, "language": language, "prompt": prompt, "response_format": "verbose_json",
                    "temperature": temperature}
         self.speech.parse_request(dict(request, response_format=response_format), "transcribe")  # reject bad input now
-        self.speech.stt_model(model, "transcribe", language)
+        self.speech.guard_queue(self.speech.stt_model(model, "transcribe", language))
         job_id = f"job_{uuid.uuid4().hex[:20]}"
         name = Path(getattr(file, "name", "") or (str(file) if isinstance(file, (str, Path)) else "audio")).name
         metadata = AsyncTranscriptionMetadata(filename=name, file_size_mb=round(len(data) / 1e6, 3),

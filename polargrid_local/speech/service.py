@@ -9,7 +9,8 @@ from polargrid.types import (TranscriptionRequest, TranscriptionStreamDelta, Tra
 
 from ..audio.decode import AudioInput, decode_audio
 from ..audio.encode import CONTENT_TYPES, fix_wav_sizes
-from ..errors import coerce, invalid
+from ..errors import RateLimitError, coerce, invalid
+from ..limits import DEFAULT_LIMITS, Limits
 from ..registry import ModelSpec
 from ..stream import Stream
 from .formats import RESPONSE_FORMATS, TranscriptionWord, build_response, segment_of
@@ -23,13 +24,6 @@ if TYPE_CHECKING:
 MIN_SAMPLES = 400   # one log-mel window at 16 kHz (25 ms): the feature kernel needs at least this much
 
 
-def _languages() -> tuple[str, ...]:
-    """The language codes Whisper knows (an unknown one was a 500 from inside the worker)."""
-    from faster_whisper.tokenizer import _LANGUAGE_CODES
-
-    return _LANGUAGE_CODES
-
-
 def _value(v: Any) -> str:
     return str(getattr(v, "value", v))
 
@@ -39,6 +33,18 @@ class SpeechService:
 
     def __init__(self, engine: LocalEngine) -> None:
         self.engine = engine
+
+    @property
+    def limits(self) -> Limits:
+        return getattr(self.engine, "limits", None) or DEFAULT_LIMITS
+
+    def guard_queue(self, spec: ModelSpec) -> None:
+        """RateLimitError (429) once the model has max_speech_queue requests waiting or running."""
+        limit = self.limits.max_speech_queue
+        depth = self.engine.pool.queue_depth(spec)
+        if depth >= limit:
+            raise RateLimitError(f"Speech model {spec.id!r} has {depth} requests queued (the limit is {limit}, "
+                                 "Limits.max_speech_queue); retry shortly", retry_after=2)
 
     # -- text to speech ------------------------------------------------------------------
 
@@ -51,6 +57,7 @@ class SpeechService:
         if stream_default_format and not explicit:
             fmt = stream_default_format
         spec = self.engine.pool.resolve(request.model, "tts")
+        self.guard_queue(spec)
         stream = self.engine.open_stream(spec, speech_job(request, fmt), "speech",
                                          on_finish=lambda _s: self.engine.usage.record(spec.id, len(request.input)))
         stream.content_type = CONTENT_TYPES[fmt]
@@ -81,9 +88,11 @@ class SpeechService:
             return fallback_spec
         return spec
 
-    def parse_request(self, request: Any, task: str) -> tuple[Any, str, bool]:
-        """The SDK request (object or dict), its response format, and whether word timings were asked for."""
+    def parse_request(self, request: Any, task: str) -> tuple[Any, str, bool, bool | None]:
+        """The SDK request (object or dict), its response format, whether word timings were asked for, and
+        the local extra ``vad_filter`` (True, False, or None for the default)."""
         words = False
+        vad: Any = getattr(request, "vad_filter", None)
         if isinstance(request, dict):
             request = dict(request)
             granularities = request.pop("timestamp_granularities", None) or request.pop("timestamp_granularities[]",
@@ -91,41 +100,68 @@ class SpeechService:
             if isinstance(granularities, str):
                 granularities = [granularities]
             words = "word" in (granularities or [])
+            vad = request.pop("vad_filter", None)
         cls = TranslationRequest if task == "translate" else TranscriptionRequest
         request = coerce(cls, request, f"{task} request")
-        language = getattr(request, "language", None)
-        if language and language not in _languages():
-            raise invalid(f"Unknown language {language!r}; use an ISO-639-1 code such as 'en' or 'fr'",
-                          field="language")
         fmt = _value(request.response_format or "json").lower()
         if fmt not in RESPONSE_FORMATS:
             raise invalid(f"Unsupported response_format {fmt!r}; choose one of: {', '.join(RESPONSE_FORMATS)}",
                           field="response_format")
-        return request, fmt, words
+        check_language(getattr(request, "language", None))
+        if request.prompt and "\0" in request.prompt:
+            raise invalid("prompt must not contain NUL characters", field="prompt")
+        return request, fmt, words, parse_vad_filter(vad)
 
-    def _open(self, file: AudioInput, request: Any, task: str, words: bool, convert=lambda item: [item], tail=None):
-        """Decode here (off the model's thread), then queue the transcription on the model's worker."""
-        language = getattr(request, "language", None) or None
+    def _open(self, file: AudioInput, request: Any, task: str, words: bool, vad: bool | None,
+              convert=lambda item: [item], tail=None):
+        """Decode here (off the model's thread), route by language, then queue the transcription on the model's worker."""
+        language = (getattr(request, "language", None) or "").lower() or None
         spec = self.stt_model(_value(request.model) if request.model else None, task, language)
-        decoded = decode_audio(file, 16000)
-        options = SttOptions(task=task, language=language, prompt=request.prompt, temperature=request.temperature,
-                             word_timestamps=words)
+        self.guard_queue(spec)
+        limits = self.limits
+        decoded = decode_audio(file, 16000, limits=limits)
         audio = decoded.samples
         if audio.size < MIN_SAMPLES:  # a clip shorter than one analysis window is silence-padded, not a 500
             audio = np.pad(audio, (0, MIN_SAMPLES - audio.size))
+        if task == "transcribe" and language is None:
+            spec, language = self._route_by_language(spec, audio)
+        duration = decoded.duration
+        options = SttOptions(task=task, language=language, prompt=request.prompt, temperature=request.temperature,
+                             word_timestamps=words, vad_filter=vad,
+                             time_budget_s=limits.transcription_seconds_base
+                             + limits.transcription_seconds_per_audio_second * duration,
+                             token_budget=int(limits.transcription_tokens_base
+                                              + limits.transcription_tokens_per_audio_second * duration),
+                             batch_size=int(spec.engine.get("batch_size", 8)))
 
         def job(backend, ctx):
             yield from backend.transcribe(audio, options, ctx)
 
         stream = self.engine.open_stream(spec, job, "transcription", convert, tail=tail)
-        return spec, stream, decoded.duration
+        return spec, stream, duration
+
+    def _route_by_language(self, spec: ModelSpec, audio) -> tuple[ModelSpec, str | None]:
+        """An English-only model with a multilingual fallback (whisper-1) serves only English speech: the
+        fallback detects the language of the first 30 s; other languages are transcribed by the fallback."""
+        fallback = spec.engine.get("multilingual_fallback") if spec.engine.get("english_only") else None
+        fallback_spec = self.engine.registry.get(fallback) if fallback else None
+        if fallback_spec is None:
+            return spec, None
+        self.guard_queue(fallback_spec)
+
+        def detect(backend, _ctx):
+            yield backend.detect_language(audio)
+
+        with self.engine.open_stream(fallback_spec, detect, "language detection") as stream:
+            language, _probability = next(stream)
+        return (spec if language == "en" else fallback_spec), language
 
     def transcribe(self, file: AudioInput, request: Any, *, task: str = "transcribe", on_progress=None,
                    on_open=None):
         """Transcribe (or translate) a whole file into the requested response format. ``on_open`` gets the
         stream being folded as soon as it is open (the HTTP facade closes it when its client leaves)."""
-        request, fmt, words = self.parse_request(request, task)
-        spec, stream, duration = self._open(file, request, task, words)
+        request, fmt, words, vad = self.parse_request(request, task)
+        spec, stream, duration = self._open(file, request, task, words, vad)
         if on_open is not None:
             on_open(stream)
         info: SttInfo | None = None
@@ -147,7 +183,7 @@ class SpeechService:
 
     def transcribe_stream(self, file: AudioInput, request: Any) -> Stream[Any]:
         """Delta events as segments are decoded, then one done event with the whole text."""
-        request, _fmt, _words = self.parse_request(request, "transcribe")
+        request, _fmt, _words, vad = self.parse_request(request, "transcribe")
         state = {"text": "", "language": request.language or "en", "duration": 0.0}
 
         def convert(item):
@@ -162,6 +198,31 @@ class SpeechService:
             return [TranscriptionStreamDone(type="transcript.text.done", text=state["text"],
                                             duration=round(state["duration"], 3), language=state["language"])]
 
-        _spec, stream, duration = self._open(file, request, "transcribe", False, convert, done)
+        _spec, stream, duration = self._open(file, request, "transcribe", False, vad, convert, done)
         state["duration"] = duration
         return stream
+
+
+def check_language(language: str | None) -> None:
+    """A transcription language must be one of whisper's ISO-639-1 codes."""
+    if not language:
+        return
+    from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+    if not isinstance(language, str) or language.lower() not in _LANGUAGE_CODES:
+        raise invalid(f"Unknown language {language!r}: use an ISO-639-1 code whisper knows, such as "
+                      "'en', 'fr', 'de', 'es', 'zh' (or leave it out to detect the language)", field="language")
+
+
+def parse_vad_filter(value: Any) -> bool | None:
+    """The request's vad_filter: True, False, or None for the default (a form field arrives as text)."""
+    if value is None or value == "" or isinstance(value, bool):
+        return value if isinstance(value, bool) else None
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    if text == "auto":
+        return None
+    raise invalid(f"vad_filter must be true, false or auto, not {value!r}", field="vad_filter")

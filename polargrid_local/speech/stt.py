@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -29,6 +30,10 @@ def _kernel_feature_extractor(base):
     return extractor
 
 
+LONG_AUDIO_SECONDS = 30.0      # past one whisper window: VAD-cut chunks, decoded in batches
+DETECTION_SECONDS = 30           # language detection looks at the first window only
+
+
 @dataclass(frozen=True)
 class SttOptions:
     task: str = "transcribe"               # or "translate"
@@ -36,6 +41,10 @@ class SttOptions:
     prompt: str | None = None
     temperature: float | None = None
     word_timestamps: bool = False
+    vad_filter: bool | None = None         # None: gate short audio on speech, VAD-cut long audio
+    time_budget_s: float = float("inf")    # from when the worker starts the job
+    token_budget: int = 1 << 30
+    batch_size: int = 8
 
 
 @dataclass(frozen=True)
@@ -58,25 +67,76 @@ class WhisperBackend:
         self.model.feature_extractor = _kernel_feature_extractor(self.model.feature_extractor)
         self.english_only = english_only or not self.model.model.is_multilingual
         self.sample_rate = self.model.feature_extractor.sampling_rate
+        self._batched = None
+
+    def detect_language(self, audio: np.ndarray) -> tuple[str, float]:
+        """The spoken language of the first 30 s and its probability (multilingual models)."""
+        if self.english_only:
+            return "en", 1.0
+        language, probability, _all = self.model.detect_language(audio[: DETECTION_SECONDS * self.sample_rate])
+        return language, float(probability)
+
+    def has_speech(self, audio: np.ndarray) -> bool:
+        """Whether Silero VAD (bundled with faster-whisper) hears any speech."""
+        from faster_whisper.vad import VadOptions, get_speech_timestamps
+
+        return bool(get_speech_timestamps(audio, VadOptions(), sampling_rate=self.sample_rate))
 
     def transcribe(self, audio: np.ndarray, options: SttOptions, ctx: JobContext | None = None
                    ) -> Iterator[SttInfo | Any]:
-        """Yields SttInfo first, then faster-whisper segments as they are decoded."""
+        """Yields SttInfo first, then faster-whisper segments as they are decoded.
+
+        Audio with no speech in it (silence, noise) gives no segments rather than whisper's
+        hallucinated "Thank you."; long audio is cut at pauses by VAD and decoded in batches.
+        Past its time or token budget a transcription ends with the SDK's TimeoutError.
+        """
+        started = time.perf_counter()
+        duration = audio.size / self.sample_rate
+        long_audio = duration > LONG_AUDIO_SECONDS
+        if options.vad_filter is not False and not self.has_speech(audio):
+            yield SttInfo(options.language or "en", 0.0, duration)
+            return
         temperature: Any = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0) if options.temperature is None else options.temperature
-        segments, info = self.model.transcribe(
-            audio, language=options.language, task=options.task, initial_prompt=options.prompt or None,
-            temperature=temperature, word_timestamps=options.word_timestamps, beam_size=5,
-            condition_on_previous_text=True, vad_filter=False)
+        common = dict(language=options.language, task=options.task, initial_prompt=options.prompt or None,
+                      temperature=temperature, word_timestamps=options.word_timestamps, beam_size=5)
+        if long_audio and options.vad_filter is not False:
+            segments, info = self._batched_pipeline().transcribe(audio, vad_filter=True,
+                                                                 batch_size=options.batch_size, **common)
+        else:
+            segments, info = self.model.transcribe(audio, condition_on_previous_text=True,
+                                                   vad_filter=bool(options.vad_filter), **common)
         yield SttInfo(info.language, float(info.language_probability or 0.0), float(info.duration))
+        tokens = 0
         try:
             for segment in segments:
                 if ctx is not None and ctx.cancelled:
                     return
+                tokens += len(segment.tokens)
+                _check_budget(options, started, tokens, segment.end)
                 yield segment
         finally:
             close = getattr(segments, "close", None)
             if close is not None:
                 close()
 
+    def _batched_pipeline(self):
+        if self._batched is None:
+            from faster_whisper import BatchedInferencePipeline
+
+            self._batched = BatchedInferencePipeline(self.model)
+        return self._batched
+
     def close(self) -> None:
-        self.model = None
+        self.model = self._batched = None
+
+
+def _check_budget(options: SttOptions, started: float, tokens: int, position: float) -> None:
+    from polargrid import errors as sdk
+
+    spent = time.perf_counter() - started
+    if spent > options.time_budget_s:
+        raise sdk.TimeoutError(f"Transcription stopped at {position:.1f} s of audio: it ran past its time budget of "
+                               f"{options.time_budget_s:.0f} s (Limits.transcription_seconds_*)")
+    if tokens > options.token_budget:
+        raise sdk.TimeoutError(f"Transcription stopped at {position:.1f} s of audio: it produced {tokens} tokens, "
+                               f"past its budget of {options.token_budget} (Limits.transcription_tokens_*)")

@@ -70,6 +70,12 @@ def parse_speech_request(request: Any) -> SpeechRequest:
     request = coerce(SpeechRequest, request, "speech request")
     if not request.input or not request.input.strip():
         raise invalid("Input text is required", field="input")
+    if "\0" in request.input:
+        raise invalid("Input text must not contain NUL characters", field="input")
+    try:
+        request.input.encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid("Input text must be valid Unicode (it holds a lone surrogate)", field="input") from None
     if len(request.input) > MAX_INPUT:
         raise invalid(f"Input text must be {MAX_INPUT} characters or less (got {len(request.input)})", field="input")
     if not request.voice:
