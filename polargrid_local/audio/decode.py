@@ -14,8 +14,6 @@ from typing import BinaryIO, Union
 import numpy as np
 
 from ..errors import invalid
-from ..kernels import to_mono
-from ..kernels.resample import Resampler
 
 AudioInput = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 
@@ -70,6 +68,8 @@ def decode_audio(source: AudioInput, sample_rate: int = 16000, *, max_seconds: f
             raise invalid(f"{name} has no audio stream", field="file")
         stream = container.streams.audio[0]
         codec = stream.codec_context.name
+        from ..kernels.resample import Resampler  # numba: loaded with the first audio decoded
+
         resampler: Resampler | None = None
         pieces: list[np.ndarray] = []
         produced = 0
@@ -100,6 +100,8 @@ def decode_audio(source: AudioInput, sample_rate: int = 16000, *, max_seconds: f
 
 
 def _frame_to_mono(frame) -> np.ndarray:
+    from ..kernels import to_mono
+
     data = frame.to_ndarray()
     channels = len(frame.layout.channels)
     fmt = frame.format.name

@@ -7,8 +7,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import jsonschema
-from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 from polargrid.types import ChatTool, ResponseFormat, ToolCall, ToolCallFunction
 
 from ..errors import invalid
@@ -31,10 +29,14 @@ def schema_grammar(schema: Any, what: str) -> str:
     if not isinstance(schema, dict):
         raise invalid(f"{what} must be a JSON schema object")
     try:
+        import jsonschema  # imported on the first request with a schema
+
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
         raise invalid(f"{what} is not a valid JSON schema: {exc.message}") from None
     try:
+        from llama_cpp.llama_grammar import json_schema_to_gbnf
+
         return json_schema_to_gbnf(json.dumps(schema))
     except Exception as exc:  # the converter asserts on what it cannot express
         raise invalid(f"{what} uses JSON schema features the grammar converter does not support: {exc}") from None
@@ -45,6 +47,8 @@ def response_format_grammar(response_format: ResponseFormat | None) -> str | Non
     if response_format is None or response_format.type == "text":
         return None
     if response_format.type == "json_object":
+        from llama_cpp.llama_grammar import JSON_GBNF
+
         return JSON_GBNF
     spec = response_format.json_schema
     if not spec:
@@ -96,6 +100,8 @@ def _call_schema(tool: ChatTool) -> dict[str, Any]:
     if not isinstance(params, dict) or params.get("type", "object") != "object":
         raise invalid(f"tool {tool.function.name!r}: parameters must be a JSON schema of type 'object'")
     try:
+        import jsonschema
+
         jsonschema.validators.validator_for(params).check_schema(params)
     except jsonschema.SchemaError as exc:
         raise invalid(f"tool {tool.function.name!r}: parameters is not a valid JSON schema: {exc.message}") from None
