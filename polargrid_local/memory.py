@@ -115,9 +115,10 @@ def estimate(path: str, *, n_ctx: int, n_parallel: int = 1, n_batch: int = 512, 
     return Estimate(os.path.getsize(path), kv, compute, offloaded / layers if layers else 0.0)
 
 
-# Resident bytes per byte of model files, measured on the default models (CPU, int8 CTranslate2 for
-# whisper, onnxruntime for piper): loading adds the weights plus the runtime's buffers and arenas.
-FILE_FACTORS = {"stt": 2.0, "tts": 1.5}
+# Resident bytes per byte of model files: loading adds the weights plus the runtime's buffers and arenas.
+# Measured on the default models (CPU): whisper-tiny.en (int8 CTranslate2) 74 MB of files -> +91 MB RSS at load,
+# more while transcribing; piper (onnxruntime) 60 MB of onnx -> +122 MB.
+FILE_FACTORS = {"stt": 1.5, "tts": 2.0}
 
 
 def estimate_files(path: str, kind: str) -> Estimate:
