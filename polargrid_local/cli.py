@@ -127,7 +127,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="polargrid-local", description="PolarGrid, running in this process.")
+    parser = argparse.ArgumentParser(prog="polargrid-local", description="PolarGrid, running in this process.",
+                                     allow_abbrev=False)  # else `speak --model` reads as the global --models
     parser.add_argument("--models", help="models.toml to use (default: $POLARGRID_LOCAL_MODELS or ./models.toml)")
     parser.add_argument("--cache-dir", help="model cache (default: $POLARGRID_LOCAL_CACHE or ~/.cache/polargrid-local)")
     parser.add_argument("--models-only", action="store_true",

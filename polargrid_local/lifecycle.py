@@ -72,7 +72,9 @@ def describe(seconds: float | None) -> str:
 
 
 class Reaper:
-    """A daemon thread that asks the pool to unload models idle past their keep_alive."""
+    """A daemon thread that asks the pool to unload models idle past their keep_alive.
+
+    It sleeps until the soonest expiry (at most ``interval``), so an unload lands within milliseconds of it."""
 
     def __init__(self, pool: ModelPool, interval: float = 0.25) -> None:
         self.pool = pool
@@ -88,7 +90,11 @@ class Reaper:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(self.interval)
+            try:  # sleep to the next expiry (woken early when a request ends or sets keep_alive)
+                pause = min(self.interval, max(0.001, self.pool.next_expiry_in()))
+            except Exception:
+                pause = self.interval
+            self._wake.wait(pause)
             self._wake.clear()
             if self._stop.is_set():
                 return

@@ -279,6 +279,16 @@ class ModelPool:
             idle = [m for m, state in self._states.items() if state == "loaded" and not self._in_flight.get(m)]
             return sorted(idle, key=lambda m: self._last_used.get(m, (0.0, 0.0))[0])
 
+    def next_expiry_in(self) -> float:
+        """Seconds until the next idle model's keep_alive runs out (math.inf when none will)."""
+        now, soonest = time.monotonic(), FOREVER
+        for model_id in self.least_recently_used():
+            spec = self.registry.get(model_id)
+            keep = self.keep_alive_for(spec) if spec is not None else FOREVER
+            if keep != FOREVER:
+                soonest = min(soonest, keep - (now - self._last_used.get(model_id, (now, 0.0))[0]))
+        return soonest
+
     def reap_idle(self) -> list[str]:
         """Unload every model idle past its keep_alive; the ids unloaded."""
         now = time.monotonic()
