@@ -2,7 +2,8 @@
 
 Same GGUF, threads, prompt and token counts; the two loads alternate, and the medians are compared.
 Writes benchmarks/results/safe_load.json with ratios safe/normal (1.0 = no cost; below 1 = slower).
-Usage: python benchmarks/bench_safe_load.py [--rounds 3] [--models smollm2 gemma3-270m]
+Usage: python benchmarks/bench_safe_load.py [--rounds 3] [--threads 1] [--models smollm2-135m-instruct gemma3-270m]
+(On a loaded machine use --threads 1: llama.cpp's threads wait on each other, and a starved one stalls both.)
 """
 from __future__ import annotations
 
@@ -67,7 +68,9 @@ def main() -> int:
             "normal": med["normal"], "safe": med["safe"],
             "prompt_ratio_safe_over_normal": round(med["safe"]["prompt_tok_s"] / med["normal"]["prompt_tok_s"], 3),
             "gen_ratio_safe_over_normal": round(med["safe"]["gen_tok_s"] / med["normal"]["gen_tok_s"], 3)}
-        print(spec.id, json.dumps(report["models"][spec.id]))
+        print(spec.id, json.dumps(report["models"][spec.id]), flush=True)
+        OUT.parent.mkdir(parents=True, exist_ok=True)
+        OUT.write_text(json.dumps(report, indent=2) + "\n")  # after each model: a partial run still reports
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {OUT}")
