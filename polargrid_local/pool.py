@@ -5,6 +5,7 @@ import gc
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
@@ -55,6 +56,7 @@ class ModelPool:
         self._in_flight: dict[str, int] = {}
         self._last_used: dict[str, tuple[float, float]] = {}  # model -> (monotonic, wall clock)
         self._keep_alive: dict[str, float] = {}               # set by the last request that named one
+        self._ended: deque[tuple[ModelSpec, float, float]] = deque()  # requests done, not yet counted
         if keep_alive is None:
             keep_alive = registry.settings.get("keep_alive")
         self.default_keep_alive = FOREVER if keep_alive is None else parse_keep_alive(keep_alive)
@@ -247,12 +249,23 @@ class ModelPool:
         self.reaper.wake()
 
     def end(self, spec: ModelSpec) -> None:
-        with self._lock:
-            self._in_flight[spec.id] = max(0, self._in_flight.get(spec.id, 1) - 1)
-            if spec.id in self._workers:
-                self._last_used[spec.id] = (time.monotonic(), time.time())
-        if self.keep_alive_for(spec) == 0:
-            self.reaper.wake()
+        """A request is done. Never blocks: it may run from a stream's __del__ (the garbage collector, on any
+        thread, perhaps one holding the pool's lock); if the lock is busy, the reaper settles it."""
+        self._ended.append((spec, time.monotonic(), time.time()))
+        self._settle_ended(blocking=False)
+        self.reaper.wake()
+
+    def _settle_ended(self, blocking: bool) -> None:
+        if not self._lock.acquire(blocking=blocking):
+            return
+        try:
+            while self._ended:
+                spec, mono, wall = self._ended.popleft()
+                self._in_flight[spec.id] = max(0, self._in_flight.get(spec.id, 1) - 1)
+                if spec.id in self._workers:
+                    self._last_used[spec.id] = (mono, wall)
+        finally:
+            self._lock.release()
 
     def keep_alive_for(self, spec: ModelSpec) -> float:
         """Seconds the model stays loaded when idle (math.inf: forever)."""
@@ -291,6 +304,7 @@ class ModelPool:
 
     def reap_idle(self) -> list[str]:
         """Unload every model idle past its keep_alive; the ids unloaded."""
+        self._settle_ended(blocking=True)
         now = time.monotonic()
         reaped = []
         for model_id in self.least_recently_used():
