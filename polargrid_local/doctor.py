@@ -163,7 +163,7 @@ def check_port(port: int = DEFAULT_PORT, host: str = "127.0.0.1") -> Check:
             sock.bind((host, port))
         except OSError:
             return Check("port", WARN, f"{host}:{port} is in use (a running `polargrid-local serve`?)",
-                         f"stop what listens there, or serve with --port")
+                         "stop what listens there, or serve with --port")
     return Check("port", OK, f"{host}:{port} is free")
 
 
