@@ -14,13 +14,15 @@ CUDA_ARCH ?= native
 PYTEST_ARGS ?=
 
 
-.PHONY: install install-cuda models demo test fuzz bench lint clean
+WHEELHOUSE ?= $(HOME)/.cache/polargrid-local/wheelhouse
+
+.PHONY: install install-cuda models wheelhouse demo test fuzz bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 
-$(STAMP): $(PY) pyproject.toml scripts/build_llama_cpp.py
+$(STAMP): $(PY) pyproject.toml setup.py scripts/build_llama_cpp.py polargrid_local/build_llama.py
 	$(PY) scripts/build_llama_cpp.py $(LLAMA_BUILD_ARGS)
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
@@ -37,10 +39,16 @@ models: install
 	$(PY) -m polargrid_local pull
 	$(PY) -m polargrid_local pull smollm2-135m-embed   # no download: the chat model's file, linked; tests compare it
 
+# Every dependency as a wheel, once, for tests/test_install.py (a fresh venv installs from it with no network).
+wheelhouse: $(WHEELHOUSE)/.complete
+$(WHEELHOUSE)/.complete: | $(STAMP)
+	$(PY) scripts/wheelhouse.py $(WHEELHOUSE)
+	touch $@
+
 demo: models
 	$(PY) -m polargrid_local demo
 
-test: models
+test: models wheelhouse
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The hostile-input suites with many more Hypothesis examples than CI runs.

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from polargrid.types import (BackendInfo, BackendStatus, GPUInfo, GPUMemoryInfo, GPUMemoryResponse, GPUMemorySimple,
                              GPUMemoryState, GPUProcess, GPUPurgeRequest, GPUPurgeResponse,
                              GPUUtilization, HealthFeatures, HealthResponse, ListModelsResponse, LoadModelRequest,
-                             LoadModelResponse, ModelInfo, ModelStatusResponse, RegionModelStatus, RegionStatus,
+                             LoadModelResponse, ModelInfo, RegionModelStatus, RegionStatus,
                              SystemStatus, UnloadAllModelsResponse, UnloadModelRequest, UnloadModelResponse)
 
 from . import __version__
@@ -17,7 +17,7 @@ from .errors import NotFoundError, coerce, engine_boundary, invalid
 from .gpu import MB, cuda_build
 from .pull import is_pulled
 from .registry import ModelSpec
-from .types import GPUStatusResponse, ModelMemory
+from .types import GPUStatusResponse, LoadedModel, ModelMemory, ModelStatusResponse
 
 if TYPE_CHECKING:
     from .engine import LocalEngine
@@ -99,9 +99,17 @@ def unload_all_models(engine: LocalEngine) -> UnloadAllModelsResponse:
 
 
 def get_model_status(engine: LocalEngine) -> ModelStatusResponse:
-    return ModelStatusResponse(loaded=engine.pool.loaded(),
-                               loading_status={m.id: engine.pool.state(m) for m in engine.registry.models},
-                               repository=str(engine.registry.cache_dir))
+    pool = engine.pool
+    loaded = pool.loaded()
+    models = []
+    for model_id in loaded:
+        spec, facts, est = engine.registry.get(model_id), pool.usage_of(model_id), pool.estimates.get(model_id)
+        models.append(LoadedModel(
+            model=model_id, kind=spec.kind if spec else "?", memory_mb=est.total // MB if est else 0,
+            last_used=datetime.fromtimestamp(facts["last_used"], timezone.utc).isoformat(),
+            keep_alive_s=facts["keep_alive"], expires_in_s=facts["expires_in"], in_flight=facts["in_flight"]))
+    return ModelStatusResponse(loaded=loaded, loading_status={m.id: pool.state(m) for m in engine.registry.models},
+                               repository=str(engine.registry.cache_dir), models=models)
 
 
 def get_gpu_status(engine: LocalEngine) -> GPUStatusResponse:

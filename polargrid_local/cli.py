@@ -1,4 +1,4 @@
-"""The polargrid-local command: pull models, list them, chat, run the demo."""
+"""The polargrid-local command: pull, list, show, rm, chat, speak, transcribe, serve, ps, doctor, install-llama."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +6,9 @@ import sys
 import time
 
 from .limits import DEFAULT_LIMITS
+from polargrid.errors import PolarGridError
+
+from .cli_commands import add_commands
 from .pull import PullError, is_pulled, pull
 from .registry import Registry, RegistryError
 
@@ -13,7 +16,20 @@ API_KEYS_ENV = "POLARGRID_LOCAL_API_KEYS"
 
 
 def _registry(args: argparse.Namespace) -> Registry:
-    return Registry.load(args.models, args.cache_dir)
+    return Registry.load(args.models, args.cache_dir, models_only=args.models_only)
+
+
+def _client(args: argparse.Namespace, **local):
+    from .client import PolarGridSync
+
+    return PolarGridSync(models=args.models, cache_dir=args.cache_dir, models_only=args.models_only, **local)
+
+
+def _spec_or_exit(registry: Registry, name: str):
+    spec = registry.get(name)
+    if spec is None:
+        print(f"unknown model {name!r}; `polargrid-local list` shows the registry", file=sys.stderr)
+    return spec
 
 
 def default_models(registry: Registry) -> list:
@@ -62,9 +78,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .client import PolarGridSync
-
-    with PolarGridSync(models=args.models, cache_dir=args.cache_dir, n_threads=args.threads) as client:
+    with _client(args, n_threads=args.threads) as client:
         request = {"model": args.model or client.engine.registry.default("chat").id,
                    "messages": [{"role": "user", "content": args.prompt}],
                    "max_tokens": args.max_tokens, "temperature": args.temperature}
@@ -94,7 +108,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(message)s")
     keys = list(args.api_key or []) + [k for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
     engine = LocalEngine(args.models, cache_dir=args.cache_dir, n_threads=args.threads, preload=args.preload or (),
-                         fake=args.fake)
+                         fake=args.fake, keep_alive=args.keep_alive,
+                         models_only=args.models_only)
     http_limits = {name: getattr(args, name) for name in HTTP_LIMIT_FLAGS if getattr(args, name) is not None}
     limits = dataclasses.replace(getattr(engine, "limits", None) or DEFAULT_LIMITS, **http_limits)
     config = ServerConfig(host=args.host, port=args.port, api_keys=[k.strip() for k in keys],
@@ -127,9 +142,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="polargrid-local", description="PolarGrid, running in this process.")
+    parser = argparse.ArgumentParser(prog="polargrid-local", description="PolarGrid, running in this process.",
+                                     allow_abbrev=False)  # else `speak --model` reads as the global --models
     parser.add_argument("--models", help="models.toml to use (default: $POLARGRID_LOCAL_MODELS or ./models.toml)")
     parser.add_argument("--cache-dir", help="model cache (default: $POLARGRID_LOCAL_CACHE or ~/.cache/polargrid-local)")
+    parser.add_argument("--models-only", action="store_true",
+                        help="use only the --models file, not the registry that ships with the package")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pull", help="download models into the cache (default: the default model of each kind)")
@@ -160,13 +178,15 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(flag, dest=name, type=kind, help=f"{text} (default {getattr(DEFAULT_LIMITS, name)})")
     p.add_argument("--max-body", dest="max_body_bytes", type=int, help=argparse.SUPPRESS)  # the old spelling
     p.add_argument("--threads", type=int, help="CPU threads per model")
-    p.add_argument("--preload", action="append", help="load this model at start (repeatable)")
+    p.add_argument("--preload", nargs="+", action="extend", metavar="ID", help="load these models at start")
+    p.add_argument("--keep-alive", help="unload a model idle this long ('5m', seconds; -1 never, the default)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--fake", action="store_true", help="serve polargrid_local.testing's fake engines (no model files)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="chat, and speech and transcription where installed, all offline")
     p.set_defaults(func=cmd_demo)
+    add_commands(sub)
 
     args = parser.parse_args(argv)
     try:
@@ -174,5 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     except RegistryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except PolarGridError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

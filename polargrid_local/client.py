@@ -85,11 +85,13 @@ class _LocalClient:
                  n_gpu_layers: int | str | None = None, n_ctx: int | None = None, n_parallel: int | None = None,
                  max_queue: int | None = None, memory_policy: str | None = None,
                  memory_budget_mb: int | None = None, preload: list[str] | tuple = (),
+                 keep_alive: float | str | None = None, models_only: bool = False,
                  engine: LocalEngine | None = None, fake: Any = False, offline: bool = False,
                  **sdk_args: Any) -> None:
         local = dict(cache_dir=cache_dir, n_threads=n_threads, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx,
                      n_parallel=n_parallel, max_queue=max_queue, memory_policy=memory_policy,
-                     memory_budget_mb=memory_budget_mb, preload=preload, fake=fake, offline=offline)
+                     memory_budget_mb=memory_budget_mb, preload=preload, keep_alive=keep_alive,
+                     models_only=models_only, fake=fake, offline=offline)
         self.engine = _engine(engine, models, local, {"api_key": api_key, **sdk_args})
         if offline and engine is not None:
             enable_offline_guard()

@@ -20,6 +20,7 @@ from .errors import coerce, engine_boundary, invalid
 from .factories import default_factories
 from .gpu import NvmlProbe
 from .llm.chunks import ChatChunker, CompletionChunker, fold_chat, fold_completion
+from .lifecycle import split_keep_alive
 from .llm.embeddings import embedding_job, plan_embeddings, split_options
 from .llm.requests import check_stops, chat_job, completion_job, plan_chat, sampling_for
 from .offline import enable as enable_offline_guard
@@ -41,7 +42,8 @@ class LocalEngine:
                  n_gpu_layers: int | str | None = None, n_ctx: int | None = None, n_parallel: int | None = None,
                  max_queue: int | None = None, memory_policy: str | None = None,
                  memory_budget_mb: int | None = None, nvml: NvmlProbe | None = None,
-                 preload: tuple[str, ...] | list[str] = (), fake: Any = False, offline: bool = False) -> None:
+                 preload: tuple[str, ...] | list[str] = (), keep_alive: float | str | None = None,
+                 models_only: bool = False, fake: Any = False, offline: bool = False) -> None:
         """``fake=True`` (or a testing.FakeScript) serves every model kind from polargrid_local.testing's
         deterministic fakes, without model files; ``offline=True`` turns on the offline guard (offline.py)."""
         if offline or offline_requested():
@@ -52,19 +54,20 @@ class LocalEngine:
 
             self.fake = fake if isinstance(fake, FakeScript) else FakeScript()
             factories = fake_factories(self.fake, factories)
-        self.registry = models if isinstance(models, Registry) else Registry.load(models, cache_dir)
+        self.registry = models if isinstance(models, Registry) else Registry.load(models, cache_dir,
+                                                                                  models_only=models_only)
         self.nvml = nvml or NvmlProbe()
         overrides = {"n_threads": n_threads, "n_gpu_layers": n_gpu_layers, "n_ctx": n_ctx, "n_parallel": n_parallel,
                      "max_queue": max_queue}
         policy = memory_policy or self.registry.settings.get("memory_policy", "refuse")
         self.pool = ModelPool(self.registry, factories or default_factories(), overrides=overrides, nvml=self.nvml,
-                              memory_policy=policy, memory_budget_mb=memory_budget_mb)
+                              memory_policy=policy, memory_budget_mb=memory_budget_mb, keep_alive=keep_alive)
         self.usage = UsageBook()
         self.started = datetime.now(timezone.utc)
         self._closed = threading.Event()
         self.speech = SpeechService(self)
         self.jobs = TranscriptionJobs(self.speech)
-        for name in preload:
+        for name in [*self.registry.settings.get("preload", []), *preload]:
             self.load_model({"model_name": name})
 
     # -- text ----------------------------------------------------------------------------
@@ -72,11 +75,13 @@ class LocalEngine:
     def chat_completion_stream(self, request: ChatCompletionRequest | dict[str, Any], *,
                                stream_options: dict[str, Any] | None = None) -> Stream[ChatCompletionChunk]:
         """Stream a chat completion. ``stream_options={"include_usage": True}`` adds a final usage chunk."""
+        request, keep_alive = split_keep_alive(request)
         if isinstance(request, dict):
             request = dict(request)
             stream_options = stream_options or request.pop("stream_options", None)
         request = coerce(ChatCompletionRequest, request, "chat completion request")
         spec = self.pool.resolve(request.model, "chat")
+        spec = self._keep(spec, keep_alive)
         plan = plan_chat(request, spec.id)
         chunker = ChatChunker(request.model, request.tools, plan.tools, _include_usage(stream_options))
         return self._open(spec, chat_job(plan, spec.id), chunker, "chat")
@@ -92,6 +97,7 @@ class LocalEngine:
                           stream_options: dict[str, Any] | None = None, seed: int | None = None
                           ) -> Stream[CompletionChunk]:
         """Stream a text completion; a list prompt gives one choice per prompt, in order."""
+        request, keep_alive = split_keep_alive(request)
         if isinstance(request, dict):
             request = dict(request)
             stream_options = stream_options or request.pop("stream_options", None)
@@ -100,7 +106,7 @@ class LocalEngine:
         prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
         if not prompts or any(not isinstance(p, str) or not p for p in prompts):
             raise invalid("Prompt is required", field="prompt")
-        spec = self.pool.resolve(request.model, "chat")
+        spec = self._keep(self.pool.resolve(request.model, "chat"), keep_alive)
         chunker = CompletionChunker(request.model, _include_usage(stream_options))
         chunker.prompts_total = len(prompts)
         params = sampling_for(request, seed=seed)
@@ -130,10 +136,11 @@ class LocalEngine:
     def embeddings(self, request: EmbeddingRequest | dict[str, Any], *, dimensions: int | None = None,
                    encoding_format: str | None = None) -> EmbeddingResponse:
         """One vector per input string. OpenAI's ``dimensions`` and ``encoding_format`` may also be request keys."""
+        request, keep_alive = split_keep_alive(request)
         request, options = split_options(request, {"dimensions": dimensions, "encoding_format": encoding_format})
         request = coerce(EmbeddingRequest, request, "embedding request")
         plan = plan_embeddings(request, options)
-        spec = self.pool.resolve(request.model, "embedding")
+        spec = self._keep(self.pool.resolve(request.model, "embedding"), keep_alive)
         with self.open_stream(spec, embedding_job(plan, spec.id), "embedding") as stream:
             vectors, count = next(stream)
         self.usage.record(spec.id, count)
@@ -148,10 +155,33 @@ class LocalEngine:
         Every request goes through here, so loading and queueing failures become the SDK's errors in
         one place, and every stream reports the same load/queue/inference timings.
         """
-        with engine_boundary(what):
-            worker, load_seconds = self.pool.worker(spec)
-            results, ctx = worker.submit(job)
-        return Stream(results, ctx, convert, load_seconds, on_finish=on_finish, tail=tail)
+        self.pool.begin(spec)
+        try:
+            with engine_boundary(what):
+                worker, load_seconds = self.pool.worker(spec)
+                results, ctx = worker.submit(job)
+        except BaseException:
+            self.pool.end(spec)
+            raise
+        stream = Stream(results, ctx, convert, load_seconds, on_finish=on_finish, tail=tail)
+        stream.on_close = lambda: self.pool.end(spec)
+        return stream
+
+    def _keep(self, spec, keep_alive: float | None):
+        """A request's keep_alive holds for its model from now on (as in Ollama: the last request sets it)."""
+        if keep_alive is not None:
+            self.pool.set_keep_alive(spec, keep_alive)
+        return spec
+
+    def _keep_for(self, request, kind: str):
+        """Speech requests: take ``keep_alive`` out before the speech service validates the request."""
+        request, keep_alive = split_keep_alive(request)
+        if keep_alive is not None:
+            name = request.get("model") if isinstance(request, dict) else None
+            spec = self.registry.get(name) if name else self.registry.default(kind)
+            if spec is not None:
+                self._keep(spec, keep_alive)
+        return request
 
     def _open(self, spec, job, chunker, what: str) -> Stream[Any]:
         def finished(stream: Stream[Any]) -> None:
@@ -166,23 +196,23 @@ class LocalEngine:
 
     def text_to_speech(self, request) -> bytes:
         """Synthesise the whole input; bytes in the requested format."""
-        return self.speech.speech(request)
+        return self.speech.speech(self._keep_for(request, "tts"))
 
     def text_to_speech_stream(self, request, *, default_format: str | None = None) -> Stream[bytes]:
         """Audio bytes per sentence as it is synthesised (``stream.content_type`` names the format)."""
-        return self.speech.speech_stream(request, stream_default_format=default_format)
+        return self.speech.speech_stream(self._keep_for(request, "tts"), stream_default_format=default_format)
 
     def transcribe(self, file, request):
         """Transcription in the requested format: TranscriptionResponse, VerboseTranscriptionResponse or str."""
-        return self.speech.transcribe(file, request)
+        return self.speech.transcribe(file, self._keep_for(request, "stt"))
 
     def transcribe_stream(self, file, request) -> Stream[Any]:
         """transcript.text.delta events per segment, then transcript.text.done."""
-        return self.speech.transcribe_stream(file, request)
+        return self.speech.transcribe_stream(file, self._keep_for(request, "stt"))
 
     def translate(self, file, request):
         """English text of speech in any language the model knows."""
-        return self.speech.transcribe(file, request, task="translate")
+        return self.speech.transcribe(file, self._keep_for(request, "stt"), task="translate")
 
     def transcribe_async(self, file, model: str = "stt-1b-en_fr", language: str | None = None,
                          prompt: str | None = None, response_format: str = "json", temperature: float | None = None):

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from .gpu import NvmlProbe, cuda_build
+from .llama_safety import ensure_safe_llama
 from .registry import ModelSpec
 
 LLAMA_KEYS = ("n_ctx", "n_threads", "n_batch", "chat_template", "main_gpu", "tensor_split", "flash_attn")
@@ -29,6 +30,7 @@ def chat_factory(spec: ModelSpec, path: str, overrides: dict[str, Any]):
     from .llm.backend import LlamaBackend
     from .llm.batching import BatchedLlamaBackend
 
+    ensure_safe_llama()
     settings = llama_settings(spec, overrides)
     n_parallel = int(overrides.get("n_parallel") or spec.engine.get("n_parallel", 8))
     if n_parallel <= 1:
@@ -43,6 +45,7 @@ def embedding_factory(spec: ModelSpec, path: str, overrides: dict[str, Any]):
 
     from .llm.backend import LlamaBackend
 
+    ensure_safe_llama()
     settings = llama_settings(spec, overrides)
     settings.pop("chat_template", None)
     tokenizer = spec.engine.get("tokenizer")

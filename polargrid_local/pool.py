@@ -5,13 +5,15 @@ import gc
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 from .errors import NotFoundError, ServerError, invalid
 from .gpu import MB, NvmlProbe, resident_bytes
-from .memory import (POLICIES, Estimate, available_host_bytes, check_fits, estimate, gguf_facts, gpu_layers_that_fit,
-                     settings_for)
+from .lifecycle import FOREVER, Reaper, parse_keep_alive
+from .memory import (POLICIES, Estimate, available_host_bytes, check_fits, estimate, estimate_files, gguf_facts,
+                     gpu_layers_that_fit, settings_for)
 from .pull import is_pulled
 from .registry import ModelSpec, Registry
 from .worker import ModelWorker
@@ -33,7 +35,8 @@ class ModelPool:
     """Owns one ModelWorker per loaded model; backends come from injected factories, one per kind."""
 
     def __init__(self, registry: Registry, factories: dict[str, BackendFactory], *, overrides: dict[str, Any] | None = None,
-                 nvml: NvmlProbe | None = None, memory_policy: str = "refuse", memory_budget_mb: int | None = None) -> None:
+                 nvml: NvmlProbe | None = None, memory_policy: str = "refuse", memory_budget_mb: int | None = None,
+                 keep_alive: Any = None) -> None:
         if memory_policy not in POLICIES:
             raise ValueError(f"memory_policy must be one of {', '.join(POLICIES)}")
         self.registry = registry
@@ -49,6 +52,15 @@ class ModelPool:
         self._errors: dict[str, str] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
+        # lifecycle (see lifecycle.py): requests in flight, when each model was last used, keep_alive per model
+        self._in_flight: dict[str, int] = {}
+        self._last_used: dict[str, tuple[float, float]] = {}  # model -> (monotonic, wall clock)
+        self._keep_alive: dict[str, float] = {}               # set by the last request that named one
+        self._ended: deque[tuple[ModelSpec, float, float]] = deque()  # requests done, not yet counted
+        if keep_alive is None:
+            keep_alive = registry.settings.get("keep_alive")
+        self.default_keep_alive = FOREVER if keep_alive is None else parse_keep_alive(keep_alive)
+        self.reaper = Reaper(self)
 
     def resolve(self, name: str | None, kind: str | tuple[str, ...]) -> ModelSpec:
         """The registry entry for a request's model name; NotFoundError names what exists."""
@@ -96,6 +108,7 @@ class ModelPool:
                 raise
             worker = ModelWorker(spec.id, backend)
             with self._lock:
+                self._last_used[spec.id] = (time.monotonic(), time.time())
                 self._workers[spec.id] = worker
                 self._states[spec.id] = "loaded"
                 self._errors.pop(spec.id, None)
@@ -112,7 +125,7 @@ class ModelPool:
         if factory is None:
             raise ServerError(f"no engine for {spec.kind} models is available in this installation", 501)
         path = str(spec.path_in(self.registry.cache_dir))
-        extra = self._admit_memory(spec, path) if needs_files and spec.kind in ("chat", "embedding") else {}
+        extra = self._admit_memory(spec, path) if needs_files else {}
         gpu_before = self.nvml.used_by_this_process()
         try:
             backend = factory(spec, path, {**self.overrides, **extra})
@@ -131,16 +144,19 @@ class ModelPool:
         layers = resolve_gpu_layers(settings.get("n_gpu_layers"), self.nvml)
         parallel = int(settings.get("n_parallel") or 8) if spec.kind == "chat" else 1
         try:
-            est = estimate(path, n_ctx=int(settings.get("n_ctx") or 2048), n_parallel=parallel,
-                           n_batch=int(settings.get("n_batch") or 512), n_gpu_layers=layers,
-                           embedding=spec.kind == "embedding")
+            if spec.kind not in ("chat", "embedding"):
+                est = estimate_files(path, spec.kind)
+            else:
+                est = estimate(path, n_ctx=int(settings.get("n_ctx") or 2048), n_parallel=parallel,
+                               n_batch=int(settings.get("n_batch") or 512), n_gpu_layers=layers,
+                               embedding=spec.kind == "embedding")
         except Exception as exc:  # an unreadable header fails the load itself, with its own message
             logger.debug("no memory estimate for %s: %s", spec.id, exc)
             return {}
         extra: dict[str, Any] = {}
         reason = self._does_not_fit(est, settings)
         if reason and self.memory_policy == "evict":
-            for victim in sorted(self.loaded(), key=lambda m: -self.estimates.get(m, Estimate(0, 0, 0, 0)).total):
+            for victim in self.least_recently_used():  # idle models, the longest idle first
                 victim_spec = self.registry.get(victim)
                 if victim_spec is None or victim == spec.id or self.queue_depth(victim_spec):
                     continue
@@ -184,6 +200,10 @@ class ModelPool:
         with self._lock:
             worker = self._workers.pop(spec.id, None)
             self._states[spec.id] = "unloaded"
+            self._forget_use(spec.id)
+        return self._release(spec, worker)
+
+    def _release(self, spec: ModelSpec, worker: ModelWorker[Any] | None) -> UnloadReport | None:
         self.estimates.pop(spec.id, None)
         self.gpu_measured.pop(spec.id, None)
         if worker is None:
@@ -216,5 +236,102 @@ class ModelPool:
             worker = self._workers.get(spec.id)
         return worker.queue_depth if worker else 0
 
+    # -- lifecycle: see lifecycle.py ------------------------------------------------------
+
+    def begin(self, spec: ModelSpec) -> None:
+        """A request for the model starts; call end() when it is done."""
+        with self._lock:
+            self._in_flight[spec.id] = self._in_flight.get(spec.id, 0) + 1
+
+    def set_keep_alive(self, spec: ModelSpec, seconds: float) -> None:
+        """How long the model stays loaded once idle, until it is unloaded or another request sets it."""
+        with self._lock:
+            self._keep_alive[spec.id] = seconds
+        self.reaper.wake()
+
+    def end(self, spec: ModelSpec) -> None:
+        """A request is done. Never blocks: it may run from a stream's __del__ (the garbage collector, on any
+        thread, perhaps one holding the pool's lock); if the lock is busy, the reaper settles it."""
+        self._ended.append((spec, time.monotonic(), time.time()))
+        self._settle_ended(blocking=False)
+        self.reaper.wake()
+
+    def _settle_ended(self, blocking: bool) -> None:
+        if not self._lock.acquire(blocking=blocking):
+            return
+        try:
+            while self._ended:
+                spec, mono, wall = self._ended.popleft()
+                self._in_flight[spec.id] = max(0, self._in_flight.get(spec.id, 1) - 1)
+                if spec.id in self._workers:
+                    self._last_used[spec.id] = (mono, wall)
+        finally:
+            self._lock.release()
+
+    def keep_alive_for(self, spec: ModelSpec) -> float:
+        """Seconds the model stays loaded when idle (math.inf: forever)."""
+        if spec.id in self._keep_alive:
+            return self._keep_alive[spec.id]
+        if "keep_alive" in spec.engine:
+            return parse_keep_alive(spec.engine["keep_alive"], f"{spec.id}: keep_alive")
+        return self.default_keep_alive
+
+    def usage_of(self, model_id: str) -> dict[str, Any]:
+        """Lifecycle facts of a loaded model: last use (wall clock), keep_alive, seconds left, requests in flight."""
+        spec = self.registry.get(model_id)
+        with self._lock:
+            mono, wall = self._last_used.get(model_id, (time.monotonic(), time.time()))
+            in_flight = self._in_flight.get(model_id, 0)
+        keep = self.keep_alive_for(spec) if spec is not None else FOREVER
+        left = None if keep == FOREVER else (keep if in_flight else max(0.0, keep - (time.monotonic() - mono)))
+        return {"last_used": wall, "keep_alive": None if keep == FOREVER else keep, "expires_in": left,
+                "in_flight": in_flight}
+
+    def least_recently_used(self) -> list[str]:
+        """Loaded models with nothing in flight, the longest idle first."""
+        with self._lock:
+            idle = [m for m, state in self._states.items() if state == "loaded" and not self._in_flight.get(m)]
+            return sorted(idle, key=lambda m: self._last_used.get(m, (0.0, 0.0))[0])
+
+    def next_expiry_in(self) -> float:
+        """Seconds until the next idle model's keep_alive runs out (math.inf when none will)."""
+        now, soonest = time.monotonic(), FOREVER
+        for model_id in self.least_recently_used():
+            spec = self.registry.get(model_id)
+            keep = self.keep_alive_for(spec) if spec is not None else FOREVER
+            if keep != FOREVER:
+                soonest = min(soonest, keep - (now - self._last_used.get(model_id, (now, 0.0))[0]))
+        return soonest
+
+    def reap_idle(self) -> list[str]:
+        """Unload every model idle past its keep_alive; the ids unloaded."""
+        self._settle_ended(blocking=True)
+        now = time.monotonic()
+        reaped = []
+        for model_id in self.least_recently_used():
+            spec = self.registry.get(model_id)
+            if spec is None:
+                continue
+            keep = self.keep_alive_for(spec)
+            with self._lock:  # checked again under the lock: a request may have begun since
+                idle_since = self._last_used.get(model_id, (now, 0.0))[0]
+                if keep == FOREVER or self._in_flight.get(model_id) or now - idle_since < keep:
+                    continue
+                worker = self._workers.pop(model_id, None)
+                if worker is None or worker.queue_depth:
+                    if worker is not None:
+                        self._workers[model_id] = worker
+                    continue
+                self._states[model_id] = "unloaded"
+                self._forget_use(model_id)
+            self._release(spec, worker)
+            reaped.append(model_id)
+        return reaped
+
+    def _forget_use(self, model_id: str) -> None:
+        self._last_used.pop(model_id, None)
+        self._keep_alive.pop(model_id, None)
+
     def close(self) -> None:
+        self.reaper.close()
         self.unload_all()

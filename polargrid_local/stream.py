@@ -36,6 +36,7 @@ class Stream(Generic[T]):
         self.finished_at: float | None = None
         self.chunker: Any = None               # what turns events into chunks; the folds read its usage
         self.content_type: str | None = None   # for byte streams (speech): the MIME type of the format
+        self.on_close: Callable[[], None] | None = None  # once, when it ends or is closed (the pool's in-flight count)
 
     def metadata(self) -> PGMetadata:
         """Region 'local' and the real split of this request's time: load, queue, inference."""
@@ -55,7 +56,13 @@ class Stream(Generic[T]):
             return sdk.ServerError(str(exc), 503)
         return as_server_error(exc, "generation")
 
+    def _closed(self) -> None:
+        callback, self.on_close = self.on_close, None
+        if callback is not None:
+            callback()
+
     def _finish(self) -> None:
+        self._closed()
         if not self._finished:
             self._finished = True
             self.finished_at = time.perf_counter()
@@ -109,6 +116,7 @@ class Stream(Generic[T]):
     def close(self) -> None:
         """Stop reading; the model stops generating for this request."""
         self._results.close()
+        self._closed()
 
     async def aclose(self) -> None:
         self.close()
@@ -127,3 +135,4 @@ class Stream(Generic[T]):
 
     def __del__(self) -> None:
         self._results.close()
+        self._closed()

@@ -33,3 +33,21 @@ class GPUStatusResponse(sdk.GPUStatusResponse):
     """The SDK's GPU status, plus which loaded model holds how much memory."""
 
     models: list[ModelMemory] = []
+
+
+class LoadedModel(BaseModel):
+    """A loaded model's lifecycle: memory (the estimate made before loading), last use and keep_alive left."""
+
+    model: str
+    kind: str
+    memory_mb: int
+    last_used: str                     # ISO 8601, UTC: when its last request ended (or it loaded)
+    keep_alive_s: float | None = None  # None: stays loaded until unloaded
+    expires_in_s: float | None = None  # None: never; while requests are in flight, the full keep_alive
+    in_flight: int = 0
+
+
+class ModelStatusResponse(sdk.ModelStatusResponse):
+    """The SDK's model status, plus each loaded model's memory, last use and keep_alive."""
+
+    models: list[LoadedModel] = []

@@ -1,4 +1,4 @@
-"""The wheel a user installs: every subpackage, kernels under polargrid_local, no top-level `kernels`."""
+"""The wheel a user installs: every subpackage, the registry, kernels under polargrid_local; a light import."""
 from __future__ import annotations
 
 import shutil
@@ -14,7 +14,7 @@ def test_wheel_contains_every_package_and_maps_kernels_under_polargrid_local(tmp
     source = tmp_path / "src"  # a clean copy: a stale build/ folder would hide a package missing from the list
     for name in ("polargrid_local", "kernels"):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md", "models.toml"):
+    for name in ("pyproject.toml", "setup.py", "README.md", "models.toml"):
         shutil.copy(ROOT / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
                     "-w", str(tmp_path), str(source)], check=True, capture_output=True)
@@ -25,5 +25,18 @@ def test_wheel_contains_every_package_and_maps_kernels_under_polargrid_local(tmp
     assert on_disk <= shipped, f"missing from the wheel: {sorted(on_disk - shipped)}"
     assert "polargrid_local/kernels/logmel.py" in names
     assert not [n for n in names if n.startswith("kernels/")], "kernels/ must not install as a top-level package"
+    assert zipfile.ZipFile(wheel).read("polargrid_local/models.toml") == (ROOT / "models.toml").read_bytes(), \
+        "the default registry ships inside the package"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "polargrid-local = polargrid_local.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+HEAVY = ("llama_cpp", "faster_whisper", "ctranslate2", "piper", "onnxruntime", "av", "numba")
+
+
+def test_importing_the_library_loads_no_engine():
+    """A chat-only app pays for llama.cpp only when it loads a model, and never for the speech stacks."""
+    code = ("import sys, polargrid_local, polargrid_local.cli, polargrid_local.server; "
+            f"print([m for m in {HEAVY!r} if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

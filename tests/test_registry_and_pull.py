@@ -160,3 +160,208 @@ def test_local_source_is_used_in_place(tmp_path, registry):
         assert reply.usage.completion_tokens > 0
     finally:
         engine.close()
+
+
+# -- the packaged registry and the user's overlay ---------------------------------------------------------------
+
+def test_a_checkout_finds_the_packaged_registry_without_building():
+    from polargrid_local.registry import packaged_models_file
+
+    assert packaged_models_file().read_text() == (ROOT / "models.toml").read_text()
+
+
+def test_a_user_registry_adds_to_and_overrides_the_packaged_one(tmp_path, monkeypatch):
+    monkeypatch.delenv("POLARGRID_LOCAL_MODELS", raising=False)
+    user = tmp_path / "mine.toml"
+    user.write_text('[defaults]\nchat = "mine"\n[settings]\nkeep_alive = "5m"\n'
+                    '[[models]]\nid = "mine"\nkind = "chat"\naliases = ["gpt-3.5-turbo"]\nlocal = "/x.gguf"\n'
+                    '[[models]]\nid = "whisper-base"\nkind = "stt"\nlocal = "/my/whisper"\n')
+    registry = Registry.load(user)
+    assert registry.get("mine").local == "/x.gguf" and registry.default("chat").id == "mine"
+    assert registry.get("gpt-3.5-turbo").id == "mine", "the user's alias wins"
+    assert "gpt-3.5-turbo" not in registry.get("smollm2").aliases and registry.get("smollm2") is not None
+    assert registry.get("whisper-base").local == "/my/whisper", "same id: the user's entry replaces the packaged one"
+    assert registry.default("tts").id == "piper-en_US-joe-medium", "packaged defaults the user leaves alone stay"
+    assert registry.settings["keep_alive"] == "5m"
+    only = Registry.load(user, models_only=True)
+    assert {m.id for m in only.models} == {"mine", "whisper-base"}
+    user.write_text(user.read_text().replace('[settings]\n', '[settings]\nreplace_defaults = true\n'))
+    assert {m.id for m in Registry.load(user).models} == {"mine", "whisper-base"}
+
+
+def test_the_user_registry_comes_from_the_environment_or_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("POLARGRID_LOCAL_MODELS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert Registry.load().get("mine") is None and Registry.load().get("smollm2") is not None
+    (tmp_path / "models.toml").write_text('[[models]]\nid = "mine"\nkind = "chat"\nlocal = "/x.gguf"\n')
+    assert Registry.load().get("mine") is not None and Registry.load().get("smollm2") is not None
+    other = tmp_path / "other.toml"
+    other.write_text('[[models]]\nid = "theirs"\nkind = "chat"\nlocal = "/y.gguf"\n')
+    monkeypatch.setenv("POLARGRID_LOCAL_MODELS", str(other))
+    assert Registry.load().get("theirs") is not None and Registry.load().get("mine") is None
+
+
+@pytest.mark.parametrize("files, words", [
+    ('entry = "../../outside"\nfiles = [{ path = "x", pypi = "p==1:x" }]', "entry"),
+    ('entry = "/etc/passwd"\nfiles = [{ path = "x", pypi = "p==1:x" }]', "entry"),
+    ('files = [{ path = "x", sha256 = "../../../etc/passwd", pypi = "p==1:x" }]', "64 hexadecimal"),
+    ('files = [{ path = "x", sha256 = "abc", pypi = "p==1:x" }]', "64 hexadecimal"),
+    ('files = [{ path = "/abs/x", pypi = "p==1:x" }]', "relative"),
+    ('files = [{ path = "a\\\\..\\\\..\\\\x", pypi = "p==1:x" }]', "relative"),
+])
+def test_paths_and_hashes_from_the_registry_are_checked_before_use(tmp_path, files, words):
+    path = tmp_path / "models.toml"
+    path.write_text(f'[[models]]\nid = "a"\nkind = "chat"\n{files}\n')
+    with pytest.raises(RegistryError, match=words):
+        Registry.load(path)
+
+
+# -- Hugging Face downloads: token kept on its origin, resumed after a break ----------------------------------
+
+class _Recorder:
+    """A loopback HTTP server that records each request's headers and answers with a handler function."""
+
+    def __init__(self, answer):
+        import http.server
+        import threading
+
+        self.requests: list[dict[str, str]] = []
+        recorder = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                recorder.requests.append({"path": self.path, **{k.lower(): v for k, v in self.headers.items()}})
+                answer(self)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+DATA = bytes(range(256)) * 4096  # 1 MiB
+DATA_SHA = hashlib.sha256(DATA).hexdigest()
+
+
+def _hf_registry(tmp_path, endpoint_repo="o/r"):
+    path = tmp_path / "hf.toml"
+    path.write_text(f'[[models]]\nid = "hfm"\nkind = "tts"\nentry = "m.bin"\n'
+                    f'files = [{{ path = "m.bin", size = {len(DATA)}, sha256 = "{DATA_SHA}", hf = "{endpoint_repo}:m.bin" }}]\n')
+    return Registry.load(path, cache_dir=tmp_path / "cache", models_only=True)
+
+
+def test_hf_token_goes_to_its_own_origin_only(tmp_path, monkeypatch):
+    def cdn(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(DATA)))
+        handler.end_headers()
+        handler.wfile.write(DATA)
+
+    other = _Recorder(cdn)
+
+    def hub(handler):
+        if handler.path.endswith("/m.bin"):  # same origin first, then off to the "CDN" on another port
+            target = "/moved/m.bin.next"
+        else:
+            target = f"{other.url}/blob?sig=1"
+        handler.send_response(302)
+        handler.send_header("Location", target)
+        handler.end_headers()
+
+    hub_server = _Recorder(hub)
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
+        monkeypatch.setenv("HF_TOKEN", "hf_secret")
+        registry = _hf_registry(tmp_path)
+        path = pull(registry, registry.get("hfm"), log=lambda _m: None)
+        assert path.read_bytes() == DATA
+        assert [r.get("authorization") for r in hub_server.requests] == ["Bearer hf_secret"] * 2
+        assert other.requests and all("authorization" not in r for r in other.requests)
+    finally:
+        hub_server.close()
+        other.close()
+
+
+def test_an_interrupted_hf_download_resumes_with_a_range_request(tmp_path, monkeypatch):
+    def flaky(handler):
+        first = len(server.requests) == 1
+        wanted = handler.headers.get("Range")
+        start = int(wanted.split("=")[1].rstrip("-")) if wanted else 0
+        handler.send_response(206 if wanted else 200)
+        if wanted:
+            handler.send_header("Content-Range", f"bytes {start}-{len(DATA) - 1}/{len(DATA)}")
+        handler.send_header("Content-Length", str(len(DATA) - start))
+        handler.end_headers()
+        handler.wfile.write(DATA[start:start + 300_000] if first else DATA[start:])  # the first one breaks off
+
+    server = _Recorder(flaky)
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        registry = _hf_registry(tmp_path)
+        with pytest.raises(PullError, match="resume") as info:
+            pull(registry, registry.get("hfm"), log=lambda _m: None)
+        assert info.value.resumable
+        assert (tmp_path / "cache" / "blobs" / f".partial-{DATA_SHA}").stat().st_size == 300_000
+        path = pull(registry, registry.get("hfm"), log=lambda _m: None)
+        assert path.read_bytes() == DATA
+        assert server.requests[1].get("range") == "bytes=300000-"
+        assert not list((tmp_path / "cache" / "blobs").glob(".partial-*"))
+    finally:
+        server.close()
+
+
+def test_an_interrupted_wheel_download_resumes_with_a_range_request(tmp_path, monkeypatch):
+    """pip finds the wheel on a loopback find-links page; the download breaks once and continues."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    payload = DATA * 2
+    wheel = make_wheel(wheels, "tiny-model-big", "1.0", {"tiny_model_big/blob": payload}).read_bytes()
+    name = "tiny_model_big-1.0-py3-none-any.whl"
+
+    def index(handler):
+        if handler.path.rstrip("/") in ("", "/"):
+            body = (f'<html><body><a href="/{name}" data-dist-info-metadata="true" data-core-metadata="true">'
+                    f'{name}</a></body></html>').encode()
+            handler.send_response(200)
+            handler.send_header("Content-Type", "text/html")
+            handler.send_header("Content-Length", str(len(body)))
+            handler.end_headers()
+            handler.wfile.write(body)
+            return
+        if handler.path.endswith(".metadata"):  # PEP 658: pip reads this instead of downloading the wheel
+            body = b"Metadata-Version: 2.1\nName: tiny-model-big\nVersion: 1.0\n"
+            handler.send_response(200)
+            handler.send_header("Content-Length", str(len(body)))
+            handler.end_headers()
+            handler.wfile.write(body)
+            return
+        wanted = handler.headers.get("Range")
+        start = int(wanted.split("=")[1].rstrip("-")) if wanted else 0
+        downloads = [r for r in server.requests if r["path"].endswith(".whl")]
+        handler.send_response(206 if wanted else 200)
+        handler.send_header("Content-Length", str(len(wheel) - start))
+        handler.end_headers()
+        handler.wfile.write(wheel[start:start + 100_000] if len(downloads) == 1 else wheel[start:])
+
+    server = _Recorder(index)
+    try:
+        monkeypatch.setenv("PIP_NO_INDEX", "1")
+        monkeypatch.setenv("PIP_FIND_LINKS", server.url + "/")
+        monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
+        path = tmp_path / "models.toml"
+        path.write_text(f'[[models]]\nid = "big"\nkind = "tts"\nentry = "blob"\nfiles = [{{ path = "blob", '
+                        f'sha256 = "{hashlib.sha256(payload).hexdigest()}", pypi = "tiny-model-big==1.0:tiny_model_big/blob" }}]\n')
+        registry = Registry.load(path, cache_dir=tmp_path / "cache", models_only=True)
+        with pytest.raises(PullError, match="resume"):
+            pull(registry, registry.get("big"), log=lambda _m: None)
+        assert pull(registry, registry.get("big"), log=lambda _m: None).read_bytes() == payload
+        ranges = [r.get("range") for r in server.requests if r["path"].endswith(".whl")]
+        assert ranges[-1] == "bytes=100000-", ranges
+    finally:
+        server.close()

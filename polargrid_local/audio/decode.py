@@ -17,8 +17,6 @@ from typing import BinaryIO, Union
 import numpy as np
 
 from ..errors import PolarGridError, invalid
-from ..kernels import to_mono
-from ..kernels.resample import Resampler
 from ..limits import DEFAULT_LIMITS, Limits
 
 AudioInput = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
@@ -188,6 +186,8 @@ class _SwrResampler:
 
 
 def _resampler(orig: int, target: int):
+    from ..kernels.resample import Resampler  # numba: loaded with the first audio decoded
+
     ours = Resampler(orig, target)
     return ours if ours.up == ours.down or ours.table is not None else _SwrResampler(orig, target)
 
@@ -197,6 +197,8 @@ def _hours(seconds: float) -> str:
 
 
 def _frame_to_mono(frame) -> np.ndarray:
+    from ..kernels import to_mono
+
     data = frame.to_ndarray()
     channels = len(frame.layout.channels)
     fmt = frame.format.name

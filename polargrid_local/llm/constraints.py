@@ -7,7 +7,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import jsonschema
 from polargrid.types import ChatTool, ResponseFormat, ToolCall, ToolCallFunction
 
 from ..errors import invalid
@@ -66,6 +65,8 @@ def schema_grammar(schema: Any, what: str, free_text: bool = False) -> Grammar:
     if not isinstance(schema, dict):
         raise invalid(f"{what} must be a JSON schema object")
     try:
+        import jsonschema  # imported on the first request with a schema
+
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
         raise invalid(f"{what} is not a valid JSON schema: {exc.message}") from None
@@ -123,6 +124,8 @@ def _call_schema(tool: ChatTool) -> dict[str, Any]:
     if not isinstance(params, dict) or params.get("type", "object") != "object":
         raise invalid(f"tool {tool.function.name!r}: parameters must be a JSON schema of type 'object'")
     try:
+        import jsonschema
+
         jsonschema.validators.validator_for(params).check_schema(params)
     except jsonschema.SchemaError as exc:
         raise invalid(f"tool {tool.function.name!r}: parameters is not a valid JSON schema: {exc.message}") from None

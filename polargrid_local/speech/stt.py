@@ -8,7 +8,6 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..kernels import log_mel_spectrogram
 from ..worker import JobContext
 
 logger = logging.getLogger("polargrid_local")
@@ -23,6 +22,8 @@ def _kernel_feature_extractor(base):
             if chunk_length is not None:
                 self.n_samples = chunk_length * self.sampling_rate
                 self.nb_max_frames = self.n_samples // self.hop_length
+            from ..kernels import log_mel_spectrogram  # numba: loaded with the first STT model
+
             return log_mel_spectrogram(waveform, self.mel_filters.shape[0], padding)
 
     extractor = KernelFeatureExtractor.__new__(KernelFeatureExtractor)

@@ -8,8 +8,6 @@ from polargrid.types import TextToSpeechRequest
 
 from ..audio.encode import FORMATS, StreamEncoder
 from ..errors import invalid
-from ..kernels.resample import Resampler
-from ..kernels.timestretch import time_stretch
 from ..worker import JobContext
 
 MAX_INPUT = 4096
@@ -50,6 +48,8 @@ class PiperBackend:
         time-stretched, pitch preserved, to exactly 1/speed of its length.
         """
         from piper import SynthesisConfig
+
+        from ..kernels.timestretch import time_stretch  # numba: loaded with the first TTS model
 
         config = SynthesisConfig(speaker_id=speaker if self.voice.config.num_speakers > 1 else None)
         for chunk in self.voice.synthesize(text, syn_config=config):
@@ -100,6 +100,8 @@ def speech_job(request: SpeechRequest, fmt: str):
     def run(backend: PiperBackend, ctx: JobContext) -> Iterator[bytes]:
         speaker = backend.speaker(voice_name)
         rate = backend.output_sample_rate
+        from ..kernels.resample import Resampler
+
         resampler = Resampler(backend.sample_rate, rate)
         encoder = StreamEncoder(fmt, rate)
         for sentence in backend.synthesize(request.input, request.speed, speaker, lambda: ctx.cancelled):
