@@ -157,7 +157,7 @@ def test_embeddings_shape_and_normalisation(pg):
     reply = pg.embeddings({"model": "text-embedding-3-small", "input": ["a cat", "a dog", "a cat"]})
     assert isinstance(reply, EmbeddingResponse) and [d.index for d in reply.data] == [0, 1, 2]
     vectors = [d.embedding for d in reply.data]
-    assert {len(v) for v in vectors} == {576}
+    assert {len(v) for v in vectors} == {384}
     assert all(abs(math.sqrt(sum(x * x for x in v)) - 1) < 1e-3 for v in vectors)
     assert vectors[0] == pytest.approx(vectors[2], abs=1e-5) and vectors[0] != vectors[1]
     assert reply.usage.prompt_tokens > 0 and reply.usage.total_tokens == reply.usage.prompt_tokens

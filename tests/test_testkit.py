@@ -253,7 +253,7 @@ def test_async_client_streams_and_faults(fake_engine, tmp_path):
 
 def test_embeddings_are_deterministic_unit_vectors_of_the_model_size(pg):
     data = pg.embeddings({"model": "text-embedding-3-small", "input": ["cat", "dog", "cat"]}).data
-    assert len(data[0].embedding) == 576
+    assert len(data[0].embedding) == 384
     assert data[0].embedding == data[2].embedding != data[1].embedding
     assert abs(sum(x * x for x in data[1].embedding) - 1) < 1e-5
     pg.fake.embeddings.fail("secret", polargrid.ValidationError("no secrets"))

@@ -160,6 +160,10 @@ class FakeSttBackend:
         self.english_only = english_only
         self.sample_rate = 16000
 
+    def detect_language(self, audio: np.ndarray) -> tuple[str, float]:
+        """Fake speech is English: whisper-1 routes it to its English model, as the real engine does."""
+        return "en", 1.0
+
     def transcribe(self, audio: np.ndarray, options: SttOptions, ctx=None) -> Iterator[SttInfo | FakeSegment]:
         duration = audio.size / self.sample_rate
         rule = self.script.match("", self.model_id, task=options.task, language=options.language)

@@ -24,7 +24,7 @@ from .schema import SchemaGenerationError, example_for
 from .script import ChatScript, EmbeddingScript, Rule
 from .tokens import FakeTokenizer, parse_chat, pieces, render_chat
 
-DEFAULT_EMBEDDING_SIZE = 576  # SmolLM2-135M's hidden size, the default embedding model's
+DEFAULT_EMBEDDING_SIZE = 384  # all-MiniLM-L6-v2's, the default embedding model's
 
 
 class ScriptError(sdk.ServerError):
