@@ -23,7 +23,8 @@ from .llm.chunks import ChatChunker, CompletionChunker, fold_chat, fold_completi
 from .llm.requests import (check_stops, chat_job, completion_job, embedding_job, plan_chat,
                            sampling_for)
 from .pool import ModelPool
-from .registry import Registry
+from .registry import ModelSpec, Registry
+from .routing import Router
 from .speech.jobs import TranscriptionJobs
 from .speech.service import SpeechService
 from .stream import Stream
@@ -52,6 +53,7 @@ class LocalEngine:
         self._closed = threading.Event()
         self.speech = SpeechService(self)
         self.jobs = TranscriptionJobs(self.speech)
+        self.router = Router(self)
         for name in preload:
             self.load_model({"model_name": name})
 
@@ -64,9 +66,14 @@ class LocalEngine:
             request = dict(request)
             stream_options = stream_options or request.pop("stream_options", None)
         request = coerce(ChatCompletionRequest, request, "chat completion request")
-        spec = self.pool.resolve(request.model, "chat")
+        usage = _include_usage(stream_options)
+        return self.router.run(self.pool.resolve(request.model, "chat"),
+                               lambda spec: self._chat_stream(spec, request, usage),
+                               lambda spec: self.router.remote.chat_stream(spec, request, usage))
+
+    def _chat_stream(self, spec: ModelSpec, request: ChatCompletionRequest, usage: bool) -> Stream[ChatCompletionChunk]:
         plan = plan_chat(request, spec.id)
-        chunker = ChatChunker(request.model, request.tools, plan.tools, _include_usage(stream_options))
+        chunker = ChatChunker(request.model, request.tools, plan.tools, usage)
         return self._open(spec, chat_job(plan, spec.id), chunker, "chat")
 
     def chat_completion(self, request: ChatCompletionRequest | dict[str, Any]):
@@ -88,8 +95,14 @@ class LocalEngine:
         prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
         if not prompts or any(not isinstance(p, str) or not p for p in prompts):
             raise invalid("Prompt is required", field="prompt")
-        spec = self.pool.resolve(request.model, "chat")
-        chunker = CompletionChunker(request.model, _include_usage(stream_options))
+        usage = _include_usage(stream_options)
+        return self.router.run(self.pool.resolve(request.model, "chat"),
+                               lambda spec: self._completion_stream(spec, request, prompts, usage, seed),
+                               lambda spec: self.router.remote.completion_stream(spec, request, usage, seed))
+
+    def _completion_stream(self, spec: ModelSpec, request: CompletionRequest, prompts: list[str], usage: bool,
+                           seed: int | None) -> Stream[CompletionChunk]:
+        chunker = CompletionChunker(request.model, usage)
         chunker.prompts_total = len(prompts)
         params = sampling_for(request, seed=seed)
         job = completion_job(prompts, params, request.max_tokens or 100, check_stops(request.stop), spec.id)
@@ -121,7 +134,11 @@ class LocalEngine:
         texts = [request.input] if isinstance(request.input, str) else list(request.input)
         if not texts or any(not isinstance(t, str) or not t for t in texts):
             raise invalid("Input is required: a non-empty string or a list of non-empty strings", field="input")
-        spec = self.pool.resolve(request.model, "embedding")
+        return self.router.run(self.pool.resolve(request.model, "embedding"),
+                               lambda spec: self._embeddings(spec, request, texts),
+                               lambda spec: self.router.remote.embeddings(spec, request))
+
+    def _embeddings(self, spec: ModelSpec, request: EmbeddingRequest, texts: list[str]) -> EmbeddingResponse:
         with self.open_stream(spec, embedding_job(texts, spec.id), "embedding") as stream:
             vectors, count = next(stream)
         self.usage.record(spec.id, count)

@@ -94,7 +94,7 @@ class ModelPool:
                     self._states[spec.id] = "failed"
                     self._errors[spec.id] = str(exc)
                 raise
-            worker = ModelWorker(spec.id, backend)
+            worker = getattr(backend, "worker_type", ModelWorker)(spec.id, backend)
             with self._lock:
                 self._workers[spec.id] = worker
                 self._states[spec.id] = "loaded"
@@ -107,11 +107,14 @@ class ModelPool:
         if not is_pulled(self.registry, spec):
             raise NotFoundError(f"Model {spec.id!r} is registered but not downloaded. "
                                 f"Run `polargrid-local pull {spec.id}` (cache: {self.registry.cache_dir}).")
-        factory = self.factories.get(spec.kind)
+        factory = self.factories.get("remote" if spec.remote is not None else spec.kind)
         if factory is None:
             raise ServerError(f"no engine for {spec.kind} models is available in this installation", 501)
-        path = str(spec.path_in(self.registry.cache_dir))
-        extra = self._admit_memory(spec, path) if spec.kind in ("chat", "embedding") else {}
+        if spec.remote is not None:
+            path = spec.remote.base_url
+        else:
+            path = str(spec.path_in(self.registry.cache_dir))
+        extra = self._admit_memory(spec, path) if spec.kind in ("chat", "embedding") and not spec.remote else {}
         gpu_before = self.nvml.used_by_this_process()
         try:
             backend = factory(spec, path, {**self.overrides, **extra})
