@@ -188,6 +188,7 @@ class _Handler(BaseHTTPRequestHandler):
         started = time.perf_counter()
         url = urlsplit(self.path)
         status = 500
+        self._body_read = False
         try:
             response = self._handle(method, url.path, dict(parse_qsl(url.query)))
         except sdk.PolarGridError as exc:
@@ -195,6 +196,10 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # a bug in a route: still an answer the clients can read
             logger.exception("unhandled error on %s %s", method, url.path)
             response = error_response(sdk.ServerError(f"internal error: {type(exc).__name__}: {exc}", 500))
+        if not self._body_read and self.headers.get("Content-Length", "0").strip() not in ("", "0"):
+            # Refused before its body was read (auth, rate limit, no route): the unread body would be
+            # parsed as the next request on this keep-alive connection, so the connection ends here.
+            self.close_connection = True
         try:
             status = self._send(response, head=method == "HEAD")
         finally:
@@ -223,6 +228,7 @@ class _Handler(BaseHTTPRequestHandler):
         return route(self.server.engine, request, **params)
 
     def _read_body(self) -> bytes:
+        self._body_read = True
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             self.close_connection = True
             raise _Status(411, "chunked request bodies are not accepted; send Content-Length")
