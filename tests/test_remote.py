@@ -159,11 +159,13 @@ def gateway(tmp_path_factory, registry, gguf, llama_server, remote_facade, close
         + remote_entry("far-chat", far, CHAT)
         + remote_entry("far-embed", far, "smollm2-135m-embed", kind="embedding")
         + remote_entry("far-missing", far, "no-such-model")
+        + remote_entry("far-tts", far, "tts-1", kind="tts")
+        + remote_entry("far-stt", far, "whisper-1", kind="stt")
         + remote_entry("far-closed", dead, CHAT, timeout=2)
         + remote_entry("far-closed-fallback", dead, CHAT, timeout=2, fallback=("local-tight",))
         + remote_entry("far-closed-nowhere", dead, CHAT, timeout=2, fallback=("local-unpulled",))
         + remote_entry("far-blackhole", blackhole, CHAT, timeout=1, retries=0)
-        + remote_entry("far-limited", f"{limited.url}/v1", "smollm2-135m-embed", kind="embedding", timeout=10)
+        + remote_entry("far-limited", f"{limited.url}/v1", "smollm2-135m-embed", kind="embedding", retries=1)
         + remote_entry("far-limited-once", f"{limited.url}/v1", "smollm2-135m-embed", kind="embedding",
                        retries=0)
         + remote_entry("far-keyed", f"{keyed.url}/v1", CHAT, key_env="H13_REMOTE_KEY")
@@ -259,19 +261,23 @@ def test_a_remote_that_never_answers_times_out(gateway):
 
 
 def test_429_is_retried_after_retry_after_then_mapped(gateway, limited):
-    def fresh_window():  # a real minute window that ends one second from now
-        start = time.monotonic()
-        limited.limiter = RateLimiter(2, clock=lambda: 59.0 + (time.monotonic() - start))
+    def fresh_window() -> dict:
+        """A real minute window, held at its last second until ``start`` is set, then running in real time."""
+        clock = {"start": float("inf")}
+        limited.limiter = RateLimiter(2, clock=lambda: 59.0 + max(0.0, time.monotonic() - clock["start"]))
+        return clock
 
-    fresh_window()
-    started = time.monotonic()
-    for i in range(3):
-        gateway.embeddings({"model": "far-limited", "input": f"text {i}"})
-    assert time.monotonic() - started >= 0.9  # the third waited out the remote's Retry-After
+    clock = fresh_window()
+    gateway.embeddings({"model": "far-limited", "input": "text 1"})
+    gateway.embeddings({"model": "far-limited", "input": "text 2"})
+    clock["start"] = started = time.monotonic()
+    gateway.embeddings({"model": "far-limited", "input": "text 3"})  # 429, Retry-After: 1, then served
+    assert time.monotonic() - started >= 0.9  # it waited out the remote's Retry-After (one retry allowed)
 
-    fresh_window()
+    clock = fresh_window()
     gateway.embeddings({"model": "far-limited-once", "input": "a"})
     gateway.embeddings({"model": "far-limited-once", "input": "b"})
+    clock["start"] = time.monotonic()
     with pytest.raises(sdk.RateLimitError, match="Rate limit of 2 requests per minute") as limited_error:
         gateway.embeddings({"model": "far-limited-once", "input": "c"})
     assert limited_error.value.retry_after == 1
@@ -308,21 +314,27 @@ def test_remote_streams_flow_concurrently(gateway, remote_engine):
             stream.close()
 
 
+def remote_tokens(engine: LocalEngine) -> int:
+    return sum(m.tokens for m in engine.get_usage().usage.by_model if m.model_id == CHAT)
+
+
 def test_closing_a_stream_stops_the_remote_generation(gateway, remote_engine):
     remote_spec = remote_engine.registry.get(CHAT)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120
     while remote_engine.pool.queue_depth(remote_spec) and time.monotonic() < deadline:
         time.sleep(0.1)  # earlier tests' streams are gone
+    before = remote_tokens(remote_engine)
     stream = gateway.completion_stream(long_request("far-chat"))
     for _ in range(3):
         next(stream)
     assert remote_engine.pool.queue_depth(remote_spec) == 1
     stream.close()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120
     while remote_engine.pool.queue_depth(remote_spec) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert remote_engine.pool.queue_depth(remote_spec) == 0
-    assert remote_engine.usage._tallies[CHAT].tokens >= 0  # the remote recorded the request as finished
+    # A generation that ran to its end books its 600 tokens at the remote; a cancelled one books none.
+    assert remote_tokens(remote_engine) - before < 300
 
 
 # -- fallback ------------------------------------------------------------------------------
@@ -435,3 +447,22 @@ def test_serve_is_a_gateway_with_our_keys_in_front(gateway, remote_facade):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# -- speech, where the remote offers it ------------------------------------------------------
+
+def test_speech_and_transcription_through_a_polargrid_facade(gateway, remote_engine):
+    from conftest import SENTENCES, word_error_rate
+
+    spoken = gateway.text_to_speech({"model": "far-tts", "input": SENTENCES[0], "voice": "alloy",
+                                     "response_format": "wav"})
+    assert spoken[:4] == b"RIFF" and len(spoken) > 20000
+    own = remote_engine.transcribe(spoken, {"model": "whisper-1"})
+    heard = gateway.transcribe(spoken, {"model": "far-stt"})
+    assert isinstance(heard, sdk_types.TranscriptionResponse)
+    assert heard.text == own.text and word_error_rate(SENTENCES[0], heard.text) < 0.3
+    assert gateway.transcribe(spoken, {"model": "far-stt", "response_format": "text"}).strip() == own.text.strip()
+    with gateway.text_to_speech_stream({"model": "far-tts", "input": SENTENCES[1], "voice": "alloy",
+                                        "response_format": "pcm"}) as stream:
+        pieces = list(stream)
+    assert stream.metadata().region.startswith("remote:127.0.0.1") and sum(map(len, pieces)) > 20000

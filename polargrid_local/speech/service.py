@@ -10,6 +10,7 @@ from ..audio.decode import AudioInput, decode_audio
 from ..audio.encode import CONTENT_TYPES, fix_wav_sizes
 from ..errors import coerce, invalid
 from ..registry import ModelSpec
+from ..remote.audio import RemoteAudio
 from ..stream import Stream
 from .formats import RESPONSE_FORMATS, TranscriptionWord, build_response, segment_of
 from .stt import SttInfo, SttOptions
@@ -28,6 +29,7 @@ class SpeechService:
 
     def __init__(self, engine: LocalEngine) -> None:
         self.engine = engine
+        self.remote = RemoteAudio(engine)
 
     # -- text to speech ------------------------------------------------------------------
 
@@ -39,7 +41,11 @@ class SpeechService:
         fmt = _value(request.response_format).lower()
         if stream_default_format and not explicit:
             fmt = stream_default_format
-        spec = self.engine.pool.resolve(request.model, "tts")
+        return self.engine.router.run(self.engine.pool.resolve(request.model, "tts"),
+                                      lambda spec: self._speech_stream(spec, request, fmt),
+                                      lambda spec: self.remote.speech_stream(spec, request, fmt))
+
+    def _speech_stream(self, spec: ModelSpec, request: Any, fmt: str) -> Stream[bytes]:
         stream = self.engine.open_stream(spec, speech_job(request, fmt), "speech",
                                          on_finish=lambda _s: self.engine.usage.record(spec.id, len(request.input)))
         stream.content_type = CONTENT_TYPES[fmt]
@@ -88,10 +94,14 @@ class SpeechService:
                           field="response_format")
         return request, fmt, words
 
-    def _open(self, file: AudioInput, request: Any, task: str, words: bool, convert=lambda item: [item], tail=None):
+    def _model_for(self, request: Any, task: str) -> ModelSpec:
+        language = getattr(request, "language", None) or None
+        return self.stt_model(_value(request.model) if request.model else None, task, language)
+
+    def _open(self, spec: ModelSpec, file: AudioInput, request: Any, task: str, words: bool,
+              convert=lambda item: [item], tail=None):
         """Decode here (off the model's thread), then queue the transcription on the model's worker."""
         language = getattr(request, "language", None) or None
-        spec = self.stt_model(_value(request.model) if request.model else None, task, language)
         decoded = decode_audio(file, 16000)
         options = SttOptions(task=task, language=language, prompt=request.prompt, temperature=request.temperature,
                              word_timestamps=words)
@@ -106,7 +116,13 @@ class SpeechService:
     def transcribe(self, file: AudioInput, request: Any, *, task: str = "transcribe", on_progress=None):
         """Transcribe (or translate) a whole file into the requested response format."""
         request, fmt, words = self.parse_request(request, task)
-        spec, stream, duration = self._open(file, request, task, words)
+        return self.engine.router.run(self._model_for(request, task),
+                                      lambda spec: self._transcribe(spec, file, request, fmt, words, task, on_progress),
+                                      lambda spec: self.remote.transcribe(spec, file, request, fmt, words, task))
+
+    def _transcribe(self, spec: ModelSpec, file: AudioInput, request: Any, fmt: str, words: bool, task: str,
+                    on_progress):
+        spec, stream, duration = self._open(spec, file, request, task, words)
         info: SttInfo | None = None
         segments, word_list = [], []
         with stream:
@@ -141,6 +157,10 @@ class SpeechService:
             return [TranscriptionStreamDone(type="transcript.text.done", text=state["text"],
                                             duration=round(state["duration"], 3), language=state["language"])]
 
-        _spec, stream, duration = self._open(file, request, "transcribe", False, convert, done)
+        spec = self._model_for(request, "transcribe")
+        if spec.remote is not None:
+            raise invalid(f"streamed transcription is not forwarded to remote models; call transcribe() on "
+                          f"{spec.id!r}, or stream from a local model", field="stream")
+        _spec, stream, duration = self._open(spec, file, request, "transcribe", False, convert, done)
         state["duration"] = duration
         return stream
