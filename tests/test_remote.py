@@ -466,3 +466,26 @@ def test_speech_and_transcription_through_a_polargrid_facade(gateway, remote_eng
                                         "response_format": "pcm"}) as stream:
         pieces = list(stream)
     assert stream.metadata().region.startswith("remote:127.0.0.1") and sum(map(len, pieces)) > 20000
+
+
+# -- the registry ----------------------------------------------------------------------------
+
+def test_registry_takes_remote_entries_and_refuses_keys_and_strangers(tmp_path, registry):
+    from polargrid_local.pull import is_pulled
+    from polargrid_local.registry import RegistryError
+
+    reg = registry_with(tmp_path, remote_entry("far", "http://127.0.0.1:9/v1/", "m", fallback=(CHAT,)),
+                        registry.cache_dir)
+    spec = reg.get("far")
+    assert spec.remote.base_url == "http://127.0.0.1:9/v1" and spec.fallback == (CHAT,) and is_pulled(reg, spec)
+    with pytest.raises(RegistryError, match="never write a key into models.toml"):
+        registry_with(tmp_path, remote_entry("far", "http://127.0.0.1:9/v1", "m") + 'api_key = "sk-123"\n',
+                      registry.cache_dir)
+    with pytest.raises(RegistryError, match="falls back to 'nowhere'"):
+        registry_with(tmp_path, remote_entry("far", "http://127.0.0.1:9/v1", "m", fallback=("nowhere",)),
+                      registry.cache_dir)
+    with pytest.raises(RegistryError, match="falls back to 'smollm2-135m-embed', which is not another chat"):
+        registry_with(tmp_path, remote_entry("far", "http://127.0.0.1:9/v1", "m", fallback=("smollm2-135m-embed",)),
+                      registry.cache_dir)
+    with pytest.raises(RegistryError, match="base_url must be an http"):
+        registry_with(tmp_path, remote_entry("far", "ftp://127.0.0.1/v1", "m"), registry.cache_dir)
