@@ -120,9 +120,11 @@ timeout = 300
             burst(remote_port, MODEL, args.streams, 8)  # load the model, warm both paths
             burst(gateway_port, "far-chat", args.streams, 8)
             direct, via = [], []
-            for _ in range(args.rounds):
+            for round_ in range(args.rounds):
                 direct.append(burst(remote_port, MODEL, args.streams, args.tokens))
                 via.append(burst(gateway_port, "far-chat", args.streams, args.tokens))
+                print(f"round {round_ + 1}: direct {direct[-1]['tok_s']:.1f} tok/s, gateway {via[-1]['tok_s']:.1f} tok/s",
+                      file=sys.stderr, flush=True)
         finally:
             for proc in (gateway, remote):
                 proc.terminate()
