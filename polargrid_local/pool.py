@@ -107,9 +107,10 @@ class ModelPool:
         if not is_pulled(self.registry, spec):
             raise NotFoundError(f"Model {spec.id!r} is registered but not downloaded. "
                                 f"Run `polargrid-local pull {spec.id}` (cache: {self.registry.cache_dir}).")
-        factory = self.factories.get("remote" if spec.remote is not None else spec.kind)
+        engine_kind = "remote" if spec.remote is not None else spec.kind
+        factory = self.factories.get(engine_kind)
         if factory is None:
-            raise ServerError(f"no engine for {spec.kind} models is available in this installation", 501)
+            raise ServerError(f"no engine for {engine_kind} models is available in this installation", 501)
         if spec.remote is not None:
             path = spec.remote.base_url
         else:
