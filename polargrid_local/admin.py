@@ -5,11 +5,12 @@ import platform
 import socket
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from polargrid.types import (BackendInfo, BackendStatus, GPUInfo, GPUMemoryInfo, GPUMemoryResponse, GPUMemorySimple,
                              GPUMemoryState, GPUProcess, GPUPurgeRequest, GPUPurgeResponse,
-                             GPUUtilization, HealthFeatures, HealthResponse, ListModelsResponse, LoadModelRequest,
-                             LoadModelResponse, ModelInfo, RegionModelStatus, RegionStatus,
+                             GPUUtilization, HealthFeatures, LoadModelRequest,
+                             LoadModelResponse, RegionModelStatus, RegionStatus,
                              SystemStatus, UnloadAllModelsResponse, UnloadModelRequest, UnloadModelResponse)
 
 from . import __version__
@@ -17,7 +18,8 @@ from .errors import NotFoundError, coerce, engine_boundary, invalid
 from .gpu import MB, cuda_build
 from .pull import is_pulled
 from .registry import ModelSpec
-from .types import GPUStatusResponse, LoadedModel, ModelMemory, ModelStatusResponse
+from .types import (GPUStatusResponse, HealthResponse, ListModelsResponse, LoadedModel, ModelInfo, ModelMemory,
+                    ModelStatusResponse, RemoteInfo)
 
 if TYPE_CHECKING:
     from .engine import LocalEngine
@@ -30,10 +32,20 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
+def _remotes(engine: LocalEngine) -> dict[str, str]:
+    """Each remote model's reachability (a cached probe; a remote that is down never fails the caller)."""
+    return {m.id: engine.router.remote.reachability(m) for m in engine.registry.models if m.remote is not None}
+
+
 def _info(engine: LocalEngine, spec: ModelSpec, name: str | None = None) -> ModelInfo:
+    remote = None
+    if spec.remote is not None:
+        remote = RemoteInfo(base_url=spec.remote.base_url, model=spec.remote.model,
+                            status=engine.router.remote.reachability(spec))
     return ModelInfo(id=name or spec.id, created=spec.created, owned_by=spec.owned_by, root=spec.id,
                      parent=spec.id if name and name != spec.id else None, pg_model_type=MODEL_TYPES.get(spec.kind),
-                     pg_parameters=spec.parameters, pg_regions=["local"],
+                     pg_parameters=spec.parameters, pg_remote=remote,
+                     pg_regions=[f"remote:{urlsplit(spec.remote.base_url).netloc}" if remote else "local"],
                      pg_avg_latency_ms=engine.usage.average_latency_ms(spec.id) or None,
                      pg_max_tokens=spec.engine.get("n_ctx") if spec.kind in MODEL_TYPES else None)
 
@@ -109,7 +121,8 @@ def get_model_status(engine: LocalEngine) -> ModelStatusResponse:
             last_used=datetime.fromtimestamp(facts["last_used"], timezone.utc).isoformat(),
             keep_alive_s=facts["keep_alive"], expires_in_s=facts["expires_in"], in_flight=facts["in_flight"]))
     return ModelStatusResponse(loaded=loaded, loading_status={m.id: pool.state(m) for m in engine.registry.models},
-                               repository=str(engine.registry.cache_dir), models=models)
+                               repository=str(engine.registry.cache_dir),
+                               models=models, remote=_remotes(engine))
 
 
 def get_gpu_status(engine: LocalEngine) -> GPUStatusResponse:
@@ -200,7 +213,8 @@ def health(engine: LocalEngine) -> HealthResponse:
         runtime=_runtime(engine),
         timestamp=_now(), features=HealthFeatures(dynamic_loading=True, huggingface_support=True),
         backend=BackendStatus(healthy=healthy, info=BackendInfo(name="polargrid-local", version=__version__,
-                                                                extensions=extensions)))
+                                                                extensions=extensions)),
+        remotes=_remotes(engine))
 
 
 def get_status(engine: LocalEngine) -> SystemStatus:
@@ -211,6 +225,8 @@ def get_status(engine: LocalEngine) -> SystemStatus:
             status, instances = "available", 1
         elif state == "loading":
             status, instances = "loading", 0
+        elif spec.remote is not None:
+            status, instances = ("available" if engine.router.remote.reachability(spec) == "up" else "unavailable"), 0
         else:
             loadable = engine.fake is not None or is_pulled(engine.registry, spec)  # fakes need no files
             status, instances = ("available" if loadable else "unavailable"), 0

@@ -71,7 +71,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     print(f"registry: {registry.source}\ncache:    {registry.cache_dir}\n")
     print(f"{'id':28} {'kind':10} {'pulled':7} aliases")
     for spec in registry.models:
-        mark = "yes" if is_pulled(registry, spec) else "no"
+        mark = "remote" if spec.remote else "yes" if is_pulled(registry, spec) else "no"
         default = " (default)" if registry.defaults.get(spec.kind) == spec.id else ""
         print(f"{spec.id:28} {spec.kind:10} {mark:7} {', '.join(spec.aliases)}{default}")
     return 0

@@ -21,12 +21,13 @@ from .factories import default_factories
 from .gpu import NvmlProbe
 from .llm.chunks import ChatChunker, CompletionChunker, fold_chat, fold_completion
 from .lifecycle import split_keep_alive
-from .llm.embeddings import embedding_job, plan_embeddings, split_options
+from .llm.embeddings import embedding_job, plan_embeddings, shorten, split_options
 from .llm.requests import check_stops, chat_job, completion_job, plan_chat, sampling_for
 from .offline import enable as enable_offline_guard
 from .offline import offline_requested
 from .pool import ModelPool
-from .registry import Registry
+from .registry import ModelSpec, Registry
+from .routing import Router
 from .speech.jobs import TranscriptionJobs
 from .speech.service import SpeechService
 from .stream import Stream
@@ -67,6 +68,7 @@ class LocalEngine:
         self._closed = threading.Event()
         self.speech = SpeechService(self)
         self.jobs = TranscriptionJobs(self.speech)
+        self.router = Router(self)
         for name in [*self.registry.settings.get("preload", []), *preload]:
             self.load_model({"model_name": name})
 
@@ -80,10 +82,14 @@ class LocalEngine:
             request = dict(request)
             stream_options = stream_options or request.pop("stream_options", None)
         request = coerce(ChatCompletionRequest, request, "chat completion request")
-        spec = self.pool.resolve(request.model, "chat")
-        spec = self._keep(spec, keep_alive)
+        usage = _include_usage(stream_options)
+        return self.router.run(self.pool.resolve(request.model, "chat"),
+                               lambda spec: self._chat_stream(self._keep(spec, keep_alive), request, usage),
+                               lambda spec: self.router.remote.chat_stream(spec, request, usage))
+
+    def _chat_stream(self, spec: ModelSpec, request: ChatCompletionRequest, usage: bool) -> Stream[ChatCompletionChunk]:
         plan = plan_chat(request, spec.id)
-        chunker = ChatChunker(request.model, request.tools, plan.tools, _include_usage(stream_options))
+        chunker = ChatChunker(request.model, request.tools, plan.tools, usage)
         return self._open(spec, chat_job(plan, spec.id), chunker, "chat")
 
     def chat_completion(self, request: ChatCompletionRequest | dict[str, Any]):
@@ -106,8 +112,14 @@ class LocalEngine:
         prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
         if not prompts or any(not isinstance(p, str) or not p for p in prompts):
             raise invalid("Prompt is required", field="prompt")
-        spec = self._keep(self.pool.resolve(request.model, "chat"), keep_alive)
-        chunker = CompletionChunker(request.model, _include_usage(stream_options))
+        usage = _include_usage(stream_options)
+        return self.router.run(self.pool.resolve(request.model, "chat"),
+                               lambda spec: self._completion_stream(self._keep(spec, keep_alive), request, prompts, usage, seed),
+                               lambda spec: self.router.remote.completion_stream(spec, request, usage, seed))
+
+    def _completion_stream(self, spec: ModelSpec, request: CompletionRequest, prompts: list[str], usage: bool,
+                           seed: int | None) -> Stream[CompletionChunk]:
+        chunker = CompletionChunker(request.model, usage)
         chunker.prompts_total = len(prompts)
         params = sampling_for(request, seed=seed)
         job = completion_job(prompts, params, request.max_tokens or 100, check_stops(request.stop), spec.id)
@@ -140,7 +152,11 @@ class LocalEngine:
         request, options = split_options(request, {"dimensions": dimensions, "encoding_format": encoding_format})
         request = coerce(EmbeddingRequest, request, "embedding request")
         plan = plan_embeddings(request, options)
-        spec = self._keep(self.pool.resolve(request.model, "embedding"), keep_alive)
+        return self.router.run(self.pool.resolve(request.model, "embedding"),
+                               lambda spec: self._embeddings(self._keep(spec, keep_alive), request, plan),
+                               lambda spec: _shortened(self.router.remote.embeddings(spec, request), plan.dimensions))
+
+    def _embeddings(self, spec: ModelSpec, request: EmbeddingRequest, plan) -> EmbeddingResponse:
         with self.open_stream(spec, embedding_job(plan, spec.id), "embedding") as stream:
             vectors, count = next(stream)
         self.usage.record(spec.id, count)
@@ -270,6 +286,15 @@ class LocalEngine:
         if not self._closed.is_set():
             self._closed.set()
             self.pool.close()
+
+
+def _shortened(reply: EmbeddingResponse, dimensions: int | None) -> EmbeddingResponse:
+    """A remote's vectors cut to ``dimensions`` and renormalised, as the local models answer."""
+    if dimensions is None:
+        return reply
+    for item, vector in zip(reply.data, shorten([d.embedding for d in reply.data], dimensions)):
+        item.embedding = vector
+    return reply
 
 
 def _include_usage(stream_options: dict[str, Any] | None) -> bool:

@@ -84,5 +84,8 @@ def _ct2_cuda() -> bool:
 
 
 def default_factories() -> dict[str, Any]:
-    """The real engines available in this installation."""
-    return {"chat": chat_factory, "embedding": embedding_factory, "stt": stt_factory, "tts": tts_factory}
+    """The real engines available in this installation; "remote" builds every ``[models.remote]`` entry."""
+    from .remote import remote_factory
+
+    return {"chat": chat_factory, "embedding": embedding_factory, "stt": stt_factory, "tts": tts_factory,
+            "remote": remote_factory}

@@ -106,7 +106,7 @@ class ModelPool:
                     self._states[spec.id] = "failed"
                     self._errors[spec.id] = str(exc)
                 raise
-            worker = ModelWorker(spec.id, backend)
+            worker = getattr(backend, "worker_type", ModelWorker)(spec.id, backend)
             with self._lock:
                 self._last_used[spec.id] = (time.monotonic(), time.time())
                 self._workers[spec.id] = worker
@@ -122,10 +122,15 @@ class ModelPool:
         if needs_files and not is_pulled(self.registry, spec):
             raise NotFoundError(f"Model {spec.id!r} is registered but not downloaded. "
                                 f"Run `polargrid-local pull {spec.id}` (cache: {self.registry.cache_dir}).")
+        engine_kind = "remote" if spec.remote is not None else spec.kind
+        factory = self.factories.get(engine_kind)
         if factory is None:
-            raise ServerError(f"no engine for {spec.kind} models is available in this installation", 501)
-        path = str(spec.path_in(self.registry.cache_dir))
-        extra = self._admit_memory(spec, path) if needs_files else {}
+            raise ServerError(f"no engine for {engine_kind} models is available in this installation", 501)
+        if spec.remote is not None:
+            path = spec.remote.base_url
+        else:
+            path = str(spec.path_in(self.registry.cache_dir))
+        extra = self._admit_memory(spec, path) if needs_files and spec.remote is None else {}
         gpu_before = self.nvml.used_by_this_process()
         try:
             backend = factory(spec, path, {**self.overrides, **extra})

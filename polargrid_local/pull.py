@@ -77,7 +77,9 @@ def model_dir(registry: Registry, spec: ModelSpec) -> Path:
 
 
 def is_pulled(registry: Registry, spec: ModelSpec) -> bool:
-    """True when every file of the model is present with its recorded size."""
+    """True when every file of the model is present with its recorded size (a remote model has none)."""
+    if spec.remote is not None:
+        return True
     if spec.local:
         return spec.path_in(registry.cache_dir).exists()
     base = model_dir(registry, spec)
@@ -93,6 +95,9 @@ def is_pulled(registry: Registry, spec: ModelSpec) -> bool:
 def pull(registry: Registry, spec: ModelSpec, *, force: bool = False, verify: bool = False,
          progress: ProgressFactory = Progress, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Path:
     """Make the model's files present and verified in the cache; returns the model's path. Idempotent."""
+    if spec.remote is not None:
+        log(f"{spec.id}: served by {spec.remote.base_url}; nothing to pull")
+        return spec.path_in(registry.cache_dir)
     if spec.local:
         path = spec.path_in(registry.cache_dir)
         if not path.exists():

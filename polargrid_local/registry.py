@@ -62,6 +62,17 @@ class FileSpec:
 
 
 @dataclass(frozen=True)
+class RemoteSpec:
+    """An OpenAI-compatible server that serves a model: ``[models.remote]`` in models.toml."""
+
+    base_url: str                   # the /v1 root, e.g. http://gpu-box:8000/v1
+    model: str                      # the model's name on that server
+    api_key_env: str | None = None  # the NAME of the environment variable holding the key, never the key
+    timeout: float = 60.0           # seconds per connect/read; also the deadline for retries
+    max_retries: int = 3            # connection errors, 429 and 503 are retried with backoff
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """A registry entry: identity, kind, engine settings, and where its files come from."""
 
@@ -76,6 +87,8 @@ class ModelSpec:
     local: str | None = None
     engine: dict[str, Any] = field(default_factory=dict)
     created: int = 0
+    remote: RemoteSpec | None = None
+    fallback: tuple[str, ...] = ()  # models that answer when this one is full, refused, unpulled or unreachable
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -151,6 +164,12 @@ class Registry:
                 if key in self._by_name and self._by_name[key] is not spec:
                     raise RegistryError(f"{source}: name {name!r} is used by {self._by_name[key].id!r} and {spec.id!r}")
                 self._by_name[key] = spec
+        for spec in models:
+            for other in spec.fallback:
+                target = self._by_name.get(other.lower())
+                if target is None or target.kind != spec.kind or target is spec:
+                    raise RegistryError(f"{source}: model {spec.id!r} falls back to {other!r}, which is not "
+                                        f"another {spec.kind} model of this registry")
         for kind, model_id in defaults.items():
             if kind not in KINDS:
                 raise RegistryError(f"{source}: [defaults] has unknown kind {kind!r}")
@@ -227,13 +246,21 @@ def _parse_model(raw: dict[str, Any], source: str) -> ModelSpec:
     entry = raw.get("entry")
     if entry is not None and not _safe_relative(entry):
         raise RegistryError(f"{where}: entry {entry!r} must be a relative path inside the model, without '..'")
-    if not files and not raw.get("local"):
-        raise RegistryError(f"{where}: needs files (with pypi or hf sources) or a local path")
+    remote = _parse_remote(raw["remote"], where) if "remote" in raw else None
+    if not files and not raw.get("local") and remote is None:
+        raise RegistryError(f"{where}: needs files (with pypi or hf sources), a local path, or a [models.remote] table")
+    if remote is not None and (files or raw.get("local")):
+        raise RegistryError(f"{where}: a remote model has no files or local path")
+    fallback = raw.get("fallback", [])
+    if isinstance(fallback, str):
+        fallback = [fallback]
+    if not isinstance(fallback, list) or not all(isinstance(f, str) and f for f in fallback):
+        raise RegistryError(f"{where}: fallback must be a list of model ids")
     return ModelSpec(
         id=model_id,
         kind=kind,
         aliases=tuple(raw.get("aliases", [])),
-        owned_by=raw.get("owned_by", "local"),
+        owned_by=raw.get("owned_by", "remote" if remote else "local"),
         description=raw.get("description", ""),
         parameters=raw.get("parameters"),
         entry=raw.get("entry"),
@@ -241,7 +268,38 @@ def _parse_model(raw: dict[str, Any], source: str) -> ModelSpec:
         local=raw.get("local"),
         engine=dict(raw.get("engine", {})),
         created=int(raw.get("created", 0)),
+        remote=remote,
+        fallback=tuple(fallback),
     )
+
+
+def _parse_remote(raw: Any, where: str) -> RemoteSpec:
+    if not isinstance(raw, dict):
+        raise RegistryError(f"{where}: remote must be a table with base_url and model")
+    if "api_key" in raw:
+        raise RegistryError(f"{where}: never write a key into models.toml; put it in an environment variable "
+                            "and name that variable in remote.api_key_env")
+    unknown = set(raw) - {"base_url", "model", "api_key_env", "timeout", "max_retries"}
+    if unknown:
+        raise RegistryError(f"{where}: unknown remote settings: {', '.join(sorted(unknown))}")
+    base_url = raw.get("base_url")
+    if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+        raise RegistryError(f"{where}: remote.base_url must be an http(s) URL of the server's /v1 root")
+    model = raw.get("model")
+    if not isinstance(model, str) or not model:
+        raise RegistryError(f"{where}: remote.model must name the model on the remote server")
+    key_env = raw.get("api_key_env")
+    if key_env is not None and (not isinstance(key_env, str) or not key_env.replace("_", "").isalnum()):
+        raise RegistryError(f"{where}: remote.api_key_env must be an environment variable name")
+    try:
+        timeout = float(raw.get("timeout", 60.0))
+        retries = int(raw.get("max_retries", 3))
+    except (TypeError, ValueError):
+        raise RegistryError(f"{where}: remote.timeout and remote.max_retries must be numbers") from None
+    if timeout <= 0 or retries < 0:
+        raise RegistryError(f"{where}: remote.timeout must be positive and remote.max_retries at least 0")
+    return RemoteSpec(base_url=base_url.rstrip("/"), model=model, api_key_env=key_env, timeout=timeout,
+                      max_retries=retries)
 
 
 def _parse_file(raw: dict[str, Any], where: str) -> FileSpec:

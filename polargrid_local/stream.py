@@ -37,14 +37,15 @@ class Stream(Generic[T]):
         self.chunker: Any = None               # what turns events into chunks; the folds read its usage
         self.content_type: str | None = None   # for byte streams (speech): the MIME type of the format
         self.on_close: Callable[[], None] | None = None  # once, when it ends or is closed (the pool's in-flight count)
+        self.region = "local"                  # where the work ran: "local", or "remote:<host:port>"
 
     def metadata(self) -> PGMetadata:
-        """Region 'local' and the real split of this request's time: load, queue, inference."""
+        """Where the request ran (``region``) and the real split of its time: load, queue, inference."""
         end = self.finished_at or time.perf_counter()
         started = self._ctx.started_at or end
         queue = self._ctx.queue_seconds if self._ctx.started_at else end - self._ctx.submitted_at
         inference = max(0.0, end - started)
-        return PGMetadata(region="local", latency_ms=round(1000 * (self.load_seconds + queue + inference)),
+        return PGMetadata(region=self.region, latency_ms=round(1000 * (self.load_seconds + queue + inference)),
                           model_load_time_ms=round(1000 * self.load_seconds), queue_time_ms=round(1000 * queue),
                           inference_time_ms=round(1000 * inference))
 

@@ -47,7 +47,33 @@ class LoadedModel(BaseModel):
     in_flight: int = 0
 
 
+class RemoteInfo(BaseModel):
+    """Where a remote model runs and whether it answers ('up', 'down', or 'offline' under the offline guard)."""
+
+    base_url: str
+    model: str
+    status: str
+
+
+class ModelInfo(sdk.ModelInfo):
+    """The SDK's model info; a remote model also carries ``pg_remote``."""
+
+    pg_remote: RemoteInfo | None = None
+
+
+class ListModelsResponse(sdk.ListModelsResponse):
+    data: list[ModelInfo]
+
+
 class ModelStatusResponse(sdk.ModelStatusResponse):
-    """The SDK's model status, plus each loaded model's memory, last use and keep_alive."""
+    """The SDK's model status, plus each loaded model's memory, last use and keep_alive, and each remote
+    model's reachability."""
 
     models: list[LoadedModel] = []
+    remote: dict[str, str] = {}
+
+
+class HealthResponse(sdk.HealthResponse):
+    """The SDK's health answer, plus each remote model as 'up', 'down' or 'offline' (none of them fails it)."""
+
+    remotes: dict[str, str] = {}

@@ -12,6 +12,7 @@ from ..audio.encode import CONTENT_TYPES, fix_wav_sizes
 from ..errors import RateLimitError, coerce, invalid
 from ..limits import DEFAULT_LIMITS, Limits
 from ..registry import ModelSpec
+from ..remote.audio import RemoteAudio
 from ..stream import Stream
 from .formats import RESPONSE_FORMATS, TranscriptionWord, build_response, segment_of
 from .stt import SttInfo, SttOptions
@@ -33,6 +34,7 @@ class SpeechService:
 
     def __init__(self, engine: LocalEngine) -> None:
         self.engine = engine
+        self.remote = RemoteAudio(engine)
 
     @property
     def limits(self) -> Limits:
@@ -56,7 +58,11 @@ class SpeechService:
         fmt = _value(request.response_format).lower()
         if stream_default_format and not explicit:
             fmt = stream_default_format
-        spec = self.engine.pool.resolve(request.model, "tts")
+        return self.engine.router.run(self.engine.pool.resolve(request.model, "tts"),
+                                      lambda spec: self._speech_stream(spec, request, fmt),
+                                      lambda spec: self.remote.speech_stream(spec, request, fmt))
+
+    def _speech_stream(self, spec: ModelSpec, request: Any, fmt: str) -> Stream[bytes]:
         self.guard_queue(spec)
         stream = self.engine.open_stream(spec, speech_job(request, fmt), "speech",
                                          on_finish=lambda _s: self.engine.usage.record(spec.id, len(request.input)))
@@ -112,11 +118,14 @@ class SpeechService:
             raise invalid("prompt must not contain NUL characters", field="prompt")
         return request, fmt, words, parse_vad_filter(vad)
 
-    def _open(self, file: AudioInput, request: Any, task: str, words: bool, vad: bool | None,
+    def _model_for(self, request: Any, task: str) -> ModelSpec:
+        language = (getattr(request, "language", None) or "").lower() or None
+        return self.stt_model(_value(request.model) if request.model else None, task, language)
+
+    def _open(self, spec: ModelSpec, file: AudioInput, request: Any, task: str, words: bool, vad: bool | None,
               convert=lambda item: [item], tail=None):
         """Decode here (off the model's thread), route by language, then queue the transcription on the model's worker."""
         language = (getattr(request, "language", None) or "").lower() or None
-        spec = self.stt_model(_value(request.model) if request.model else None, task, language)
         self.guard_queue(spec)
         limits = self.limits
         decoded = decode_audio(file, 16000, limits=limits)
@@ -161,7 +170,14 @@ class SpeechService:
         """Transcribe (or translate) a whole file into the requested response format. ``on_open`` gets the
         stream being folded as soon as it is open (the HTTP facade closes it when its client leaves)."""
         request, fmt, words, vad = self.parse_request(request, task)
-        spec, stream, duration = self._open(file, request, task, words, vad)
+        return self.engine.router.run(
+            self._model_for(request, task),
+            lambda spec: self._transcribe(spec, file, request, fmt, words, vad, task, on_progress, on_open),
+            lambda spec: self.remote.transcribe(spec, file, request, fmt, words, task))
+
+    def _transcribe(self, spec: ModelSpec, file: AudioInput, request: Any, fmt: str, words: bool,
+                    vad: bool | None, task: str, on_progress, on_open):
+        spec, stream, duration = self._open(spec, file, request, task, words, vad)
         if on_open is not None:
             on_open(stream)
         info: SttInfo | None = None
@@ -198,7 +214,11 @@ class SpeechService:
             return [TranscriptionStreamDone(type="transcript.text.done", text=state["text"],
                                             duration=round(state["duration"], 3), language=state["language"])]
 
-        _spec, stream, duration = self._open(file, request, "transcribe", False, vad, convert, done)
+        spec = self._model_for(request, "transcribe")
+        if spec.remote is not None:
+            raise invalid(f"streamed transcription is not forwarded to remote models; call transcribe() on "
+                          f"{spec.id!r}, or stream from a local model", field="stream")
+        _spec, stream, duration = self._open(spec, file, request, "transcribe", False, vad, convert, done)
         state["duration"] = duration
         return stream
 
