@@ -52,7 +52,7 @@ def server(engine):
     srv.server_close()
 
 
-def connect(server, timeout=15.0) -> socket.socket:
+def connect(server, timeout=120.0) -> socket.socket:  # generous: a loaded machine is slow, not hung
     return socket.create_connection(server.server_address[:2], timeout=timeout)
 
 

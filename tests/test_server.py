@@ -36,7 +36,7 @@ def server(engine):
 
 @pytest.fixture(scope="module")
 def sdk(server):
-    return polargrid.PolarGrid(base_url=server.url, api_key="unused", max_retries=0)
+    return polargrid.PolarGrid(base_url=server.url, api_key="unused", max_retries=0, timeout=120)  # loaded CI
 
 
 @pytest.fixture(scope="module")
