@@ -83,7 +83,7 @@ def _freed(report) -> str:
     parts = [f"{report.freed_ram_bytes / MB:.1f} MB of RAM"]
     if report.freed_gpu_bytes:
         parts.append(f"{report.freed_gpu_bytes / MB:.1f} MB of GPU memory")
-    return " and ".join(parts)
+    return "freed " + " and ".join(parts)
 
 
 def unload_model(engine: LocalEngine, request: UnloadModelRequest | dict[str, Any]) -> UnloadModelResponse:
@@ -92,7 +92,7 @@ def unload_model(engine: LocalEngine, request: UnloadModelRequest | dict[str, An
     report = engine.pool.unload(spec)
     if report is None:
         return UnloadModelResponse(status="success", model=spec.id, message=f"{spec.id} was not loaded")
-    return UnloadModelResponse(status="success", model=spec.id, message=f"unloaded {spec.id}; " + (f"freed {_freed(report)}" if report.freed else _freed(report)))
+    return UnloadModelResponse(status="success", model=spec.id, message=f"unloaded {spec.id}; {_freed(report)}")
 
 
 def unload_all_models(engine: LocalEngine) -> UnloadAllModelsResponse:
@@ -159,7 +159,7 @@ def purge_gpu(engine: LocalEngine, request: GPUPurgeRequest | dict[str, Any] | N
         if report is not None:
             unloaded.append(model_id)
             freed_ram += report.freed_ram_bytes
-            actions.append(f"unloaded {model_id} ({'freed ' if report.freed else ''}{_freed(report)})")
+            actions.append(f"unloaded {model_id} ({_freed(report)})")
     if not engine.pool.loaded() and not errors and not unloaded:
         actions.append("no models were loaded")
     after = _memory_state(engine)

@@ -120,7 +120,8 @@ def test_concurrent_callers_get_their_own_answers(client):
 @pytest.mark.parametrize("call, request_, field", [
     ("chat_completion", {"model": CHAT, "messages": [{"role": "user", "content": "hi \ud800 there"}]},
      "messages[0].content"),
-    ("chat_completion", {"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "stop": ["\udfff"]}, "stop[0]"),
+    ("chat_completion", {"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "stop": ["\udfff"]},
+     "stop[0]"),
     ("chat_completion_stream", {"model": CHAT, "messages": [{"role": "user", "content": "\ud83d"}]},
      "messages[0].content"),
     ("completion", {"model": CHAT, "prompt": "tell me \ud800"}, "prompt"),
