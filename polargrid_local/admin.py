@@ -80,7 +80,7 @@ def load_model(engine: LocalEngine, request: LoadModelRequest | dict[str, Any]) 
     request = coerce(LoadModelRequest, request, "load model request")
     spec = _spec(engine, request.model_name)
     if request.force_reload:
-        engine.pool.unload(spec)
+        engine.pool.unload(spec, "was reloaded (force_reload)")
     already = engine.pool.state(spec) == "loaded"
     with engine_boundary("model load"):
         _, seconds = engine.pool.worker(spec)
@@ -89,10 +89,13 @@ def load_model(engine: LocalEngine, request: LoadModelRequest | dict[str, Any]) 
 
 
 def _freed(report) -> str:
+    if not report.freed:
+        return ("its requests were ended; its thread is finishing its current step and frees the memory when "
+                "that step ends")
     parts = [f"{report.freed_ram_bytes / MB:.1f} MB of RAM"]
     if report.freed_gpu_bytes:
         parts.append(f"{report.freed_gpu_bytes / MB:.1f} MB of GPU memory")
-    return " and ".join(parts)
+    return "freed " + " and ".join(parts)
 
 
 def unload_model(engine: LocalEngine, request: UnloadModelRequest | dict[str, Any]) -> UnloadModelResponse:
@@ -101,7 +104,7 @@ def unload_model(engine: LocalEngine, request: UnloadModelRequest | dict[str, An
     report = engine.pool.unload(spec)
     if report is None:
         return UnloadModelResponse(status="success", model=spec.id, message=f"{spec.id} was not loaded")
-    return UnloadModelResponse(status="success", model=spec.id, message=f"unloaded {spec.id}; freed {_freed(report)}")
+    return UnloadModelResponse(status="success", model=spec.id, message=f"unloaded {spec.id}; {_freed(report)}")
 
 
 def unload_all_models(engine: LocalEngine) -> UnloadAllModelsResponse:
@@ -173,11 +176,11 @@ def purge_gpu(engine: LocalEngine, request: GPUPurgeRequest | dict[str, Any] | N
         if not request.force and engine.pool.queue_depth(spec) > 0:
             errors.append(f"{model_id} is serving a request; pass force=True to unload it anyway")
             continue
-        report = engine.pool.unload(spec)
+        report = engine.pool.unload(spec, "was unloaded by a GPU purge")
         if report is not None:
             unloaded.append(model_id)
             freed_ram += report.freed_ram_bytes
-            actions.append(f"unloaded {model_id} (freed {_freed(report)})")
+            actions.append(f"unloaded {model_id} ({_freed(report)})")
     if not engine.pool.loaded() and not errors and not unloaded:
         actions.append("no models were loaded")
     after = _memory_state(engine)

@@ -19,10 +19,12 @@ from . import admin
 from .errors import coerce, engine_boundary, invalid
 from .factories import default_factories
 from .gpu import NvmlProbe
+from .limits import DEFAULT_LIMITS, Limits
 from .llm.chunks import ChatChunker, CompletionChunker, fold_chat, fold_completion
 from .lifecycle import split_keep_alive
 from .llm.embeddings import embedding_job, plan_embeddings, shorten, split_options
-from .llm.requests import check_stops, chat_job, completion_job, plan_chat, sampling_for
+from .llm.requests import (check_stops, chat_job, completion_job, completion_prompts, embedding_inputs, plan_chat,
+                           sampling_for)
 from .offline import enable as enable_offline_guard
 from .offline import offline_requested
 from .pool import ModelPool
@@ -44,9 +46,11 @@ class LocalEngine:
                  max_queue: int | None = None, memory_policy: str | None = None,
                  memory_budget_mb: int | None = None, nvml: NvmlProbe | None = None,
                  preload: tuple[str, ...] | list[str] = (), keep_alive: float | str | None = None,
-                 models_only: bool = False, fake: Any = False, offline: bool = False) -> None:
+                 models_only: bool = False, fake: Any = False, offline: bool = False,
+                 limits: Limits | None = None) -> None:
         """``fake=True`` (or a testing.FakeScript) serves every model kind from polargrid_local.testing's
         deterministic fakes, without model files; ``offline=True`` turns on the offline guard (offline.py)."""
+        self.limits = limits or DEFAULT_LIMITS
         if offline or offline_requested():
             enable_offline_guard()
         self.fake = None
@@ -62,7 +66,8 @@ class LocalEngine:
                      "max_queue": max_queue}
         policy = memory_policy or self.registry.settings.get("memory_policy", "refuse")
         self.pool = ModelPool(self.registry, factories or default_factories(), overrides=overrides, nvml=self.nvml,
-                              memory_policy=policy, memory_budget_mb=memory_budget_mb, keep_alive=keep_alive)
+                              memory_policy=policy, memory_budget_mb=memory_budget_mb, keep_alive=keep_alive,
+                              limits=self.limits)
         self.usage = UsageBook()
         self.started = datetime.now(timezone.utc)
         self._closed = threading.Event()
@@ -109,9 +114,7 @@ class LocalEngine:
             stream_options = stream_options or request.pop("stream_options", None)
             seed = seed if seed is not None else request.pop("seed", None)
         request = coerce(CompletionRequest, request, "completion request")
-        prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
-        if not prompts or any(not isinstance(p, str) or not p for p in prompts):
-            raise invalid("Prompt is required", field="prompt")
+        prompts = completion_prompts(request, self.limits)
         usage = _include_usage(stream_options)
         return self.router.run(self.pool.resolve(request.model, "chat"),
                                lambda spec: self._completion_stream(self._keep(spec, keep_alive), request, prompts, usage, seed),
@@ -151,13 +154,14 @@ class LocalEngine:
         request, keep_alive = split_keep_alive(request)
         request, options = split_options(request, {"dimensions": dimensions, "encoding_format": encoding_format})
         request = coerce(EmbeddingRequest, request, "embedding request")
+        embedding_inputs(request, self.limits)
         plan = plan_embeddings(request, options)
         return self.router.run(self.pool.resolve(request.model, "embedding"),
                                lambda spec: self._embeddings(self._keep(spec, keep_alive), request, plan),
                                lambda spec: _shortened(self.router.remote.embeddings(spec, request), plan.dimensions))
 
     def _embeddings(self, spec: ModelSpec, request: EmbeddingRequest, plan) -> EmbeddingResponse:
-        with self.open_stream(spec, embedding_job(plan, spec.id), "embedding") as stream:
+        with self.open_stream(spec, embedding_job(plan, spec.id, self.limits.embedding_batch), "embedding") as stream:
             vectors, count = next(stream)
         self.usage.record(spec.id, count)
         return EmbeddingResponse(data=[EmbeddingData(index=i, embedding=v) for i, v in enumerate(vectors)],

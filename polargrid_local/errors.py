@@ -20,6 +20,7 @@ NotFoundError = sdk.NotFoundError
 ServerError = sdk.ServerError
 RateLimitError = sdk.RateLimitError
 PolarGridError = sdk.PolarGridError
+TimeoutError = sdk.TimeoutError  # noqa: A001 - the SDK's name; 504 over HTTP
 
 
 def invalid(message: str, **details: Any) -> sdk.ValidationError:

@@ -12,11 +12,12 @@ from typing import Any, Callable, Literal
 from .errors import NotFoundError, ServerError, invalid
 from .gpu import MB, NvmlProbe, resident_bytes
 from .lifecycle import FOREVER, Reaper, parse_keep_alive
+from .limits import DEFAULT_LIMITS, Limits
 from .memory import (POLICIES, Estimate, available_host_bytes, check_fits, estimate, estimate_files, gguf_facts,
                      gpu_layers_that_fit, settings_for)
 from .pull import is_pulled
 from .registry import ModelSpec, Registry
-from .worker import ModelWorker
+from .worker import ModelWorker, unloaded_error
 
 logger = logging.getLogger("polargrid_local")
 
@@ -29,6 +30,7 @@ class UnloadReport:
     model: str
     freed_ram_bytes: int
     freed_gpu_bytes: int
+    freed: bool = True   # False: the model's thread is finishing a step and frees the memory when it ends
 
 
 class ModelPool:
@@ -36,10 +38,11 @@ class ModelPool:
 
     def __init__(self, registry: Registry, factories: dict[str, BackendFactory], *, overrides: dict[str, Any] | None = None,
                  nvml: NvmlProbe | None = None, memory_policy: str = "refuse", memory_budget_mb: int | None = None,
-                 keep_alive: Any = None) -> None:
+                 keep_alive: Any = None, limits: Limits = DEFAULT_LIMITS) -> None:
         if memory_policy not in POLICIES:
             raise ValueError(f"memory_policy must be one of {', '.join(POLICIES)}")
         self.registry = registry
+        self.limits = limits
         self.factories = factories
         self.overrides = overrides or {}
         self.nvml = nvml or NvmlProbe()
@@ -89,14 +92,15 @@ class ModelPool:
         """The model's worker, loading the model if needed; also the seconds spent loading (0 if warm)."""
         with self._lock:
             worker = self._workers.get(spec.id)
-            if worker is not None:
+            if worker is not None and worker.alive:
                 return worker, 0.0
             lock = self._locks.setdefault(spec.id, threading.Lock())
         with lock:
             with self._lock:
                 worker = self._workers.get(spec.id)
-                if worker is not None:
+                if worker is not None and worker.alive:
                     return worker, 0.0
+                self._workers.pop(spec.id, None)
                 self._states[spec.id] = "loading"
             started = time.perf_counter()
             try:
@@ -106,7 +110,8 @@ class ModelPool:
                     self._states[spec.id] = "failed"
                     self._errors[spec.id] = str(exc)
                 raise
-            worker = getattr(backend, "worker_type", ModelWorker)(spec.id, backend)
+            worker_type = getattr(backend, "worker_type", None)  # remote models bring their own
+            worker = worker_type(spec.id, backend) if worker_type else ModelWorker(spec.id, backend, self.limits)
             with self._lock:
                 self._last_used[spec.id] = (time.monotonic(), time.time())
                 self._workers[spec.id] = worker
@@ -200,38 +205,43 @@ class ModelPool:
         free_gpu = self._free_gpu(settings) if est.gpu_fraction > 0 else None
         return check_fits(est, free_gpu=free_gpu, free_host=available_host_bytes(), budget=budget)
 
-    def unload(self, spec: ModelSpec) -> UnloadReport | None:
-        """Stop the model's worker and free its backend; None if it was not loaded."""
+    def unload(self, spec: ModelSpec, why: str = "was unloaded") -> UnloadReport | None:
+        """Stop the model's worker and free its backend; None if it was not loaded.
+
+        Requests queued or running on it end at once with a 503 that says the model ``why``. The
+        backend is freed by the worker's own thread once its running step ends (never while that
+        thread may still use it); this waits up to ``limits.unload_wait_s`` for that, and the report
+        says whether it happened.
+        """
         with self._lock:
             worker = self._workers.pop(spec.id, None)
             self._states[spec.id] = "unloaded"
             self._forget_use(spec.id)
-        return self._release(spec, worker)
+        return self._release(spec, worker, why)
 
-    def _release(self, spec: ModelSpec, worker: ModelWorker[Any] | None) -> UnloadReport | None:
+    def _release(self, spec: ModelSpec, worker: ModelWorker[Any] | None, why: str = "was unloaded"
+                 ) -> UnloadReport | None:
         self.estimates.pop(spec.id, None)
         self.gpu_measured.pop(spec.id, None)
         if worker is None:
             return None
         ram_before, gpu_before = resident_bytes(), self.nvml.used_by_this_process()
-        worker.close()
-        backend, worker.backend = worker.backend, None
-        close = getattr(backend, "close", None)
-        if close is not None:
-            close()
-        del backend
+        worker.close(unloaded_error(spec.id, why))
+        freed = worker.wait_freed(self.limits.unload_wait_s)
+        if not freed:
+            logger.warning("%s: its thread is finishing a step; its memory is freed when that step ends", spec.id)
         gc.collect()
         return UnloadReport(spec.id, max(0, ram_before - resident_bytes()),
-                            max(0, gpu_before - self.nvml.used_by_this_process()))
+                            max(0, gpu_before - self.nvml.used_by_this_process()), freed)
 
-    def unload_all(self) -> list[UnloadReport]:
+    def unload_all(self, why: str = "was unloaded") -> list[UnloadReport]:
         with self._lock:
             ids = list(self._workers)
         reports = []
         for model_id in ids:
             spec = self.registry.get(model_id)
             if spec is not None:
-                report = self.unload(spec)
+                report = self.unload(spec, why)
                 if report is not None:
                     reports.append(report)
         return reports
@@ -329,7 +339,7 @@ class ModelPool:
                     continue
                 self._states[model_id] = "unloaded"
                 self._forget_use(model_id)
-            self._release(spec, worker)
+            self._release(spec, worker, f"was unloaded after {keep:g} s idle (keep_alive)")
             reaped.append(model_id)
         return reaped
 
@@ -339,4 +349,4 @@ class ModelPool:
 
     def close(self) -> None:
         self.reaper.close()
-        self.unload_all()
+        self.unload_all("was unloaded because the engine is shutting down")

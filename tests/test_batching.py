@@ -221,3 +221,64 @@ def test_a_shared_system_prompt_is_copied_between_slots(registry):
         busy.close()
     finally:
         engine.close()
+
+
+def test_queue_time_counts_the_wait_for_a_slot(registry):
+    """Six requests, two slots: the four that wait for a slot report that wait as queue time, not inference."""
+    engine = LocalEngine(registry, n_parallel=2, max_queue=8)
+    try:
+        engine.load_model({"model_name": CHAT})
+        barrier = threading.Barrier(6)
+        replies = []
+
+        def ask(i):
+            barrier.wait()
+            replies.append(engine.completion({"model": CHAT, "prompt": f"{i}, {i + 1}, {i + 2},", "max_tokens": 24,
+                                              "temperature": 0}))
+
+        run_threads(ask, [(i,) for i in range(6)])
+        meta = sorted((r.pg_metadata for r in replies), key=lambda m: m.queue_time_ms)
+        first_two = min(m.inference_time_ms for m in meta[:2])
+        waited = [m.queue_time_ms for m in meta[2:]]
+        assert all(q >= 0.5 * first_two for q in waited), (waited, first_two)
+        for m in meta:
+            assert m.queue_time_ms + m.inference_time_ms <= m.latency_ms + 2
+    finally:
+        engine.close()
+
+
+def test_every_prompt_of_a_completion_counts_against_the_queue(registry):
+    engine = LocalEngine(registry, n_parallel=2, max_queue=2)
+    try:
+        three = engine.completion_stream({"model": CHAT, "prompt": ["1, 2,", "a, b,", "x, y,"], "max_tokens": 500})
+        next(three)
+        with pytest.raises(polargrid.RateLimitError):
+            engine.completion_stream({"model": CHAT, "prompt": ["3, 4,", "c, d,"], "max_tokens": 5})
+        with pytest.raises(polargrid.ValidationError) as info:   # more prompts than the model ever takes at once
+            engine.completion_stream({"model": CHAT, "prompt": ["p,"] * 5, "max_tokens": 5})
+        assert info.value.details["field"] == "prompt"
+        one = engine.completion_stream({"model": CHAT, "prompt": "3, 4,", "max_tokens": 5})  # 3 + 1 fit
+        three.close()
+        assert "".join(c.choices[0].text for c in one if c.choices)
+    finally:
+        engine.close()
+
+
+def test_the_prompt_list_is_capped(registry):
+    from polargrid_local.limits import Limits
+
+    engine = LocalEngine(registry, limits=Limits(max_prompts=4))
+    try:
+        with pytest.raises(polargrid.ValidationError) as info:
+            engine.completion({"model": CHAT, "prompt": ["1, 2,"] * 5, "max_tokens": 2})
+        assert "max_prompts" in str(info.value) and info.value.details["field"] == "prompt"
+        reply = engine.completion({"model": CHAT, "prompt": ["1, 2,"] * 4, "max_tokens": 2})
+        assert len(reply.choices) == 4
+    finally:
+        engine.close()
+    from polargrid_local.limits import DEFAULT_LIMITS
+
+    default = LocalEngine(registry)
+    with pytest.raises(polargrid.ValidationError):
+        default.completion_stream({"model": CHAT, "prompt": ["1,"] * (DEFAULT_LIMITS.max_prompts + 1)})
+    default.close()

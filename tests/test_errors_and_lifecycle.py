@@ -117,29 +117,25 @@ def test_concurrent_callers_get_their_own_answers(client):
     assert results == alone
 
 
-def test_unload_cancels_queued_requests_with_a_server_error(registry):
-    from polargrid_local import LocalEngine
-
-    engine = LocalEngine(registry)
-    try:
-        worker, _ = engine.pool.worker(registry.get(CHAT))
-        release = threading.Event()
-
-        def busy(backend, ctx):
-            release.wait(30)
-            yield "done"
-
-        blocker, _ = worker.submit(busy)
-        queued = engine.completion_stream({"model": CHAT, "prompt": "a, b, c,", "max_tokens": 5})
-        closer = threading.Thread(target=engine.unload_model, args=({"model_name": CHAT},))
-        closer.start()
-        with pytest.raises(polargrid.ServerError) as info:
-            list(queued)
-        assert info.value.status_code == 503 and "unloaded" in str(info.value)
-        release.set()
-        assert list(blocker) == ["done"]
-        closer.join(30)
-        assert engine.get_model_status().loading_status[CHAT] == "unloaded"
-        assert engine.chat_completion(chat_request(max_tokens=3)).choices[0].message.content is not None
-    finally:
-        engine.close()
+@pytest.mark.parametrize("call, request_, field", [
+    ("chat_completion", {"model": CHAT, "messages": [{"role": "user", "content": "hi \ud800 there"}]},
+     "messages[0].content"),
+    ("chat_completion", {"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "stop": ["\udfff"]},
+     "stop[0]"),
+    ("chat_completion_stream", {"model": CHAT, "messages": [{"role": "user", "content": "\ud83d"}]},
+     "messages[0].content"),
+    ("completion", {"model": CHAT, "prompt": "tell me \ud800"}, "prompt"),
+    ("completion", {"model": CHAT, "prompt": ["fine", "\udc00"]}, "prompt[1]"),
+    ("embeddings", {"model": "smollm2-135m-embed", "input": ["ok", "bad \ud800"]}, "input[1]"),
+    ("embeddings", {"model": "smollm2-135m-embed", "input": "\ud800"}, "input"),
+    ("completion", {"model": CHAT, "prompt": "1, 2,", "seed": "x"}, "seed"),
+    ("completion", {"model": CHAT, "prompt": "1, 2,", "seed": 1.5}, "seed"),
+    ("completion", {"model": CHAT, "prompt": "1, 2,", "seed": True}, "seed"),
+])
+def test_client_mistakes_the_engine_used_to_answer_with_500_are_validation_errors(engine, call, request_, field):
+    with pytest.raises(polargrid.ValidationError) as info:
+        result = getattr(engine, call)(request_)
+        if call.endswith("_stream"):
+            list(result)
+    assert info.value.details["field"] == field, info.value
+    assert engine.chat_completion(chat_request(max_tokens=3)).choices[0].message.content is not None

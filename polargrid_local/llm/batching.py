@@ -36,6 +36,7 @@ class PromptJob:
     stream: ResultStream[Any]
     index: int = 0
     siblings: list[int] = field(default_factory=lambda: [1])  # prompts of this request still running
+    ctx: Any = None  # the request's JobContext: its queue time ends when a prompt gets a slot
 
 
 @dataclass
@@ -114,6 +115,8 @@ class BatchScheduler:
             if not free:
                 return
             self.waiting.popleft()
+            if job.ctx is not None:
+                job.ctx.mark_started()
             # A seeded request evaluates its whole prompt, so its logits do not depend on what the
             # cache held: the same seed gives the same text.
             reuse = job.params.seed is None
@@ -284,14 +287,19 @@ class BatchScheduler:
                 self.L.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
                 slot.cached = []
 
-    def close(self) -> None:
+    def close(self, error: BaseException | None = None) -> None:
+        """Free the context; requests still here end with ``error`` (the engine cut them short), never cleanly."""
+        if error is None:
+            from ..errors import ServerError
+
+            error = ServerError("the model was unloaded before this request finished; retry the request", 503)
         for slot in self.slots:
             if slot.job is not None:
                 job = slot.job
+                job.stream.finish(error)
                 self._release(slot, finish=None)
-                job.stream.finish()
         while self.waiting:
-            self.waiting.popleft().stream.finish()
+            self.waiting.popleft().stream.finish(error)
         if self.ctx:
             self.L.llama_batch_free(self.batch)
             self.L.llama_free(self.ctx)

@@ -66,8 +66,9 @@ def shorten(vectors: list[list[float]], dimensions: int) -> list[list[float]]:
     return out
 
 
-def embedding_job(plan: EmbeddingPlan, model_id: str):
-    """The function a worker runs: one batch, one vector per input in order, and the tokens read."""
+def embedding_job(plan: EmbeddingPlan, model_id: str, batch: int = 16):
+    """The function a worker runs: one vector per input in order, and the tokens read. It embeds ``batch``
+    inputs per llama.cpp call, so an unload or a time limit stops a long request between calls."""
 
     def run(backend: LlamaBackend, ctx: JobContext) -> Iterator[tuple[list[list[float]], int]]:
         if plan.dimensions is not None and plan.dimensions > backend.n_embd:
@@ -78,7 +79,14 @@ def embedding_job(plan: EmbeddingPlan, model_id: str):
             if n > backend.n_ctx:
                 raise invalid(f"input[{i}] is {n} tokens; model {model_id!r} embeds at most {backend.n_ctx}",
                               field="input")
-        vectors, count = backend.embed(plan.texts)
+        vectors: list[list[float]] = []
+        count = 0
+        for start in range(0, len(plan.texts), max(1, batch)):
+            if ctx.cancelled:
+                return
+            part, n = backend.embed(plan.texts[start:start + batch])
+            vectors += part
+            count += n
         if plan.dimensions is not None and plan.dimensions < backend.n_embd:
             vectors = shorten(vectors, plan.dimensions)
         yield vectors, count

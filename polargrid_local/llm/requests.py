@@ -8,6 +8,7 @@ from typing import Any, Iterator
 from polargrid.types import ChatCompletionRequest, CompletionRequest, Message
 
 from ..errors import invalid
+from ..limits import Limits
 from ..worker import JobContext
 from .backend import LlamaBackend, SamplingParams, Started, TextDelta
 from .batching import PromptJob
@@ -28,9 +29,67 @@ def sampling_for(request: ChatCompletionRequest | CompletionRequest, *, seed: in
         frequency_penalty=request.frequency_penalty or 0.0,
         presence_penalty=request.presence_penalty or 0.0,
         repetition_penalty=_repetition(getattr(request, "repetition_penalty", None)),
-        seed=seed if seed is not None else getattr(request, "seed", None),
+        seed=_seed(seed if seed is not None else getattr(request, "seed", None)),
         grammar=grammar,
     )
+
+
+def _seed(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(f"seed must be an integer, not {type(value).__name__}", field="seed")
+    return value
+
+
+def check_text(value: Any, where: str) -> None:
+    """Every string in ``value`` must be encodable as UTF-8: a lone surrogate (``"\\ud800"`` in JSON) is named."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise invalid(f"{where} has a lone surrogate (\\u{ord(value[exc.start]):04x}) at character {exc.start}; "
+                          "send valid Unicode text", field=where) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key, where)
+            check_text(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_text(item, f"{where}[{i}]")
+
+
+def _check_fields(request: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(request, name, None)
+        if value is not None:
+            check_text(value.model_dump(exclude_none=True) if hasattr(value, "model_dump") else
+                       [v.model_dump(exclude_none=True) if hasattr(v, "model_dump") else v for v in value]
+                       if isinstance(value, list) else value, name)
+
+
+def completion_prompts(request: CompletionRequest, limits: Limits) -> list[str]:
+    """The prompts of a completions request: non-empty text, at most ``limits.max_prompts`` of them."""
+    prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
+    if not prompts or any(not isinstance(p, str) or not p for p in prompts):
+        raise invalid("Prompt is required", field="prompt")
+    if len(prompts) > limits.max_prompts:
+        raise invalid(f"prompt has {len(prompts)} prompts; at most {limits.max_prompts} per request "
+                      "(the max_prompts limit)", field="prompt", limit="max_prompts")
+    _check_fields(request, ("prompt", "stop", "suffix"))
+    return prompts
+
+
+def embedding_inputs(request: Any, limits: Limits) -> list[str]:
+    """The strings of an embeddings request: non-empty text, at most ``limits.max_embedding_inputs``."""
+    texts = [request.input] if isinstance(request.input, str) else list(request.input)
+    if not texts or any(not isinstance(t, str) or not t for t in texts):
+        raise invalid("Input is required: a non-empty string or a list of non-empty strings", field="input")
+    if len(texts) > limits.max_embedding_inputs:
+        raise invalid(f"input has {len(texts)} strings; at most {limits.max_embedding_inputs} per request "
+                      "(the max_embedding_inputs limit)", field="input", limit="max_embedding_inputs")
+    check_text(texts if isinstance(request.input, list) else texts[0], "input")
+    return texts
 
 
 def _top_k(value: int) -> int:
@@ -69,6 +128,7 @@ def plan_chat(request: ChatCompletionRequest, model_id: str) -> ChatPlan:
     """Validate a chat request and decide its sampling, grammar and tools."""
     if not request.messages:
         raise invalid("Messages array is required and cannot be empty", field="messages")
+    _check_fields(request, ("messages", "tools", "stop", "response_format", "tool_choice"))
     for i, message in enumerate(request.messages):
         if isinstance(message.content, list):
             for part in message.content:
@@ -143,7 +203,7 @@ def chat_job(plan: ChatPlan, model_id: str):
         tokens = backend.tokenize(prompt, add_bos=backend.add_bos_for_template(prompt))
         fit_prompt(tokens, backend, model_id)
         if hasattr(backend, "scheduler"):
-            return [PromptJob(tokens, plan.params, plan.max_tokens, plan.stop, ctx.stream)]
+            return [PromptJob(tokens, plan.params, plan.max_tokens, plan.stop, ctx.stream, ctx=ctx)]
         return _plain(backend, ctx, [tokens], plan.params, plan.max_tokens, plan.stop)
 
     run.batched = True
@@ -159,11 +219,12 @@ def completion_job(prompts: list[str], params: SamplingParams, max_tokens: int, 
             fit_prompt(tokens, backend, model_id, index)
         if hasattr(backend, "scheduler"):
             siblings = [len(encoded)]
-            return [PromptJob(tokens, params, max_tokens, stop, ctx.stream, index, siblings)
+            return [PromptJob(tokens, params, max_tokens, stop, ctx.stream, index, siblings, ctx=ctx)
                     for index, tokens in enumerate(encoded)]
         return _plain(backend, ctx, encoded, params, max_tokens, stop)
 
     run.batched = True
+    run.cost = len(prompts)  # each prompt takes a slot: it counts against the model's queue
     return run
 
 

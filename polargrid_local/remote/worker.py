@@ -12,20 +12,27 @@ import time
 from typing import Any
 
 from ..streams import ResultStream, StreamCancelled
-from ..worker import JobContext, JobFn, WorkerClosed
+from ..worker import JobContext, JobFn, unloaded_error
 
 logger = logging.getLogger("polargrid_local")
 
 
 class RemoteWorker:
-    """Same interface as ModelWorker (submit, queue_depth, close); no queue, one thread per job."""
+    """Same interface as ModelWorker (submit, queue_depth, alive, close, wait_freed); no queue, one thread per job."""
 
     def __init__(self, name: str, backend: Any) -> None:
         self.name = name
         self.backend = backend
         self._active = 0
+        self._streams: set[ResultStream[Any]] = set()
         self._lock = threading.Lock()
         self._closed = False
+        self._close_reason: BaseException | None = None
+        self.freed = threading.Event()
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed
 
     @property
     def queue_depth(self) -> int:
@@ -35,12 +42,13 @@ class RemoteWorker:
 
     def submit(self, fn: JobFn) -> tuple[ResultStream[Any], JobContext]:
         """Start the job on a new thread; returns the stream its results arrive on."""
-        if self._closed:
-            raise WorkerClosed(f"model {self.name!r} is unloaded")
         stream: ResultStream[Any] = ResultStream()
         ctx = JobContext(stream=stream, submitted_at=time.perf_counter())
         with self._lock:
+            if self._closed:
+                raise self._close_reason or unloaded_error(self.name)
             self._active += 1
+            self._streams.add(stream)
         threading.Thread(target=self._drive, args=(fn, ctx), name=f"polargrid-remote-{self.name}",
                          daemon=True).start()
         return stream, ctx
@@ -64,7 +72,33 @@ class RemoteWorker:
                 close()
             with self._lock:
                 self._active -= 1
+                self._streams.discard(ctx.stream)
+                last = self._closed and self._active == 0
+            if last:
+                self._free_backend()
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Refuse new jobs; streams in flight end when their readers stop or the remote finishes."""
-        self._closed = True
+    def close(self, reason: BaseException | None = None) -> None:
+        """Refuse new jobs and end the streams in flight with ``reason`` (a 503 by default); the HTTP client
+        is closed when the last relay thread has stopped."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._close_reason = reason or unloaded_error(self.name)
+            streams, idle = list(self._streams), self._active == 0
+        for stream in streams:
+            stream.abort(self._close_reason)
+        if idle:
+            self._free_backend()
+
+    def wait_freed(self, timeout: float) -> bool:
+        """Wait until the HTTP client is closed; False while a relay thread is still stopping."""
+        return self.freed.wait(timeout)
+
+    def _free_backend(self) -> None:
+        close = getattr(self.backend, "close", None)
+        try:
+            if close is not None:
+                close()
+        finally:
+            self.freed.set()
