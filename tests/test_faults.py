@@ -319,7 +319,7 @@ def test_a_full_disk_during_pull_is_a_pull_error_and_leaves_nothing_that_looks_p
         '[[models]]\nid = "fake"\nkind = "chat"\nfiles = [{ path = "model.gguf", size = %d, sha256 = "%s", '
         'pypi = "fake-model==1.0:fake_model/model.gguf" }]\n' % (len(payload), hashlib.sha256(payload).hexdigest()))
     registry = Registry.load(models, tmp_path / "cache")
-    monkeypatch.setattr(pulling, "_pip_download", lambda part, dest, log: wheel)
+    monkeypatch.setattr(pulling, "_download_wheel", lambda part, dest, log: wheel)
     real_copy = pulling._copy
 
     class FullDisk:
