@@ -7,7 +7,7 @@ from typing import Any, Iterator
 
 from polargrid.types import ChatCompletionRequest, CompletionRequest, Message
 
-from ..errors import invalid
+from ..errors import check_text, invalid
 from ..limits import Limits
 from ..worker import JobContext
 from .backend import LlamaBackend, SamplingParams, Started, TextDelta
@@ -40,23 +40,6 @@ def _seed(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise invalid(f"seed must be an integer, not {type(value).__name__}", field="seed")
     return value
-
-
-def check_text(value: Any, where: str) -> None:
-    """Every string in ``value`` must be encodable as UTF-8: a lone surrogate (``"\\ud800"`` in JSON) is named."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise invalid(f"{where} has a lone surrogate (\\u{ord(value[exc.start]):04x}) at character {exc.start}; "
-                          "send valid Unicode text", field=where) from None
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            check_text(key, where)
-            check_text(item, f"{where}.{key}")
-    elif isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            check_text(item, f"{where}[{i}]")
 
 
 def _check_fields(request: Any, names: tuple[str, ...]) -> None:
