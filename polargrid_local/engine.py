@@ -65,8 +65,8 @@ class LocalEngine:
             stream_options = stream_options or request.pop("stream_options", None)
         request = coerce(ChatCompletionRequest, request, "chat completion request")
         spec = self.pool.resolve(request.model, "chat")
-        plan = plan_chat(request, spec.id)
-        chunker = ChatChunker(request.model, request.tools, plan.tools, _include_usage(stream_options))
+        plan = plan_chat(request, spec.id, getattr(self, "limits", None))
+        chunker = ChatChunker(request.model, request.tools, plan.tools, _include_usage(stream_options), plan.output)
         return self._open(spec, chat_job(plan, spec.id), chunker, "chat")
 
     def chat_completion(self, request: ChatCompletionRequest | dict[str, Any]):
@@ -79,11 +79,14 @@ class LocalEngine:
     def completion_stream(self, request: CompletionRequest | dict[str, Any], *,
                           stream_options: dict[str, Any] | None = None, seed: int | None = None
                           ) -> Stream[CompletionChunk]:
-        """Stream a text completion; a list prompt gives one choice per prompt, in order."""
+        """Stream a text completion; a list prompt gives one choice per prompt, in order. Beyond the SDK's
+        fields, a dict may hold seed, min_p and repetition_penalty, as chat requests do."""
+        extras: dict[str, Any] = {}
         if isinstance(request, dict):
             request = dict(request)
             stream_options = stream_options or request.pop("stream_options", None)
             seed = seed if seed is not None else request.pop("seed", None)
+            extras = {k: request.pop(k) for k in ("min_p", "repetition_penalty") if k in request}
         request = coerce(CompletionRequest, request, "completion request")
         prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
         if not prompts or any(not isinstance(p, str) or not p for p in prompts):
@@ -91,7 +94,7 @@ class LocalEngine:
         spec = self.pool.resolve(request.model, "chat")
         chunker = CompletionChunker(request.model, _include_usage(stream_options))
         chunker.prompts_total = len(prompts)
-        params = sampling_for(request, seed=seed)
+        params = sampling_for(request, seed=seed, **extras)
         job = completion_job(prompts, params, request.max_tokens or 100, check_stops(request.stop), spec.id)
         return self._open(spec, job, chunker, "completion")
 

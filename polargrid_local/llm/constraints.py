@@ -1,17 +1,19 @@
 """Constrained decoding: response_format and tools turned into llama.cpp grammars, and tool calls parsed back."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import jsonschema
-from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+from polargrid import errors as sdk_errors
 from polargrid.types import ChatTool, ResponseFormat, ToolCall, ToolCallFunction
 
 from ..errors import invalid
+from ..limits import DEFAULT_LIMITS, Limits
+from .schemas import OutputSchema, schema_grammar
 
 # Free text for tool_choice "auto": anything that does not open a JSON object.
 _FREE_TEXT_GBNF = r'''free-text ::= [^{ \t\n] [^\x00]*'''
@@ -24,38 +26,30 @@ class ToolPlan:
     system_prompt: str
     grammar: str
     required: bool
+    arguments: dict[str, OutputSchema]  # by function name: what a call's arguments must satisfy
 
 
-def schema_grammar(schema: Any, what: str) -> str:
-    """A GBNF grammar accepting exactly the JSON documents the schema allows."""
-    if not isinstance(schema, dict):
-        raise invalid(f"{what} must be a JSON schema object")
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        raise invalid(f"{what} is not a valid JSON schema: {exc.message}") from None
-    try:
-        return json_schema_to_gbnf(json.dumps(schema))
-    except Exception as exc:  # the converter asserts on what it cannot express
-        raise invalid(f"{what} uses JSON schema features the grammar converter does not support: {exc}") from None
-
-
-def response_format_grammar(response_format: ResponseFormat | None) -> str | None:
-    """Grammar for response_format: text -> None, json_object -> any object, json_schema -> that schema."""
+def response_format_grammar(response_format: ResponseFormat | None, limits: Limits = DEFAULT_LIMITS
+                            ) -> tuple[str, OutputSchema] | None:
+    """Grammar and output schema for response_format: text -> None, json_object -> any object,
+    json_schema -> that schema."""
     if response_format is None or response_format.type == "text":
         return None
     if response_format.type == "json_object":
-        return JSON_GBNF
+        output = OutputSchema({"type": "object"}, "response_format")
+        return schema_grammar(output.schema, output.field, limits), output
     spec = response_format.json_schema
     if not spec:
-        raise invalid("response_format.json_schema is required when type is 'json_schema'")
+        raise invalid("response_format.json_schema is required when type is 'json_schema'",
+                      field="response_format.json_schema")
     schema = spec.get("schema", spec if "type" in spec or "properties" in spec else None)
     if schema is None:
-        raise invalid("response_format.json_schema must hold a 'schema' object")
-    return schema_grammar(schema, "response_format.json_schema.schema")
+        raise invalid("response_format.json_schema must hold a 'schema' object", field="response_format.json_schema")
+    output = OutputSchema(schema, "response_format.json_schema.schema")
+    return schema_grammar(schema, output.field, limits), output
 
 
-def plan_tools(tools: list[ChatTool] | None, tool_choice: Any) -> ToolPlan | None:
+def plan_tools(tools: list[ChatTool] | None, tool_choice: Any, limits: Limits = DEFAULT_LIMITS) -> ToolPlan | None:
     """Decide how tools constrain this request; None when tools are absent or tool_choice is 'none'."""
     if not tools:
         if tool_choice not in (None, "none", "auto"):
@@ -80,25 +74,38 @@ def plan_tools(tools: list[ChatTool] | None, tool_choice: Any) -> ToolPlan | Non
             raise invalid(f"tool_choice names {name!r}, which is not among the tools ({', '.join(names)})")
     elif choice not in ("auto", "required"):
         raise invalid("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}")
+    arguments = {t.function.name: _arguments_schema(t, tools.index(t), limits) for t in chosen}
     call_schema = {"anyOf": [_call_schema(t) for t in chosen]} if len(chosen) > 1 else _call_schema(chosen[0])
-    call_grammar = schema_grammar(call_schema, "tools")
+    call_grammar = schema_grammar(call_schema, "tools", dataclasses.replace(
+        limits, schema_max_depth=limits.schema_max_depth + 2,
+        schema_max_bytes=limits.schema_max_bytes * len(chosen) + 1024,
+        schema_max_properties=limits.schema_max_properties * len(chosen) + 2 * len(chosen),
+        schema_max_enum=limits.schema_max_enum * len(chosen)))
     required = choice != "auto"
     if required:
         grammar = call_grammar
     else:
         grammar = re.sub(r"^root ::=", "tool-call ::=", call_grammar, count=1, flags=re.M)
         grammar = f"root ::= tool-call | free-text\n{grammar}\n{_FREE_TEXT_GBNF}\n"
-    return ToolPlan(system_prompt=_tool_prompt(chosen, required), grammar=grammar, required=required)
+    return ToolPlan(system_prompt=_tool_prompt(chosen, required), grammar=grammar, required=required,
+                    arguments=arguments)
+
+
+def _arguments_schema(tool: ChatTool, index: int, limits: Limits) -> OutputSchema:
+    """A tool's parameters, checked (limits, meta-schema, convertible) on their own, so errors name the tool."""
+    field = f"tools[{index}].function.parameters"
+    params = tool.function.parameters or {"type": "object", "properties": {}}
+    if not isinstance(params, dict) or params.get("type", "object") != "object":
+        raise invalid(f"tool {tool.function.name!r}: parameters must be a JSON schema of type 'object'", field=field)
+    try:
+        schema_grammar(params, field, limits)
+    except sdk_errors.ValidationError as exc:
+        raise invalid(f"tool {tool.function.name!r}: {exc.message}", **(exc.details or {})) from None
+    return OutputSchema(params, field)
 
 
 def _call_schema(tool: ChatTool) -> dict[str, Any]:
     params = tool.function.parameters or {"type": "object", "properties": {}}
-    if not isinstance(params, dict) or params.get("type", "object") != "object":
-        raise invalid(f"tool {tool.function.name!r}: parameters must be a JSON schema of type 'object'")
-    try:
-        jsonschema.validators.validator_for(params).check_schema(params)
-    except jsonschema.SchemaError as exc:
-        raise invalid(f"tool {tool.function.name!r}: parameters is not a valid JSON schema: {exc.message}") from None
     return {"type": "object", "properties": {"name": {"const": tool.function.name}, "arguments": params},
             "required": ["name", "arguments"]}
 
