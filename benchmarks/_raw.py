@@ -84,3 +84,13 @@ def measure(path: str, threads: int, mode: str, n_seq: int = 1, prompt_len: int 
         prompt_len, tokens, mode, n_seq, prompt_len, tokens, repeats)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def prompt_tokens(path: str, prompts: list[str]) -> int:
+    """The prompts' mean length in tokens as the engine reads them (BOS added): the raw baseline's prompt_len."""
+    import statistics
+
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(path, vocab_only=True, verbose=False)
+    return round(statistics.mean(len(vocab.tokenize(p.encode(), add_bos=True, special=False)) for p in prompts))
