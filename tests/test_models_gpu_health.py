@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 
 import polargrid
 import pytest
@@ -91,6 +92,9 @@ def test_gpu_status_reports_what_nvml_sees(client):
 
 def test_purge_unloads_and_reports(fresh, registry):
     fresh.chat_completion(chat_request(max_tokens=4))  # loaded and used: its weights and cache are resident
+    deadline = time.monotonic() + 10
+    while fresh.pool.queue_depth(registry.get(CHAT)) and time.monotonic() < deadline:
+        time.sleep(0.01)  # the slot is released just after the reply's last chunk
     result = fresh.purge_gpu()
     assert isinstance(result, GPUPurgeResponse)
     assert result.status == "success" and result.models_unloaded == [CHAT]
