@@ -51,10 +51,10 @@ class RawLlama:
     def batched_decode_tok_s(self, n_seq: int, prompt_len: int, steps: int) -> float:
         """n_seq sequences of prompt_len tokens, then `steps` decode steps with all of them in one batch."""
         self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
-        entries = [(1000 + (s * prompt_len + j) % 5000, j, s, j == prompt_len - 1)
-                   for s in range(n_seq) for j in range(prompt_len)]
-        self.decode(entries)
-        toks = [self.argmax(s * prompt_len + prompt_len - 1) for s in range(n_seq)]
+        toks = []
+        for s in range(n_seq):  # one prefill per sequence, so n_seq x prompt_len may exceed the batch (untimed)
+            self.decode([(1000 + (s * prompt_len + j) % 5000, j, s, j == prompt_len - 1) for j in range(prompt_len)])
+            toks.append(self.argmax(prompt_len - 1))
         started = time.perf_counter()
         for step in range(steps):
             self.decode([(toks[s], prompt_len + step, s, True) for s in range(n_seq)])
@@ -84,3 +84,13 @@ def measure(path: str, threads: int, mode: str, n_seq: int = 1, prompt_len: int 
         prompt_len, tokens, mode, n_seq, prompt_len, tokens, repeats)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def prompt_tokens(path: str, prompts: list[str]) -> int:
+    """The prompts' mean length in tokens as the engine reads them (BOS added): the raw baseline's prompt_len."""
+    import statistics
+
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(path, vocab_only=True, verbose=False)
+    return round(statistics.mean(len(vocab.tokenize(p.encode(), add_bos=True, special=False)) for p in prompts))

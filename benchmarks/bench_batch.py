@@ -25,7 +25,7 @@ from polargrid_local import LocalEngine, Registry
 from polargrid_local.llm.backend import available_cpus
 from polargrid_local.server import ServerConfig, make_server
 
-from _raw import measure
+from _raw import measure, prompt_tokens
 
 MODEL = "smollm2-135m-instruct"
 
@@ -58,13 +58,21 @@ def stream_chat(port: int, messages: list[dict], max_tokens: int, model: str) ->
     return (arrivals[0] - started if arrivals else 0.0), len(arrivals), end - started
 
 
+SINGLE_PROMPT = "1, 2, 3, 4, 5, 6,"
+
+
+def counting_prompt(i: int) -> str:
+    """A prompt that counts upwards from i, so no stream stops early."""
+    return ", ".join(str(k) for k in range(i, i + 12))
+
+
 def concurrent_streams(port: int, n: int, max_tokens: int, model: str, salt: int = 0) -> dict:
     """n completions that count upwards (so none stops early) streamed at once over HTTP."""
     results: list[tuple[float, list[float]]] = []
     lock = threading.Lock()
 
     def one(i: int) -> None:
-        out = _stream(port, "/v1/completions", {"model": model, "prompt": ", ".join(str(k) for k in range(i, i + 12)),
+        out = _stream(port, "/v1/completions", {"model": model, "prompt": counting_prompt(i),
                                                 "max_tokens": max_tokens, "temperature": 0})
         with lock:
             results.append(out)
@@ -111,8 +119,10 @@ def free_port() -> int:
 
 def llama_cpp_server(path: str, threads: int, n: int, max_tokens: int) -> dict:
     port = free_port()
+    # interrupt_requests off: by default a new request cuts the running one short, which would handicap it here
     proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", path, "--n_threads", str(threads),
-                             "--n_ctx", "4096", "--port", str(port), "--host", "127.0.0.1", "--model_alias", MODEL],
+                             "--n_threads_batch", str(threads), "--n_ctx", "4096", "--port", str(port),
+                             "--host", "127.0.0.1", "--model_alias", MODEL, "--interrupt_requests", "false"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
@@ -127,7 +137,7 @@ def llama_cpp_server(path: str, threads: int, n: int, max_tokens: int) -> dict:
         else:
             return {"error": "llama_cpp.server did not start"}
         stream_chat(port, [{"role": "user", "content": "Hi"}], 4, MODEL)
-        out = concurrent_streams(port, n, max_tokens, MODEL)
+        out = concurrent_streams(port, n, max_tokens, MODEL, salt=1)  # the engine's first run's prompts
         out["chat_ttft"] = concurrent_chat_ttft(port, n, MODEL)
         return out
     finally:
@@ -168,20 +178,27 @@ def main() -> int:
     port = server.server_address[1]
     try:
         stream_chat(port, [{"role": "user", "content": "Hi"}], 4, MODEL)
+        # like for like: the raw baselines get prompts of the engine's length in tokens, the same threads,
+        # the same number of runs and the same statistic (median)
+        single_len = prompt_tokens(path, [SINGLE_PROMPT])
+        batched_len = prompt_tokens(path, [counting_prompt(i * 100 + 1000) for i in range(args.streams)])
+        result["prompt_tokens"] = {"single": single_len, "batched": batched_len}
         ours, raw_single = [], []
         for _ in range(3):  # alternated with the raw baseline, so the machine's drift hits both
-            _started, arrivals = _stream(port, "/v1/completions", {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6,",
+            _started, arrivals = _stream(port, "/v1/completions", {"model": MODEL, "prompt": SINGLE_PROMPT,
                                                                    "max_tokens": 128, "temperature": 0})
             ours.append((len(arrivals) - 1) / (arrivals[-1] - arrivals[0]))
-            raw_single += measure(path, args.threads, "single", prompt_len=12, tokens=128)
+            raw_single += measure(path, args.threads, "single", prompt_len=single_len, tokens=128)
         result["raw_single_tok_s"] = round(statistics.median(raw_single), 1)
         result["engine_single_stream_http_tok_s"] = round(statistics.median(ours), 1)
         result["single_ratio_vs_raw"] = round(result["engine_single_stream_http_tok_s"] / result["raw_single_tok_s"], 3)
         runs, raw_batched = [], []
         for round_ in range(2):  # alternated with the raw baseline
-            raw_batched += measure(path, args.threads, "batched", n_seq=args.streams, prompt_len=32, tokens=args.tokens)
+            raw_batched += measure(path, args.threads, "batched", n_seq=args.streams, prompt_len=batched_len,
+                                   tokens=args.tokens)
             runs.append(concurrent_streams(port, args.streams, args.tokens, MODEL, salt=round_ + 1))
         result["raw_batched_tok_s"] = round(statistics.median(raw_batched), 1)
+        first_run = dict(runs[0])  # what the llama-cpp-python server is compared with: the same prompts
         result["engine_http"] = runs[0]  # its time-to-first-token figures; tok_s is the median of both runs
         result["engine_http"]["tok_s"] = round(statistics.median(r["tok_s"] or 0 for r in runs), 1)
         result["batched_ratio_vs_raw"] = round(result["engine_http"]["tok_s"] / result["raw_batched_tok_s"], 3)
@@ -194,10 +211,10 @@ def main() -> int:
     if not args.skip_llama_cpp_server:
         try:
             result["llama_cpp_python_server"] = llama_cpp_server(path, args.threads, args.streams, args.tokens)
-            other = result["llama_cpp_python_server"].get("overall_tok_s")
-            if other:  # overall: its default setting cuts concurrent streams short, so no steady state exists
-                result["engine_vs_llama_cpp_python_server_overall"] = round(
-                    result["engine_http"]["overall_tok_s"] / other, 2)
+            other = result["llama_cpp_python_server"]
+            for key in ("tok_s", "overall_tok_s"):  # same prompts, tokens and threads as the engine's first run
+                if other.get(key) and first_run.get(key):
+                    result[f"engine_vs_llama_cpp_python_server_{key}"] = round(first_run[key] / other[key], 2)
         except Exception as exc:  # the comparison is optional; its absence is reported, not hidden
             result["llama_cpp_python_server"] = {"error": f"{type(exc).__name__}: {exc}"}
     print(json.dumps(result))

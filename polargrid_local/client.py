@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator
 
 from polargrid import errors as sdk_errors
+from polargrid.client import DEFAULT_ROUTING_SCOPE
 from polargrid.types import (AsyncTranscriptionJobAccepted, TextToSpeechRequest, TranscriptionJobInfo,
                              TranscriptionJobListResponse, TranscriptionJobResult, TranscriptionJobStatus,
                              TranscriptionRequest, TranscriptionResponse, TranscriptionStreamEvent,
@@ -30,6 +32,7 @@ from .engine import LocalEngine
 from .offline import enable as enable_offline_guard
 from .llm.chunks import fold_chat, fold_completion
 from .speech.formats import VerboseTranscriptionResponse
+from .limits import Limits
 from .registry import Registry
 from .types import ChatCompletionChunk, CompletionChunk
 
@@ -37,15 +40,10 @@ logger = logging.getLogger("polargrid_local")
 
 REGION_ID = "local"
 REGION_NAME = "Local (in-process)"
-_SDK_ARGS = ("api_key", "base_url", "auth_url", "region", "timeout", "max_retries", "debug", "use_mock_data",
-             "routing_scope", "routing_model")
 
 
 def _engine(engine: LocalEngine | None, models: str | Path | Registry | None, local: dict[str, Any],
             sdk_args: dict[str, Any]) -> LocalEngine:
-    unknown = set(sdk_args) - set(_SDK_ARGS)
-    if unknown:
-        raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
     if sdk_args.get("base_url") or sdk_args.get("region"):
         logger.info("polargrid_local runs in-process; base_url/region are ignored")
     return engine or LocalEngine(models, **local)
@@ -78,23 +76,29 @@ def wait_for_job(engine: LocalEngine, job_id: str, poll_interval: float, timeout
 
 
 class _LocalClient:
-    """What both clients share: the engine they bridge to, and the region they report."""
+    """What both clients share: the engine they bridge to, the region they report, and the SDK's session
+    accessors. The SDK's parameters come first, positionally as in polargrid.PolarGrid; local options are
+    keyword-only (tests/test_parity.py holds both clients to the SDK's signatures)."""
 
-    def __init__(self, api_key: str | None = None, *, models: str | Path | Registry | None = None,
+    def __init__(self, api_key: str | None = None, base_url: str | None = None, auth_url: str | None = None,
+                 region: str | None = None, timeout: float = 30.0, max_retries: int = 3, debug: bool = False,
+                 use_mock_data: bool = False, *, models: str | Path | Registry | None = None,
                  cache_dir: str | Path | None = None, n_threads: int | None = None,
                  n_gpu_layers: int | str | None = None, n_ctx: int | None = None, n_parallel: int | None = None,
                  max_queue: int | None = None, memory_policy: str | None = None,
                  memory_budget_mb: int | None = None, preload: list[str] | tuple = (),
                  keep_alive: float | str | None = None, models_only: bool = False,
                  engine: LocalEngine | None = None, fake: Any = False, offline: bool = False,
-                 **sdk_args: Any) -> None:
+                 limits: Limits | None = None) -> None:
         local = dict(cache_dir=cache_dir, n_threads=n_threads, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx,
                      n_parallel=n_parallel, max_queue=max_queue, memory_policy=memory_policy,
                      memory_budget_mb=memory_budget_mb, preload=preload, keep_alive=keep_alive,
-                     models_only=models_only, fake=fake, offline=offline)
-        self.engine = _engine(engine, models, local, {"api_key": api_key, **sdk_args})
+                     models_only=models_only, fake=fake, offline=offline, limits=limits)
+        self.engine = _engine(engine, models, local, {"base_url": base_url, "region": region})
         if offline and engine is not None:
             enable_offline_guard()
+        self._refresh_token: str | None = None
+        self._session_id = str(uuid.uuid4())
 
     @property
     def fake(self):
@@ -110,6 +114,26 @@ class _LocalClient:
 
     def get_region_name(self) -> str:
         return REGION_NAME
+
+    # The SDK's (deprecated) session accessors. There is no auth server here: a refresh token is only
+    # stored and returned, and the session is this client's own id until invalidate_session starts another.
+
+    def get_refresh_token(self) -> str | None:
+        """The refresh token last stored with set_refresh_token (None if none)."""
+        return self._refresh_token
+
+    def set_refresh_token(self, refresh_token: str | None) -> None:
+        """Store a refresh token; it has no effect locally, as in the SDK since 0.7.0."""
+        self._refresh_token = refresh_token
+
+    def get_session_id(self) -> str | None:
+        """This client's local session id (a uuid)."""
+        return self._session_id
+
+    def invalidate_session(self) -> None:
+        """Forget the refresh token and start a new local session id."""
+        self._refresh_token = None
+        self._session_id = str(uuid.uuid4())
 
 
 class PolarGridSync(_LocalClient):
@@ -249,9 +273,15 @@ class PolarGrid(_LocalClient):
     """The async client: the same calls as polargrid.PolarGrid, a thin bridge over LocalEngine."""
 
     @classmethod
-    async def create(cls, api_key: str | None = None, **kwargs: Any) -> PolarGrid:
-        """Build a client without blocking the event loop (the registry is read, preloads load, in a thread)."""
-        return await asyncio.to_thread(cls, api_key, **kwargs)
+    async def create(cls, api_key: str | None = None, base_url: str | None = None, auth_url: str | None = None,
+                     region: str | None = None, timeout: float = 30.0, max_retries: int = 3, debug: bool = False,
+                     use_mock_data: bool = False, routing_scope: str = DEFAULT_ROUTING_SCOPE,
+                     routing_model: str | None = None, **local: Any) -> PolarGrid:
+        """Build a client without blocking the event loop (the registry is read, preloads load, in a thread).
+        There is no region to discover: routing_scope and routing_model are accepted and ignored; local options
+        (models=, n_parallel=, engine=...) are keywords, as for the constructor."""
+        return await asyncio.to_thread(cls, api_key, base_url, auth_url, region, timeout, max_retries, debug,
+                                       use_mock_data, **local)
 
     async def aclose(self) -> None:
         """Unload every model."""

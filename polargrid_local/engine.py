@@ -93,8 +93,8 @@ class LocalEngine:
                                lambda spec: self.router.remote.chat_stream(spec, request, usage))
 
     def _chat_stream(self, spec: ModelSpec, request: ChatCompletionRequest, usage: bool) -> Stream[ChatCompletionChunk]:
-        plan = plan_chat(request, spec.id)
-        chunker = ChatChunker(request.model, request.tools, plan.tools, usage)
+        plan = plan_chat(request, spec.id, self.limits)
+        chunker = ChatChunker(request.model, request.tools, plan.tools, usage, plan.output)
         return self._open(spec, chat_job(plan, spec.id), chunker, "chat")
 
     def chat_completion(self, request: ChatCompletionRequest | dict[str, Any]):
@@ -107,24 +107,28 @@ class LocalEngine:
     def completion_stream(self, request: CompletionRequest | dict[str, Any], *,
                           stream_options: dict[str, Any] | None = None, seed: int | None = None
                           ) -> Stream[CompletionChunk]:
-        """Stream a text completion; a list prompt gives one choice per prompt, in order."""
+        """Stream a text completion; a list prompt gives one choice per prompt, in order. Beyond the SDK's
+        fields, a dict may hold seed, min_p and repetition_penalty, as chat requests do."""
+        extras: dict[str, Any] = {}
         request, keep_alive = split_keep_alive(request)
         if isinstance(request, dict):
             request = dict(request)
             stream_options = stream_options or request.pop("stream_options", None)
             seed = seed if seed is not None else request.pop("seed", None)
+            extras = {k: request.pop(k) for k in ("min_p", "repetition_penalty") if k in request}
         request = coerce(CompletionRequest, request, "completion request")
         prompts = completion_prompts(request, self.limits)
         usage = _include_usage(stream_options)
         return self.router.run(self.pool.resolve(request.model, "chat"),
-                               lambda spec: self._completion_stream(self._keep(spec, keep_alive), request, prompts, usage, seed),
+                               lambda spec: self._completion_stream(self._keep(spec, keep_alive), request, prompts,
+                                                                    usage, seed, extras),
                                lambda spec: self.router.remote.completion_stream(spec, request, usage, seed))
 
     def _completion_stream(self, spec: ModelSpec, request: CompletionRequest, prompts: list[str], usage: bool,
-                           seed: int | None) -> Stream[CompletionChunk]:
+                           seed: int | None, extras: dict[str, Any]) -> Stream[CompletionChunk]:
         chunker = CompletionChunker(request.model, usage)
         chunker.prompts_total = len(prompts)
-        params = sampling_for(request, seed=seed)
+        params = sampling_for(request, seed=seed, **extras)
         job = completion_job(prompts, params, request.max_tokens or 100, check_stops(request.stop), spec.id)
         return self._open(spec, job, chunker, "completion")
 

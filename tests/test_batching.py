@@ -176,6 +176,43 @@ def test_long_prompts_are_prefilled_in_chunks_while_streams_flow(registry):
         engine.close()
 
 
+def test_several_waiting_prompts_are_prefilled_in_small_chunks(registry):
+    """README: when several prompts wait, a step prefills at most prefill_chunk of their tokens, so the first
+    starts streaming while the others are still being read (instead of one 512-token step for all of them)."""
+    engine = LocalEngine(registry, n_parallel=4)
+    try:
+        engine.completion({"model": CHAT, "prompt": "Hi", "max_tokens": 1})
+        scheduler = scheduler_of(engine)
+        gate, steps = threading.Event(), []
+        real_step = scheduler.step
+
+        def observed_step():  # the worker waits here until every request is queued: all arrive together
+            gate.wait(60)
+            waiting = sum(1 for s in scheduler.slots if s.job is not None and s.pending) + len(scheduler.waiting)
+            before = scheduler.prompt_tokens_evaluated
+            real_step()
+            steps.append((waiting, scheduler.prompt_tokens_evaluated - before))
+
+        scheduler.step = observed_step
+        try:
+            prompts = [f"Story {i}: " + "the river ran past the old mill and the children watched it. " * 12
+                       for i in range(4)]
+            streams = [engine.completion_stream({"model": CHAT, "prompt": p, "max_tokens": 2, "temperature": 0})
+                       for p in prompts]
+            gate.set()
+            texts = ["".join(c.choices[0].text for c in stream if c.choices) for stream in streams]
+        finally:
+            gate.set()
+            del scheduler.step
+        assert all(texts)
+        crowded = [evaluated for waiting, evaluated in steps if waiting >= 2]
+        assert max(crowded, default=0) <= scheduler.prefill_chunk, \
+            f"a step with several prompts waiting prefilled {max(crowded)} tokens: {steps}"
+        assert len(crowded) >= 3, f"several prompts were never waiting at once: {steps}"
+    finally:
+        engine.close()
+
+
 def test_a_full_queue_is_refused_with_retry_after(registry):
     engine = LocalEngine(registry, n_parallel=2, max_queue=2)
     try:
@@ -188,7 +225,8 @@ def test_a_full_queue_is_refused_with_retry_after(registry):
         deadline = time.monotonic() + 10
         while engine.pool.queue_depth(engine.registry.get(CHAT)) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert engine.chat_completion(chat_request(max_tokens=3)).choices[0].message.content is not None
+        reply = engine.chat_completion(chat_request(max_tokens=3))
+        assert reply.usage.completion_tokens > 0 and reply.choices[0].message.content.strip()
     finally:
         engine.close()
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import re
+import time
 
 import polargrid
 import pytest
@@ -88,16 +90,23 @@ def test_gpu_status_reports_what_nvml_sees(client):
         assert gpu.memory.total_mb > 0 and math.isclose(simple.percent_used + simple.percent_free, 100, abs_tol=1)
 
 
-def test_purge_unloads_and_reports(fresh):
-    fresh.load_model({"model_name": CHAT})
+def test_purge_unloads_and_reports(fresh, registry):
+    fresh.chat_completion(chat_request(max_tokens=4))  # loaded and used: its weights and cache are resident
+    deadline = time.monotonic() + 10
+    while fresh.pool.queue_depth(registry.get(CHAT)) and time.monotonic() < deadline:
+        time.sleep(0.01)  # the slot is released just after the reply's last chunk
     result = fresh.purge_gpu()
     assert isinstance(result, GPUPurgeResponse)
     assert result.status == "success" and result.models_unloaded == [CHAT]
-    assert any(CHAT in action for action in result.actions)
     assert fresh.get_model_status().loaded == []
+    action = next(action for action in result.actions if CHAT in action)
+    freed_ram_mb = float(re.search(r"freed ([0-9.]+) MB of RAM", action).group(1))
+    weights_mb = registry.get(CHAT).path_in(registry.cache_dir).stat().st_size / 2 ** 20
+    assert freed_ram_mb > 0.5 * weights_mb, f"purge reports {freed_ram_mb} MB freed for {weights_mb:.0f} MB of weights"
     if NvmlProbe().device_count() == 0:
-        assert result.memory_before.total_gb == 0 and result.memory_freed_gb == 0
-        assert "No GPU" in result.recommendation
+        assert "No GPU" in result.recommendation and "RAM was released" in result.recommendation
+    else:
+        assert result.memory_before.total_gb > 0 and result.memory_after.total_gb == result.memory_before.total_gb
     assert fresh.purge_gpu({"force": True}).actions == ["no models were loaded"]
 
 

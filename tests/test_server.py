@@ -14,6 +14,7 @@ import pytest
 from polargrid.types import EmbeddingRequest
 
 from conftest import CHAT, SENTENCES, word_error_rate
+from polargrid_local.gpu import NvmlProbe
 from polargrid_local.limits import Limits
 from polargrid_local.server import ServerConfig, make_server
 from polargrid_local.server.security import RateLimiter
@@ -113,7 +114,7 @@ def test_sdk_embeddings_models_gpu_health(sdk):
     assert run(sdk.load_model({"model_name": "smollm2-135m-embed"})).status == "success"
     assert "smollm2-135m-embed" in run(sdk.get_model_status()).loaded
     assert "freed" in run(sdk.unload_model({"model_name": "smollm2-135m-embed"})).message
-    assert run(sdk.get_gpu_status()).total_gpus >= 0
+    assert run(sdk.get_gpu_status()).total_gpus == NvmlProbe().device_count()
     assert isinstance(run(sdk.get_gpu_memory()).memory, list)
     assert run(sdk.health()).status == "healthy"
     assert run(sdk.get_status()).regions[0].region == "local"

@@ -12,6 +12,7 @@ from polargrid.types import (ChatCompletionChoice, ChatCompletionChunkChoice, Ch
 from ..types import ChatCompletionChunk, CompletionChunk
 from .backend import Started, TextDelta
 from .constraints import ToolPlan, parse_tool_call
+from .schemas import OutputSchema
 
 
 def new_id(prefix: str) -> str:
@@ -19,9 +20,15 @@ def new_id(prefix: str) -> str:
 
 
 class ChatChunker:
-    """Turns one chat job's events into ChatCompletionChunks, holding back text that is becoming a tool call."""
+    """Turns one chat job's events into ChatCompletionChunks, holding back text that is becoming a tool call.
 
-    def __init__(self, model: str, tools: list[ChatTool] | None, plan: ToolPlan | None, include_usage: bool) -> None:
+    Constrained output (response_format, tool calls) is validated against its schema when it ends: one that
+    stopped complete but does not satisfy the schema ends the stream with a ValidationError instead of a
+    finish chunk; one cut by max_tokens ends with finish_reason "length", as OpenAI's does (incomplete).
+    """
+
+    def __init__(self, model: str, tools: list[ChatTool] | None, plan: ToolPlan | None, include_usage: bool,
+                 output: OutputSchema | None = None) -> None:
         self.id = new_id("chatcmpl")
         self.created = int(time.time())
         self.model = model
@@ -32,6 +39,8 @@ class ChatChunker:
         self._prompt_tokens = 0
         self._held = ""
         self._holding = plan is not None
+        self.output = output
+        self._content: list[str] = []
 
     def _chunk(self, delta: ChatDelta | None, finish: str | None = None, usage: TokenUsage | None = None) -> ChatCompletionChunk:
         choices = [] if delta is None else [ChatCompletionChunkChoice(index=0, delta=delta, finish_reason=finish)]
@@ -51,6 +60,7 @@ class ChatChunker:
             else:
                 text = ""
         if text:
+            self._content.append(text)
             out.append(self._chunk(ChatDelta(content=text)))
         if event.finish_reason is not None:
             out.extend(self._finish(event))
@@ -59,8 +69,13 @@ class ChatChunker:
     def _finish(self, event: TextDelta) -> list[ChatCompletionChunk]:
         out: list[ChatCompletionChunk] = []
         finish = event.finish_reason
+        if self.output is not None and finish != "length":
+            text = "".join(self._content)
+            problem = self.output.problem(text)
+            if problem:
+                raise self.output.violation(text, problem)
         if self._held:
-            calls = parse_tool_call(self._held, self.tools)
+            calls = self._checked_calls(self._held, finish)
             if calls:
                 finish = "tool_calls"
                 deltas = [ToolCallDelta(index=i, id=c.id, type="function",
@@ -76,6 +91,24 @@ class ChatChunker:
         if self.include_usage:
             out.append(self._chunk(None, usage=self.usage))
         return out
+
+    def _checked_calls(self, held: str, finish: str | None) -> list[ToolCall] | None:
+        """The call in the held text, its arguments validated; None (text) when max_tokens cut it short."""
+        calls = parse_tool_call(held, self.tools)
+        if calls:
+            name = calls[0].function.name
+            schema = self.plan.arguments.get(name, OutputSchema({}, "tool_choice"))
+            problem = schema.problem(calls[0].function.arguments) if name in self.plan.arguments else (
+                f"it calls {name!r}, which tool_choice did not allow")
+        elif held.lstrip().startswith("{") or self.plan.required:
+            schema, problem = OutputSchema({}, "tools"), "the output is not a complete call of one of the tools"
+        else:
+            return None
+        if problem is None:
+            return calls
+        if finish == "length":
+            return None
+        raise schema.violation(held, problem)
 
 
 def fold_chat(chunks: Iterable[ChatCompletionChunk], usage_of: ChatChunker, metadata: PGMetadata | None = None

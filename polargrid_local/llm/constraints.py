@@ -1,18 +1,23 @@
 """Constrained decoding: response_format and tools turned into llama.cpp grammars, and tool calls parsed back."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from polargrid import errors as sdk_errors
 from polargrid.types import ChatTool, ResponseFormat, ToolCall, ToolCallFunction
 
 from ..errors import invalid
+from ..limits import DEFAULT_LIMITS, Limits
+from .schemas import OutputSchema, check_schema, to_gbnf
 
 # Free text for tool_choice "auto": anything that does not open a JSON object.
 _FREE_TEXT_GBNF = r'''free-text ::= [^{ \t\n] [^\x00]*'''
+_ANY_OBJECT = {"type": "object"}
 
 
 @dataclass(frozen=True, eq=False)
@@ -20,13 +25,15 @@ class Grammar:
     """What a constrained request's output must be: a JSON document fitting ``schema`` (any object when
     None), or, with ``free_text``, either that or text that does not open a JSON object (tool_choice auto).
 
-    The llama.cpp grammar (``gbnf``) is made on first use, on the model's worker, so planning a request
-    needs no llama.cpp (a fake engine reads ``schema`` instead).
+    The schema is checked against the limits when the request is planned; the llama.cpp grammar (``gbnf``)
+    is made on first use, on the model's worker, so planning a request needs no llama.cpp (a fake engine
+    reads ``schema`` instead).
     """
 
     schema: dict[str, Any] | None
     what: str = "response_format"
     free_text: bool = False
+    limits: Limits = DEFAULT_LIMITS
     _gbnf: list[str] = field(default_factory=list, repr=False)
 
     @property
@@ -36,15 +43,7 @@ class Grammar:
         return self._gbnf[0]
 
     def _convert(self) -> str:
-        from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
-
-        if self.schema is None:
-            return JSON_GBNF
-        try:
-            grammar = json_schema_to_gbnf(json.dumps(self.schema))
-        except Exception as exc:  # the converter asserts on what it cannot express
-            raise invalid(f"{self.what} uses JSON schema features the grammar converter does not support: "
-                          f"{exc}") from None
+        grammar = to_gbnf(self.schema if self.schema is not None else _ANY_OBJECT, self.what, self.limits)
         if not self.free_text:
             return grammar
         grammar = re.sub(r"^root ::=", "tool-call ::=", grammar, count=1, flags=re.M)
@@ -58,37 +57,30 @@ class ToolPlan:
     system_prompt: str
     grammar: Grammar
     required: bool
+    arguments: dict[str, OutputSchema]  # by function name: what a call's arguments must satisfy
 
 
-def schema_grammar(schema: Any, what: str, free_text: bool = False) -> Grammar:
-    """The grammar accepting exactly the JSON documents the schema allows (checked here, converted on use)."""
-    if not isinstance(schema, dict):
-        raise invalid(f"{what} must be a JSON schema object")
-    try:
-        import jsonschema  # imported on the first request with a schema
-
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        raise invalid(f"{what} is not a valid JSON schema: {exc.message}") from None
-    return Grammar(schema, what, free_text)
-
-
-def response_format_grammar(response_format: ResponseFormat | None) -> Grammar | None:
-    """Grammar for response_format: text -> None, json_object -> any object, json_schema -> that schema."""
+def response_format_grammar(response_format: ResponseFormat | None, limits: Limits = DEFAULT_LIMITS
+                            ) -> tuple[Grammar, OutputSchema] | None:
+    """Grammar and output schema for response_format: text -> None, json_object -> any object,
+    json_schema -> that schema (checked against the limits now)."""
     if response_format is None or response_format.type == "text":
         return None
     if response_format.type == "json_object":
-        return Grammar(None)
+        return Grammar(None, "response_format", limits=limits), OutputSchema(_ANY_OBJECT, "response_format")
     spec = response_format.json_schema
     if not spec:
-        raise invalid("response_format.json_schema is required when type is 'json_schema'")
+        raise invalid("response_format.json_schema is required when type is 'json_schema'",
+                      field="response_format.json_schema")
     schema = spec.get("schema", spec if "type" in spec or "properties" in spec else None)
     if schema is None:
-        raise invalid("response_format.json_schema must hold a 'schema' object")
-    return schema_grammar(schema, "response_format.json_schema.schema")
+        raise invalid("response_format.json_schema must hold a 'schema' object", field="response_format.json_schema")
+    output = OutputSchema(schema, "response_format.json_schema.schema")
+    check_schema(schema, output.field, limits)
+    return Grammar(schema, output.field, limits=limits), output
 
 
-def plan_tools(tools: list[ChatTool] | None, tool_choice: Any) -> ToolPlan | None:
+def plan_tools(tools: list[ChatTool] | None, tool_choice: Any, limits: Limits = DEFAULT_LIMITS) -> ToolPlan | None:
     """Decide how tools constrain this request; None when tools are absent or tool_choice is 'none'."""
     if not tools:
         if tool_choice not in (None, "none", "auto"):
@@ -113,22 +105,35 @@ def plan_tools(tools: list[ChatTool] | None, tool_choice: Any) -> ToolPlan | Non
             raise invalid(f"tool_choice names {name!r}, which is not among the tools ({', '.join(names)})")
     elif choice not in ("auto", "required"):
         raise invalid("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}")
+    arguments = {t.function.name: _arguments_schema(t, tools.index(t), limits) for t in chosen}
     call_schema = {"anyOf": [_call_schema(t) for t in chosen]} if len(chosen) > 1 else _call_schema(chosen[0])
+    call_limits = dataclasses.replace(
+        limits, schema_max_depth=limits.schema_max_depth + 2,
+        schema_max_bytes=limits.schema_max_bytes * len(chosen) + 1024,
+        schema_max_properties=limits.schema_max_properties * len(chosen) + 2 * len(chosen),
+        schema_max_enum=limits.schema_max_enum * len(chosen))
+    check_schema(call_schema, "tools", call_limits)
     required = choice != "auto"
-    grammar = schema_grammar(call_schema, "tools", free_text=not required)
-    return ToolPlan(system_prompt=_tool_prompt(chosen, required), grammar=grammar, required=required)
+    grammar = Grammar(call_schema, "tools", free_text=not required, limits=call_limits)
+    return ToolPlan(system_prompt=_tool_prompt(chosen, required), grammar=grammar, required=required,
+                    arguments=arguments)
+
+
+def _arguments_schema(tool: ChatTool, index: int, limits: Limits) -> OutputSchema:
+    """A tool's parameters, checked (limits, meta-schema) on their own, so errors name the tool."""
+    field = f"tools[{index}].function.parameters"
+    params = tool.function.parameters or {"type": "object", "properties": {}}
+    if not isinstance(params, dict) or params.get("type", "object") != "object":
+        raise invalid(f"tool {tool.function.name!r}: parameters must be a JSON schema of type 'object'", field=field)
+    try:
+        check_schema(params, field, limits)
+    except sdk_errors.ValidationError as exc:
+        raise invalid(f"tool {tool.function.name!r}: {exc.message}", **(exc.details or {})) from None
+    return OutputSchema(params, field)
 
 
 def _call_schema(tool: ChatTool) -> dict[str, Any]:
     params = tool.function.parameters or {"type": "object", "properties": {}}
-    if not isinstance(params, dict) or params.get("type", "object") != "object":
-        raise invalid(f"tool {tool.function.name!r}: parameters must be a JSON schema of type 'object'")
-    try:
-        import jsonschema
-
-        jsonschema.validators.validator_for(params).check_schema(params)
-    except jsonschema.SchemaError as exc:
-        raise invalid(f"tool {tool.function.name!r}: parameters is not a valid JSON schema: {exc.message}") from None
     return {"type": "object", "properties": {"name": {"const": tool.function.name}, "arguments": params},
             "required": ["name", "arguments"]}
 

@@ -8,27 +8,29 @@ from typing import Any, Iterator
 from polargrid.types import ChatCompletionRequest, CompletionRequest, Message
 
 from ..errors import check_text, invalid
-from ..limits import Limits
+from ..limits import DEFAULT_LIMITS, Limits
 from ..worker import JobContext
 from .backend import LlamaBackend, SamplingParams, Started, TextDelta
 from .batching import PromptJob
 from .constraints import Grammar, ToolPlan, plan_tools, response_format_grammar
+from .schemas import OutputSchema
 
 DEFAULT_TOP_K = 40
 
 
 def sampling_for(request: ChatCompletionRequest | CompletionRequest, *, seed: int | None = None,
-                 grammar: Grammar | None = None) -> SamplingParams:
+                 grammar: Grammar | None = None, min_p: Any = None, repetition_penalty: Any = None) -> SamplingParams:
     """Sampling settings of a chat or completion request (a completion request has no min_p,
     repetition_penalty or seed fields: those come as keywords or take their neutral values)."""
     return SamplingParams(
         temperature=0.7 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
         top_k=DEFAULT_TOP_K if request.top_k is None else _top_k(request.top_k),
-        min_p=getattr(request, "min_p", None) or 0.0,
+        min_p=_min_p(min_p if min_p is not None else getattr(request, "min_p", None)),
         frequency_penalty=request.frequency_penalty or 0.0,
         presence_penalty=request.presence_penalty or 0.0,
-        repetition_penalty=_repetition(getattr(request, "repetition_penalty", None)),
+        repetition_penalty=_repetition(repetition_penalty if repetition_penalty is not None
+                                       else getattr(request, "repetition_penalty", None)),
         seed=_seed(seed if seed is not None else getattr(request, "seed", None)),
         grammar=grammar,
     )
@@ -81,10 +83,18 @@ def _top_k(value: int) -> int:
     return value
 
 
-def _repetition(value: float | None) -> float:
+def _min_p(value: Any) -> float:
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise invalid("min_p must be a number from 0 to 1", field="min_p")
+    return float(value)
+
+
+def _repetition(value: Any) -> float:
     if value is None:
         return 1.0
-    if not 0.0 < value <= 10.0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 10.0:
         raise invalid("repetition_penalty must be greater than 0 and at most 10", field="repetition_penalty")
     return value
 
@@ -105,10 +115,12 @@ class ChatPlan:
     max_tokens: int
     stop: list[str]
     tools: ToolPlan | None
+    output: OutputSchema | None = None  # what response_format's output must satisfy when complete
 
 
-def plan_chat(request: ChatCompletionRequest, model_id: str) -> ChatPlan:
-    """Validate a chat request and decide its sampling, grammar and tools."""
+def plan_chat(request: ChatCompletionRequest, model_id: str, limits: Limits | None = None) -> ChatPlan:
+    """Validate a chat request and decide its sampling, grammar and tools (schemas within ``limits``)."""
+    limits = limits or DEFAULT_LIMITS
     if not request.messages:
         raise invalid("Messages array is required and cannot be empty", field="messages")
     _check_fields(request, ("messages", "tools", "stop", "response_format", "tool_choice"))
@@ -120,12 +132,14 @@ def plan_chat(request: ChatCompletionRequest, model_id: str) -> ChatPlan:
                                   "send text content only", field=f"messages[{i}].content")
         if message.role == "tool" and not message.tool_call_id:
             raise invalid(f"messages[{i}] has role 'tool' but no tool_call_id", field=f"messages[{i}].tool_call_id")
-    tools = plan_tools(request.tools, request.tool_choice)
-    grammar = response_format_grammar(request.response_format)
-    if tools is not None and grammar is not None:
+    tools = plan_tools(request.tools, request.tool_choice, limits)
+    formatted = response_format_grammar(request.response_format, limits)
+    if tools is not None and formatted is not None:
         raise invalid("response_format and tools cannot constrain the same request; use one")
+    grammar, output = formatted or (None, None)
     params = sampling_for(request, grammar=tools.grammar if tools else grammar)
-    return ChatPlan(list(request.messages), params, request.max_tokens or 150, check_stops(request.stop), tools)
+    return ChatPlan(list(request.messages), params, request.max_tokens or 150, check_stops(request.stop), tools,
+                    output)
 
 
 def template_messages(messages: list[Message], backend: LlamaBackend, tools: ToolPlan | None) -> list[dict[str, Any]]:
