@@ -34,14 +34,14 @@ install-cuda: $(PY)
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-# Fetches the default model of each kind (the only step that uses the network).
+# Fetches the default model of each kind (with `wheelhouse`, the only steps that use the network).
 models: install
 	$(PY) -m polargrid_local pull
 	$(PY) -m polargrid_local pull smollm2-135m-embed   # no download: the chat model's file, linked; tests compare it
 
 # Every dependency as a wheel, once, for tests/test_install.py (a fresh venv installs from it with no network).
 wheelhouse: $(WHEELHOUSE)/.complete
-$(WHEELHOUSE)/.complete: | $(STAMP)
+$(WHEELHOUSE)/.complete: pyproject.toml scripts/wheelhouse.py | $(STAMP)
 	$(PY) scripts/wheelhouse.py $(WHEELHOUSE)
 	touch $@
 

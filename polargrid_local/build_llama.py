@@ -43,6 +43,7 @@ AMX_FLAGS = {"amx_tile": "GGML_AMX_TILE", "amx_int8": "GGML_AMX_INT8", "amx_bf16
 
 
 def cpu_flags() -> set[str]:
+    """The instruction-set flags of this CPU from /proc/cpuinfo (empty where unknown)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -158,8 +158,7 @@ class LocalEngine:
         request, keep_alive = split_keep_alive(request)
         request, options = split_options(request, {"dimensions": dimensions, "encoding_format": encoding_format})
         request = coerce(EmbeddingRequest, request, "embedding request")
-        embedding_inputs(request, self.limits)
-        plan = plan_embeddings(request, options)
+        plan = plan_embeddings(embedding_inputs(request, self.limits), options)
         return self.router.run(self.pool.resolve(request.model, "embedding"),
                                lambda spec: self._embeddings(self._keep(spec, keep_alive), request, plan),
                                lambda spec: _shortened(self.router.remote.embeddings(spec, request), plan.dimensions))
@@ -226,17 +225,18 @@ class LocalEngine:
         """Audio bytes per sentence as it is synthesised (``stream.content_type`` names the format)."""
         return self.speech.speech_stream(self._keep_for(request, "tts"), stream_default_format=default_format)
 
-    def transcribe(self, file, request):
-        """Transcription in the requested format: TranscriptionResponse, VerboseTranscriptionResponse or str."""
-        return self.speech.transcribe(file, self._keep_for(request, "stt"))
+    def transcribe(self, file, request, *, on_open=None):
+        """Transcription in the requested format: TranscriptionResponse, VerboseTranscriptionResponse or str.
+        ``on_open`` gets the stream being folded (closing it cancels the work)."""
+        return self.speech.transcribe(file, self._keep_for(request, "stt"), on_open=on_open)
 
     def transcribe_stream(self, file, request) -> Stream[Any]:
         """transcript.text.delta events per segment, then transcript.text.done."""
         return self.speech.transcribe_stream(file, self._keep_for(request, "stt"))
 
-    def translate(self, file, request):
+    def translate(self, file, request, *, on_open=None):
         """English text of speech in any language the model knows."""
-        return self.speech.transcribe(file, self._keep_for(request, "stt"), task="translate")
+        return self.speech.transcribe(file, self._keep_for(request, "stt"), task="translate", on_open=on_open)
 
     def transcribe_async(self, file, model: str = "stt-1b-en_fr", language: str | None = None,
                          prompt: str | None = None, response_format: str = "json", temperature: float | None = None):

@@ -15,8 +15,8 @@ import logging
 import re
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
+from .build_llama import cpu_flags
 from .errors import ServerError
 
 logger = logging.getLogger("polargrid_local")
@@ -46,18 +46,6 @@ class LlamaCpuFacts:
     @property
     def crash_prone(self) -> bool:
         return bool(self.cpu_amx) and self.build_amx
-
-
-def cpu_flags() -> set[str]:
-    """The instruction-set flags of this CPU from /proc/cpuinfo (empty where unknown)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
 
 
 def system_info() -> str:

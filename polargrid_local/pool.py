@@ -1,13 +1,14 @@
 """ModelPool: which models are loaded, loading them on first use, and unloading them for real."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 from .errors import NotFoundError, ServerError, invalid
 from .gpu import MB, NvmlProbe, resident_bytes
@@ -111,7 +112,7 @@ class ModelPool:
                     self._errors[spec.id] = str(exc)
                 raise
             worker_type = getattr(backend, "worker_type", None)  # remote models bring their own
-            worker = worker_type(spec.id, backend) if worker_type else ModelWorker(spec.id, backend, self.limits)
+            worker = (worker_type or ModelWorker)(spec.id, backend, self.limits)
             with self._lock:
                 self._last_used[spec.id] = (time.monotonic(), time.time())
                 self._workers[spec.id] = worker
@@ -257,6 +258,26 @@ class ModelPool:
         """A request for the model starts; call end() when it is done."""
         with self._lock:
             self._in_flight[spec.id] = self._in_flight.get(spec.id, 0) + 1
+
+    @contextlib.contextmanager
+    def in_use(self, spec: ModelSpec) -> Iterator[None]:
+        """A request in flight for the block's duration (keep_alive never unloads a model that is serving)."""
+        self.begin(spec)
+        try:
+            yield
+        finally:
+            self.end(spec)
+
+    def tracked(self, spec: ModelSpec, open_stream: Callable[[], Any]) -> Any:
+        """``open_stream()``, counted in flight until the stream ends or is closed."""
+        self.begin(spec)
+        try:
+            stream = open_stream()
+        except BaseException:
+            self.end(spec)
+            raise
+        stream.on_close = lambda: self.end(spec)
+        return stream
 
     def set_keep_alive(self, spec: ModelSpec, seconds: float) -> None:
         """How long the model stays loaded once idle, until it is unloaded or another request sets it."""

@@ -57,6 +57,15 @@ class WorkerClosed(RuntimeError):
     """The model was unloaded while a request waited for it."""
 
 
+def limited_stream(limits: Limits, producer_alive: Callable[[], bool] | None = None) -> ResultStream[Any]:
+    """A request's result stream, ended with the SDK's TimeoutError past ``limits.request_timeout_s``."""
+    timeout = limits.request_timeout_s
+    return ResultStream(deadline=time.monotonic() + timeout,
+                        on_deadline=lambda: RequestTimeout(f"the request took longer than the server's limit of "
+                                                           f"{timeout:g} s (request_timeout_s) and was stopped"),
+                        producer_alive=producer_alive)
+
+
 def unloaded_error(name: str, why: str = "was unloaded") -> ServerError:
     return ServerError(f"model {name!r} {why} before this request finished; retry the request", 503)
 
@@ -118,12 +127,7 @@ class ModelWorker(Generic[B]):
                 if self._depth() + cost > capacity:
                     raise RateLimitError(f"model {self.name!r} is serving {self._n_parallel} requests with "
                                          f"{self._max_queue} more queued; retry shortly", retry_after=1)
-            timeout = self.limits.request_timeout_s
-            stream: ResultStream[Any] = ResultStream(
-                deadline=time.monotonic() + timeout,
-                on_deadline=lambda: RequestTimeout(f"the request took longer than the server's limit of {timeout:g} s "
-                                                 "(request_timeout_s) and was stopped"),
-                producer_alive=self._thread.is_alive)
+            stream = limited_stream(self.limits, producer_alive=self._thread.is_alive)
             ctx = JobContext(stream=stream, submitted_at=time.perf_counter())
             self._streams.add(stream)
             self._queued_cost += cost

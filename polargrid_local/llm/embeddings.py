@@ -42,11 +42,8 @@ def split_options(request: EmbeddingRequest | dict[str, Any], options: dict[str,
     return request, found
 
 
-def plan_embeddings(request: EmbeddingRequest, options: dict[str, Any]) -> EmbeddingPlan:
-    """Check the inputs and options that need no model."""
-    texts = [request.input] if isinstance(request.input, str) else list(request.input)
-    if not texts or any(not isinstance(t, str) or not t for t in texts):
-        raise invalid("Input is required: a non-empty string or a list of non-empty strings", field="input")
+def plan_embeddings(texts: list[str], options: dict[str, Any]) -> EmbeddingPlan:
+    """The inputs (checked by requests.embedding_inputs) and OpenAI's options, checked where no model is needed."""
     encoding = options.get("encoding_format") or "float"
     if encoding not in ENCODINGS:
         raise invalid(f"encoding_format must be 'float' or 'base64', not {encoding!r}", field="encoding_format")

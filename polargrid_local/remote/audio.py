@@ -50,6 +50,9 @@ class RemoteAudio:
 
     def speech_stream(self, spec: ModelSpec, request: Any, fmt: str) -> Stream[bytes]:
         """The remote's audio bytes as they arrive, in the requested format."""
+        return self.engine.pool.tracked(spec, lambda: self._speech_stream(spec, request, fmt))
+
+    def _speech_stream(self, spec: ModelSpec, request: Any, fmt: str) -> Stream[bytes]:
         worker, load_seconds = self._backend(spec)
         backend: RemoteBackend = worker.backend
         body = request.model_dump(mode="json", exclude_unset=True, exclude_none=True)
@@ -70,6 +73,10 @@ class RemoteAudio:
 
     def transcribe(self, spec: ModelSpec, file: Any, request: Any, fmt: str, words: bool, task: str):
         """The remote's transcript (or translation) in the requested response format."""
+        with self.engine.pool.in_use(spec):
+            return self._transcribe(spec, file, request, fmt, words, task)
+
+    def _transcribe(self, spec: ModelSpec, file: Any, request: Any, fmt: str, words: bool, task: str):
         worker, _ = self._backend(spec)
         backend: RemoteBackend = worker.backend
         name, data = upload(file)

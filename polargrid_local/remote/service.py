@@ -88,16 +88,16 @@ class RemoteService:
 
     def chat_stream(self, spec: ModelSpec, request: ChatCompletionRequest, include_usage: bool) -> Stream[Any]:
         body = _forwarded(request, spec)
-        return self._relay(spec, "chat/completions", body, ChunkRelay(
-            ChatCompletionChunk, request.model, include_usage, spec.id, "chatcmpl"))
+        return self.engine.pool.tracked(spec, lambda: self._relay(spec, "chat/completions", body, ChunkRelay(
+            ChatCompletionChunk, request.model, include_usage, spec.id, "chatcmpl")))
 
     def completion_stream(self, spec: ModelSpec, request: CompletionRequest, include_usage: bool,
                           seed: int | None) -> Stream[Any]:
         body = _forwarded(request, spec)
         if seed is not None:
             body["seed"] = seed
-        return self._relay(spec, "completions", body, ChunkRelay(
-            CompletionChunk, request.model, include_usage, spec.id, "cmpl"))
+        return self.engine.pool.tracked(spec, lambda: self._relay(spec, "completions", body, ChunkRelay(
+            CompletionChunk, request.model, include_usage, spec.id, "cmpl")))
 
     def _relay(self, spec: ModelSpec, path: str, body: dict[str, Any], relay: ChunkRelay) -> Stream[Any]:
         """Send now (so refusals are raised here, where fallback can act), then relay on the worker's thread."""
@@ -124,9 +124,10 @@ class RemoteService:
         return stream
 
     def embeddings(self, spec: ModelSpec, request: EmbeddingRequest) -> EmbeddingResponse:
-        worker, _ = self._worker(spec)
-        backend: RemoteBackend = worker.backend
-        data = backend.json("embeddings", {**_forwarded(request, spec), "encoding_format": "float"})
+        with self.engine.pool.in_use(spec):
+            worker, _ = self._worker(spec)
+            backend: RemoteBackend = worker.backend
+            data = backend.json("embeddings", {**_forwarded(request, spec), "encoding_format": "float"})
         try:
             items = sorted(data["data"], key=lambda item: item.get("index", 0))
             vectors = [_vector(item["embedding"]) for item in items]
@@ -141,6 +142,8 @@ class RemoteService:
 
     def reachability(self, spec: ModelSpec) -> str:
         """'up', 'down' or 'offline' for a remote model, from a probe at most PROBE_TTL seconds old."""
+        if getattr(self.engine, "fake", None) is not None:
+            return "up"   # a fake engine answers remote entries itself; nothing is probed
         key = spec.remote.base_url
         with self._lock:
             cached = self._probes.get(key)

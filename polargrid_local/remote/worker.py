@@ -12,7 +12,8 @@ import time
 from typing import Any
 
 from ..streams import ResultStream, StreamCancelled
-from ..worker import JobContext, JobFn, unloaded_error
+from ..limits import DEFAULT_LIMITS, Limits
+from ..worker import JobContext, JobFn, limited_stream, unloaded_error
 
 logger = logging.getLogger("polargrid_local")
 
@@ -20,8 +21,9 @@ logger = logging.getLogger("polargrid_local")
 class RemoteWorker:
     """Same interface as ModelWorker (submit, queue_depth, alive, close, wait_freed); no queue, one thread per job."""
 
-    def __init__(self, name: str, backend: Any) -> None:
+    def __init__(self, name: str, backend: Any, limits: Limits = DEFAULT_LIMITS) -> None:
         self.name = name
+        self.limits = limits
         self.backend = backend
         self._active = 0
         self._streams: set[ResultStream[Any]] = set()
@@ -42,7 +44,7 @@ class RemoteWorker:
 
     def submit(self, fn: JobFn) -> tuple[ResultStream[Any], JobContext]:
         """Start the job on a new thread; returns the stream its results arrive on."""
-        stream: ResultStream[Any] = ResultStream()
+        stream: ResultStream[Any] = limited_stream(self.limits)
         ctx = JobContext(stream=stream, submitted_at=time.perf_counter())
         with self._lock:
             if self._closed:

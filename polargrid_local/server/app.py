@@ -10,7 +10,6 @@ import logging
 import math
 import socket
 import threading
-import time
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from typing import Any, Callable, Iterator

@@ -250,7 +250,7 @@ def transcriptions(engine: LocalEngine, request: Request) -> Response | Streamin
         return sse(engine.transcribe_stream(data, params), request)
     if request.query.get("sync", "").lower() in ("true", "1") or in_form or request.query.get("model") is None:
         with request.client.watch() as watch:
-            result = engine.speech.transcribe(data, params, on_open=watch)
+            result = engine.transcribe(data, params, on_open=watch)
         return _transcript_response(result)
     job = engine.transcribe_async(_Named(data, filename), params.get("model", "stt-1b-en_fr"),
                                   params.get("language"), params.get("prompt"),
@@ -300,7 +300,7 @@ def translations(engine: LocalEngine, request: Request) -> Response:
     data, _filename, params, _in_form = _stt_fields(request)
     params.pop("language", None)
     with request.client.watch() as watch:
-        result = engine.speech.transcribe(data, params, task="translate", on_open=watch)
+        result = engine.translate(data, params, on_open=watch)
     return _transcript_response(result)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 from polargrid.types import TextToSpeechRequest
 
 from ..audio.encode import FORMATS, StreamEncoder
-from ..errors import invalid
+from ..errors import check_text, invalid
 from ..worker import JobContext
 
 MAX_INPUT = 4096
@@ -72,10 +72,7 @@ def parse_speech_request(request: Any) -> SpeechRequest:
         raise invalid("Input text is required", field="input")
     if "\0" in request.input:
         raise invalid("Input text must not contain NUL characters", field="input")
-    try:
-        request.input.encode("utf-8")
-    except UnicodeEncodeError:
-        raise invalid("Input text must be valid Unicode (it holds a lone surrogate)", field="input") from None
+    check_text(request.input, "input")
     if len(request.input) > MAX_INPUT:
         raise invalid(f"Input text must be {MAX_INPUT} characters or less (got {len(request.input)})", field="input")
     if not request.voice:

@@ -235,12 +235,13 @@ class FakeScheduler:
             run.job.stream.finish(exc)
         self.runs.clear()
 
-    def close(self) -> None:
+    def close(self, error: BaseException | None = None) -> None:
+        """End every request, as the real scheduler does when its model is unloaded (with ``error``)."""
         for run in self.runs:
-            run.job.stream.finish()
+            run.job.stream.finish(error)
         self.runs.clear()
         while self.waiting:
-            self.waiting.popleft().stream.finish()
+            self.waiting.popleft().stream.finish(error)
 
 
 class FakeEmbeddingBackend:
@@ -254,6 +255,11 @@ class FakeEmbeddingBackend:
         self.n_ctx = n_ctx
         self.dimensions = dimensions
 
+    @property
+    def n_embd(self) -> int:
+        """The vector size (the script may override the model's)."""
+        return self.script.dimensions or self.dimensions
+
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
         return self.tokenizer.tokenize(text, add_bos=add_bos, special=special)
 
@@ -264,8 +270,7 @@ class FakeEmbeddingBackend:
                 raise rule.error
             if rule is not None and rule.delay:
                 time.sleep(rule.delay)
-        size = self.script.dimensions or self.dimensions
-        vectors = [unit_vector(text, size) for text in texts]
+        vectors = [unit_vector(text, self.n_embd) for text in texts]
         return vectors, sum(len(self.tokenize(t)) for t in texts)
 
     def close(self) -> None:

@@ -32,6 +32,8 @@ def fake_factories(script: FakeScript, real: dict[str, Any] | None = None) -> di
                               output_sample_rate=int(spec.engine.get("output_sample_rate", 24000)))
 
     factories = {"chat": chat, "embedding": embedding, "stt": stt, "tts": tts}
+    # A registry entry served by a remote server gets the fake of its kind: tests never leave the process.
+    factories["remote"] = lambda spec, path, overrides: factories[spec.kind](spec, path, overrides)
     for factory in factories.values():
         factory.needs_files = False
     return factories
