@@ -5,7 +5,7 @@ One numba kernel (parallel over blocks of frames) reflect-pads, frames and windo
 complex FFT), splits their power spectra apart, and sums the mel bands (sparse: each triangle spans a
 few bins). The FFT runs in float64: with it the result is within 2e-7 of a float64 reference, while
 faster-whisper's own float32 FFT is up to ~7e-6 from it; the packing trick costs no accuracy at that
-precision. log10, the clamp to (max - 8) and the rescale are numpy's vectorised ufuncs, in place.
+precision. log10 is numpy's vectorised ufunc, in place; the clamp to (max - 8) and the rescale are one pass.
 """
 from __future__ import annotations
 
@@ -281,7 +281,7 @@ def _project(power, mel_w, band_lo, band_hi, f0, acc, out):
             for lane in range(LANES):
                 acc[lane] += w * power[k, lane]
         for lane in range(lanes):
-            out[m, f0 + lane] = acc[lane]
+            out[m, f0 + lane] = max(acc[lane], np.float32(1e-10))   # the floor before log10
 
 
 def log_mel_spectrogram(audio: np.ndarray, n_mels: int = 80, padding: int = 160) -> np.ndarray:
@@ -295,9 +295,14 @@ def log_mel_spectrogram(audio: np.ndarray, n_mels: int = 80, padding: int = 160)
     n_frames = 1 + (total + 2 * (N_FFT // 2) - N_FFT) // HOP
     mel = np.empty((n_mels, n_frames - 1), dtype=np.float32)  # the last frame is dropped, as Whisper does
     _mel_power(audio, padding, _window(), n_frames, *_twiddles(), *_bands(n_mels), numba.get_num_threads(), mel)
-    np.maximum(mel, np.float32(1e-10), out=mel)
     np.log10(mel, out=mel)
-    np.maximum(mel, mel.max() - np.float32(8.0), out=mel)
-    mel += np.float32(4.0)
-    mel *= np.float32(0.25)
+    _clamp_and_scale(mel, mel.max() - np.float32(8.0))
     return mel
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _clamp_and_scale(mel, floor):
+    """Whisper's dynamic-range clamp and rescale in one pass: (max(x, floor) + 4) / 4."""
+    flat = mel.reshape(-1)
+    for i in range(flat.size):
+        flat[i] = (max(flat[i], floor) + np.float32(4.0)) * np.float32(0.25)
