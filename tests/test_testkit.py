@@ -345,3 +345,67 @@ def test_example_app_runs_with_no_model_files(tmp_path):
                           capture_output=True, text=True, env=env, cwd=ROOT)
     assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-3000:]
     assert not list(tmp_path.iterdir())
+
+
+# -- the fakes follow the real engine's interfaces ------------------------------------------
+
+def test_fake_embeddings_honour_dimensions(pg):
+    data = pg.embeddings({"model": "text-embedding-3-small", "input": ["cat", "dog"], "dimensions": 8}).data
+    assert [len(d.embedding) for d in data] == [8, 8]
+    assert all(abs(sum(x * x for x in d.embedding) - 1) < 1e-5 for d in data)
+    with pytest.raises(polargrid.ValidationError):
+        pg.embeddings({"model": "text-embedding-3-small", "input": "cat", "dimensions": 385})
+
+
+def test_unloading_a_fake_model_ends_its_requests_with_the_unload_error(caplog):
+    engine = LocalEngine(fake=True)
+    try:
+        engine.fake.chat.stall(r"hang")
+        stream = engine.chat_completion_stream({"model": "smollm2", "messages": [{"role": "user", "content": "hang"}]})
+        next(stream)                                  # the role chunk: the request holds a slot
+        engine.unload_model({"model_name": "smollm2"})
+        with pytest.raises(polargrid.ServerError) as info:
+            list(stream)
+        assert info.value.status_code == 503
+        assert not [r for r in caplog.records if "freeing" in r.getMessage()]   # the fake frees cleanly
+    finally:
+        engine.close()
+
+
+def test_a_fake_engine_answers_remote_entries_itself_and_probes_nothing(tmp_path, monkeypatch):
+    import socket
+
+    attempts = []
+    real_connect = socket.socket.connect
+    monkeypatch.setattr(socket.socket, "connect", lambda self, addr: attempts.append(addr) or real_connect(self, addr))
+    models = tmp_path / "models.toml"
+    models.write_text('[[models]]\nid = "cluster-chat"\nkind = "chat"\n'
+                      '[models.remote]\nbase_url = "http://127.0.0.1:9/v1"\nmodel = "big"\n')
+    engine = LocalEngine(models, fake=True)
+    try:
+        engine.fake.chat.reply(r"hello", "Hi from the fake.")
+        reply = engine.chat_completion({"model": "cluster-chat", "messages": [{"role": "user", "content": "hello"}]})
+        assert reply.choices[0].message.content == "Hi from the fake."
+        assert engine.get_model_status().remote["cluster-chat"] == "up"
+        assert attempts == []
+    finally:
+        engine.close()
+
+
+def test_keep_alive_in_a_transcription_form_over_http(fake_engine, http):
+    import urllib.request
+
+    audio = PolarGridSync(engine=fake_engine).text_to_speech({"model": "tts-1", "input": "Hello there.",
+                                                              "voice": "alloy", "response_format": "wav"})
+    boundary = "pgboundary"
+    fields = {"model": "whisper-1", "keep_alive": "7"}
+    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+                    for k, v in fields.items())
+    body += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+             "Content-Type: audio/wav\r\n\r\n").encode() + audio + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(f"{http.url}/v1/audio/transcriptions", body,
+                                     {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert json.load(response)["text"] == "Hello there."
+    status = {m.model: m for m in fake_engine.get_model_status().models}
+    assert status["whisper-tiny.en"].keep_alive_s == 7.0
