@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator, Literal
 from .errors import NotFoundError, ServerError, invalid
 from .gpu import MB, NvmlProbe, resident_bytes
 from .lifecycle import FOREVER, Reaper, parse_keep_alive
+from .malloc import trim
 from .limits import DEFAULT_LIMITS, Limits
 from .memory import (POLICIES, Estimate, available_host_bytes, check_fits, estimate, estimate_files, gguf_facts,
                      gpu_layers_that_fit, settings_for)
@@ -232,6 +233,7 @@ class ModelPool:
         if not freed:
             logger.warning("%s: its thread is finishing a step; its memory is freed when that step ends", spec.id)
         gc.collect()
+        trim()   # what the model's allocations left in malloc's free lists goes back to the system
         return UnloadReport(spec.id, max(0, ram_before - resident_bytes()),
                             max(0, gpu_before - self.nvml.used_by_this_process()), freed)
 

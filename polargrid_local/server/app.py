@@ -40,6 +40,7 @@ class ServerConfig:
     api_keys: list[str] = field(default_factory=list)
     rate_limit: int | None = None          # requests per minute per key (per client address without keys)
     limits: Limits | None = None
+    malloc_arenas: int | None = 2          # cap glibc's malloc arenas in this process (None: leave them); malloc.py
 
 
 @dataclass
@@ -243,6 +244,10 @@ class PolarGridHTTPServer(ThreadingHTTPServer):
 def make_server(engine: LocalEngine, config: ServerConfig | None = None) -> PolarGridHTTPServer:
     """A ready server (not yet serving): call ``serve_forever()``, or run it on a thread; ``serve()`` runs one
     in the foreground with a graceful drain on SIGTERM."""
+    from ..malloc import limit_arenas
     from .routes import ROUTES
 
-    return PolarGridHTTPServer(engine, config or ServerConfig(), ROUTES)
+    config = config or ServerConfig()
+    if config.malloc_arenas:
+        limit_arenas(config.malloc_arenas)
+    return PolarGridHTTPServer(engine, config, ROUTES)
