@@ -392,20 +392,28 @@ def test_a_fake_engine_answers_remote_entries_itself_and_probes_nothing(tmp_path
         engine.close()
 
 
-def test_keep_alive_in_a_transcription_form_over_http(fake_engine, http):
+def test_keep_alive_in_a_transcription_form_over_http():
     import urllib.request
 
-    audio = PolarGridSync(engine=fake_engine).text_to_speech({"model": "tts-1", "input": "Hello there.",
-                                                              "voice": "alloy", "response_format": "wav"})
-    boundary = "pgboundary"
-    fields = {"model": "whisper-1", "keep_alive": "7"}
-    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-                    for k, v in fields.items())
-    body += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
-             "Content-Type: audio/wav\r\n\r\n").encode() + audio + f"\r\n--{boundary}--\r\n".encode()
-    request = urllib.request.Request(f"{http.url}/v1/audio/transcriptions", body,
-                                     {"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        assert json.load(response)["text"] == "Hello there."
-    status = {m.model: m for m in fake_engine.get_model_status().models}
-    assert status["whisper-tiny.en"].keep_alive_s == 7.0
+    engine = LocalEngine(fake=True)
+    server = make_server(engine, ServerConfig(port=0))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        audio = PolarGridSync(engine=engine).text_to_speech({"model": "tts-1", "input": "Hello there.",
+                                                             "voice": "alloy", "response_format": "wav"})
+        boundary = "pgboundary"
+        fields = {"model": "whisper-1", "keep_alive": "7"}
+        body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+                        for k, v in fields.items())
+        body += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+                 "Content-Type: audio/wav\r\n\r\n").encode() + audio + f"\r\n--{boundary}--\r\n".encode()
+        request = urllib.request.Request(f"{server.url}/v1/audio/transcriptions", body,
+                                         {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert json.load(response)["text"] == "Hello there."
+        status = {m.model: m for m in engine.get_model_status().models}
+        assert status["whisper-tiny.en"].keep_alive_s == 7.0
+    finally:
+        server.shutdown()
+        server.server_close()
+        engine.close()
