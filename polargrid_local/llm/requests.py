@@ -53,26 +53,28 @@ def _check_fields(request: Any, names: tuple[str, ...]) -> None:
                        if isinstance(value, list) else value, name)
 
 
+def _texts(value: Any, field: str, required: str, most: int, limit: str, unit: str) -> list[str]:
+    """A text field that may be a string or a list: non-empty strings, at most ``most`` of them."""
+    texts = [value] if isinstance(value, str) else list(value)
+    if not texts or any(not isinstance(t, str) or not t for t in texts):
+        raise invalid(required, field=field)
+    if len(texts) > most:
+        raise invalid(f"{field} has {len(texts)} {unit}; at most {most} per request (the {limit} limit)",
+                      field=field, limit=limit)
+    return texts
+
+
 def completion_prompts(request: CompletionRequest, limits: Limits) -> list[str]:
     """The prompts of a completions request: non-empty text, at most ``limits.max_prompts`` of them."""
-    prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
-    if not prompts or any(not isinstance(p, str) or not p for p in prompts):
-        raise invalid("Prompt is required", field="prompt")
-    if len(prompts) > limits.max_prompts:
-        raise invalid(f"prompt has {len(prompts)} prompts; at most {limits.max_prompts} per request "
-                      "(the max_prompts limit)", field="prompt", limit="max_prompts")
+    prompts = _texts(request.prompt, "prompt", "Prompt is required", limits.max_prompts, "max_prompts", "prompts")
     _check_fields(request, ("prompt", "stop", "suffix"))
     return prompts
 
 
 def embedding_inputs(request: Any, limits: Limits) -> list[str]:
     """The strings of an embeddings request: non-empty text, at most ``limits.max_embedding_inputs``."""
-    texts = [request.input] if isinstance(request.input, str) else list(request.input)
-    if not texts or any(not isinstance(t, str) or not t for t in texts):
-        raise invalid("Input is required: a non-empty string or a list of non-empty strings", field="input")
-    if len(texts) > limits.max_embedding_inputs:
-        raise invalid(f"input has {len(texts)} strings; at most {limits.max_embedding_inputs} per request "
-                      "(the max_embedding_inputs limit)", field="input", limit="max_embedding_inputs")
+    texts = _texts(request.input, "input", "Input is required: a non-empty string or a list of non-empty strings",
+                   limits.max_embedding_inputs, "max_embedding_inputs", "strings")
     check_text(texts if isinstance(request.input, list) else texts[0], "input")
     return texts
 
