@@ -1,25 +1,20 @@
 """Whisper's log-mel spectrogram: the same numbers as faster-whisper's FeatureExtractor, computed faster.
 
-One numba kernel (parallel over blocks of frames) reflect-pads, frames and windows, then takes the
-400-point FFT of two real frames at once (one as the real part, the next as the imaginary part of one
-complex FFT), splits their power spectra apart, and sums the mel bands (sparse: each triangle spans a
-few bins). The FFT runs in float64: with it the result is within 2e-7 of a float64 reference, while
-faster-whisper's own float32 FFT is up to ~7e-6 from it; the packing trick costs no accuracy at that
-precision. log10 is numpy's vectorised ufunc, in place; the clamp to (max - 8) and the rescale are one pass.
+One numba kernel, parallel over chunks of frames. Each chunk of the reflect-padded signal is first laid
+out hop-major (row c holds sample c of every hop), so that the same sample of consecutive frames is one
+contiguous run: framing and windowing become vector copies. The 400-point FFT then takes two real frames
+at once (one as the real part, the next as the imaginary part of one complex FFT), LANES frame pairs side
+by side as SIMD lanes; the power spectra are split apart and the mel bands summed sparsely (each triangle
+spans a few bins). The FFT runs in float64: the result is within 2e-7 of a float64 reference, while
+faster-whisper's own float32 FFT is up to ~7e-6 from it. log10 is numpy's vectorised ufunc, in place;
+the clamp to (max - 8) and the rescale are one pass.
 """
 from __future__ import annotations
 
 from functools import lru_cache
 
-import llvmlite.binding
 import numba
 import numpy as np
-
-# A radix-5 butterfly reads 10 rows and writes 10; LLVM's default of 8 runtime alias checks would leave its
-# lane loop scalar ("too many memory checks needed"). Raising the bound only lets the vectoriser emit more
-# checks (the scalar loop stays as the fallback); it must be set before the kernels are compiled.
-llvmlite.binding.set_option("", "-runtime-memory-check-threshold=256")
-llvmlite.binding.set_option("", "-vectorize-memory-check-threshold=256")
 
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -72,11 +67,15 @@ def log_mel_spectrogram_numpy(audio: np.ndarray, n_mels: int = 80, padding: int 
     return ((log_spec + 4.0) / 4.0).astype(np.float32)
 
 
-# The 400-point DFT as a self-sorting (Stockham) mixed-radix FFT, 400 = 4 * 4 * 5 * 5, with hand-written
-# radix-4 and radix-5 butterflies. Frames are processed LANES at a time with the frame index innermost,
-# so every butterfly is a vector operation across frames, and a block's working set stays in L1/L2.
-LANES = 16
+# The 400-point DFT as an in-place decimation-in-frequency FFT, 400 = 4 * 4 * 5 * 5, with hand-written
+# radix-4 and radix-5 butterflies. One flat buffer holds LANES complex frames, sample-major with the frame
+# innermost (real parts, then imaginary parts), so every butterfly is a vector operation across frames.
+# Keeping real and imaginary parts in one array, read and written in place at affine offsets, lets LLVM
+# vectorise without runtime alias checks; the output comes out in digit-reversed order (_positions).
+LANES = 64
 RADICES = (4, 4, 5, 5)
+IM = N_FFT * LANES              # where the imaginary parts start in the buffer
+CHUNK_BLOCKS = 4                # blocks of 2 * LANES frames per hop-major chunk: ~330 kB, cache-sized
 
 
 @lru_cache(maxsize=1)
@@ -92,120 +91,135 @@ def _twiddles() -> tuple[np.ndarray, np.ndarray]:
     return (np.ascontiguousarray(table.real, dtype=np.float64), np.ascontiguousarray(table.imag, dtype=np.float64))
 
 
+@lru_cache(maxsize=1)
+def _positions() -> np.ndarray:
+    """Where the in-place FFT leaves bin k: its index with the mixed-radix digits (4, 4, 5, 5) reversed."""
+    k = np.arange(N_FFT)
+    return ((k % 4) * 100 + ((k // 4) % 4) * 25 + ((k // 16) % 5) * 5 + k // 80).astype(np.int64)
+
+
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath=True)
-def _mel_power(audio, padding, window, n_frames, tw_re, tw_im, mel_w, band_lo, band_hi, workers, out):
-    n = audio.size
-    total = n + padding
+def _mel_power(audio, padding, window, n_frames, tw_re, tw_im, position, mel_w, band_lo, band_hi, workers, out):
+    total = audio.size + padding
     per_block = 2 * LANES
     n_blocks = (n_frames + per_block - 1) // per_block
-    for worker in numba.prange(workers):    # scratch allocated once per worker, not per block
-        xr = np.empty((N_FFT, LANES), np.float64)
-        xi = np.empty((N_FFT, LANES), np.float64)
-        yr = np.empty((N_FFT, LANES), np.float64)
-        yi = np.empty((N_FFT, LANES), np.float64)
+    n_chunks = (n_blocks + CHUNK_BLOCKS - 1) // CHUNK_BLOCKS
+    for worker in numba.prange(workers):    # scratch allocated once per worker, not per chunk
+        hops = np.empty((HOP, CHUNK_BLOCKS * per_block + N_FFT // HOP + 1), np.float32)
+        z = np.empty(2 * IM, np.float64)
         power_a = np.empty((N_BINS, LANES), np.float32)
         power_b = np.empty((N_BINS, LANES), np.float32)
         acc = np.empty(LANES, np.float32)
-        for b in range(worker, n_blocks, workers):
-            f0 = b * per_block
-            _frames(audio, n, total, window, n_frames, f0, xr)            # frames f0.. as the real part
-            _frames(audio, n, total, window, n_frames, f0 + LANES, xi)    # the next LANES as the imaginary
-            _fft(xr, xi, yr, yi, tw_re, tw_im)
-            _split_power(xr, xi, power_a, power_b)
-            _project(power_a, mel_w, band_lo, band_hi, f0, acc, out)
-            _project(power_b, mel_w, band_lo, band_hi, f0 + LANES, acc, out)
+        for chunk in range(worker, n_chunks, workers):
+            first = chunk * CHUNK_BLOCKS * per_block
+            _hop_major(audio, total, first, hops)
+            for b in range(min(CHUNK_BLOCKS, n_blocks - chunk * CHUNK_BLOCKS)):
+                _frames(hops, b * per_block, window, z)
+                _dif4(z, 400, tw_re, tw_im, 0)           # twiddle tables: 400 + 100 + 25 + 5 entries
+                _dif4(z, 100, tw_re, tw_im, 400)
+                _dif5(z, 25, tw_re, tw_im, 500)
+                _dif5(z, 5, tw_re, tw_im, 525)
+                _split_power(z, position, power_a, power_b)
+                f0 = first + b * per_block
+                _project(power_a, mel_w, band_lo, band_hi, f0, acc, out)
+                _project(power_b, mel_w, band_lo, band_hi, f0 + LANES, acc, out)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
-def _frames(audio, n, total, window, n_frames, f0, x):
-    """LANES frames from f0 on, reflect-padded and windowed; zeros beyond the last frame."""
-    half = N_FFT // 2
-    lanes = max(0, min(LANES, n_frames - f0))
-    first = f0 * HOP - half
-    if lanes == LANES and first >= 0 and first + (LANES - 1) * HOP + N_FFT <= n:
-        for j in range(N_FFT):          # the common case: every frame inside the audio; stores contiguous
-            w = window[j]
-            for lane in range(LANES):
-                x[j, lane] = np.float64(audio[first + lane * HOP + j]) * w
-        return
-    if lanes < LANES:
-        x[:, :] = 0.0
-    for lane in range(lanes):
-        start = (f0 + lane) * HOP - half
-        for j in range(N_FFT):
-            i = start + j
-            if i < 0:
-                i = -i
-            elif i >= total:
-                i = 2 * (total - 1) - i
-            x[j, lane] = (np.float64(audio[i]) if i < n else 0.0) * window[j]
+def _hop_major(audio, total, first, hops):
+    """hops[c, r] = padded[(first + r) * HOP + c], the padded signal being the audio, `padding` zeros, all
+    reflect-padded by N_FFT / 2 on each side, then zeros. Frame first + f is then row c = j % HOP of
+    column f + j // HOP for its sample j: one contiguous run per sample across consecutive frames."""
+    n, half, columns = audio.size, N_FFT // 2, hops.shape[1]
+    inside_first = min(columns, max(0, (half + HOP - 1) // HOP - first))    # columns wholly inside the audio
+    inside_last = max(inside_first, min(columns, (n + half) // HOP - first))
+    for r in range(inside_first):
+        _hop_column(audio, total, (first + r) * HOP - half, hops, r)
+    for r in range(inside_last, columns):
+        _hop_column(audio, total, (first + r) * HOP - half, hops, r)
+    src = audio[(first + inside_first) * HOP - half:(first + inside_last) * HOP - half]
+    for c in range(HOP):
+        row = hops[c, inside_first:inside_last]
+        for r in range(inside_last - inside_first):
+            row[r] = src[r * HOP + c]
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
-def _split_power(zr, zi, power_a, power_b):
-    """Power spectra of the two real frames packed in z = a + ib: A[k] = (Z[k] + conj Z[N-k]) / 2 and
-    B[k] = (Z[k] - conj Z[N-k]) / 2i. In float64 the cancellation this can involve costs nothing visible."""
-    for k in range(N_BINS):
-        r = (N_FFT - k) % N_FFT
+def _hop_column(audio, total, start, hops, r):
+    """One hop-major column at the edges: reflect padding, the zeros of `padding`, zeros past the end."""
+    n, half = audio.size, N_FFT // 2
+    for c in range(HOP):
+        i = start + c
+        if i >= total + half:
+            hops[c, r] = 0.0
+            continue
+        if i < 0:
+            i = -i
+        elif i >= total:
+            i = 2 * (total - 1) - i
+        hops[c, r] = audio[i] if i < n else 0.0
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _frames(hops, f0, window, z):
+    """Windowed frames f0.. (real parts) and f0 + LANES.. (imaginary parts) of the chunk into the buffer."""
+    for j in range(N_FFT):
+        d = f0 + j // HOP
+        row = hops[j % HOP, d:d + 2 * LANES]
+        w = np.float64(window[j])
+        re = z[j * LANES:(j + 1) * LANES]
+        im = z[IM + j * LANES:IM + (j + 1) * LANES]
         for lane in range(LANES):
-            sr = zr[k, lane] + zr[r, lane]
-            di = zi[k, lane] - zi[r, lane]
-            dr = zr[k, lane] - zr[r, lane]
-            si = zi[k, lane] + zi[r, lane]
-            power_a[k, lane] = 0.25 * (sr * sr + di * di)
-            power_b[k, lane] = 0.25 * (dr * dr + si * si)
+            re[lane] = row[lane] * w
+            im[lane] = row[LANES + lane] * w
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
-def _fft(xr, xi, yr, yi, tw_re, tw_im):
-    """In-place 400-point FFT of each lane of (xr, xi), y as scratch; the stage order is RADICES."""
-    _radix4(xr, xi, yr, yi, 400, 1, tw_re, tw_im, 0)          # twiddle tables: 400 + 100 + 25 + 5 entries
-    _radix4(yr, yi, xr, xi, 100, 4, tw_re, tw_im, 400)
-    _radix5(xr, xi, yr, yi, 25, 16, tw_re, tw_im, 500)
-    _radix5(yr, yi, xr, xi, 5, 80, tw_re, tw_im, 525)
-
-
-@numba.njit(cache=True, nogil=True, fastmath=True)
-def _radix4(ar, ai, br, bi, n, s, tw_re, tw_im, off):
-    """One Stockham stage: b[q + s(4p + k)] = w^(pk) * sum_j a[q + s(p + jm)] e^(-2 pi i jk / 4)."""
+def _dif4(z, n, tw_re, tw_im, off):
+    """One radix-4 stage on every sub-transform of length n: x_j = z[b + p + jm], z[b + p + km] =
+    w_n^(pk) * sum_j x_j e^(-2 pi i jk / 4), in place."""
     m = n // 4
-    for p in range(m):
-        t = off + 4 * p
-        w1r, w1i = tw_re[t + 1], tw_im[t + 1]
-        w2r, w2i = tw_re[t + 2], tw_im[t + 2]
-        w3r, w3i = tw_re[t + 3], tw_im[t + 3]
-        for q in range(s):
-            i0 = q + s * p
-            i1 = i0 + s * m
-            i2 = i1 + s * m
-            i3 = i2 + s * m
-            o0 = q + s * 4 * p
-            o1 = o0 + s
-            o2 = o1 + s
-            o3 = o2 + s
+    for b in range(0, N_FFT, n):
+        for p in range(m):
+            t = off + 4 * p
+            w1r, w1i = tw_re[t + 1], tw_im[t + 1]
+            w2r, w2i = tw_re[t + 2], tw_im[t + 2]
+            w3r, w3i = tw_re[t + 3], tw_im[t + 3]
+            i0 = (b + p) * LANES
+            i1 = i0 + m * LANES
+            i2 = i1 + m * LANES
+            i3 = i2 + m * LANES
             for lane in range(LANES):
-                s02r = ar[i0, lane] + ar[i2, lane]
-                s02i = ai[i0, lane] + ai[i2, lane]
-                d02r = ar[i0, lane] - ar[i2, lane]
-                d02i = ai[i0, lane] - ai[i2, lane]
-                s13r = ar[i1, lane] + ar[i3, lane]
-                s13i = ai[i1, lane] + ai[i3, lane]
-                d13r = ar[i1, lane] - ar[i3, lane]
-                d13i = ai[i1, lane] - ai[i3, lane]
-                br[o0, lane] = s02r + s13r
-                bi[o0, lane] = s02i + s13i
+                x0r = z[i0 + lane]
+                x1r = z[i1 + lane]
+                x2r = z[i2 + lane]
+                x3r = z[i3 + lane]
+                x0i = z[IM + i0 + lane]
+                x1i = z[IM + i1 + lane]
+                x2i = z[IM + i2 + lane]
+                x3i = z[IM + i3 + lane]
+                s02r = x0r + x2r
+                s02i = x0i + x2i
+                d02r = x0r - x2r
+                d02i = x0i - x2i
+                s13r = x1r + x3r
+                s13i = x1i + x3i
+                d13r = x1r - x3r
+                d13i = x1i - x3i
+                z[i0 + lane] = s02r + s13r
+                z[IM + i0 + lane] = s02i + s13i
                 c1r = d02r + d13i          # x0 - i x1 - x2 + i x3
                 c1i = d02i - d13r
                 c2r = s02r - s13r
                 c2i = s02i - s13i
                 c3r = d02r - d13i          # x0 + i x1 - x2 - i x3
                 c3i = d02i + d13r
-                br[o1, lane] = c1r * w1r - c1i * w1i
-                bi[o1, lane] = c1r * w1i + c1i * w1r
-                br[o2, lane] = c2r * w2r - c2i * w2i
-                bi[o2, lane] = c2r * w2i + c2i * w2r
-                br[o3, lane] = c3r * w3r - c3i * w3i
-                bi[o3, lane] = c3r * w3i + c3i * w3r
+                z[i1 + lane] = c1r * w1r - c1i * w1i
+                z[IM + i1 + lane] = c1r * w1i + c1i * w1r
+                z[i2 + lane] = c2r * w2r - c2i * w2i
+                z[IM + i2 + lane] = c2r * w2i + c2i * w2r
+                z[i3 + lane] = c3r * w3r - c3i * w3i
+                z[IM + i3 + lane] = c3r * w3i + c3i * w3r
 
 
 _C1, _C2 = np.cos(2 * np.pi / 5), np.cos(4 * np.pi / 5)
@@ -213,35 +227,34 @@ _S1, _S2 = np.sin(2 * np.pi / 5), np.sin(4 * np.pi / 5)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
-def _radix5(ar, ai, br, bi, n, s, tw_re, tw_im, off):
-    """One Stockham stage of radix 5 (pairs x1 +- x4 and x2 +- x3 share their products)."""
+def _dif5(z, n, tw_re, tw_im, off):
+    """One radix-5 stage, as _dif4 (pairs x1 +- x4 and x2 +- x3 share their products)."""
     m = n // 5
-    for p in range(m):
-        t = off + 5 * p
-        w1r, w1i = tw_re[t + 1], tw_im[t + 1]
-        w2r, w2i = tw_re[t + 2], tw_im[t + 2]
-        w3r, w3i = tw_re[t + 3], tw_im[t + 3]
-        w4r, w4i = tw_re[t + 4], tw_im[t + 4]
-        for q in range(s):
-            i0 = q + s * p
-            i1 = i0 + s * m
-            i2 = i1 + s * m
-            i3 = i2 + s * m
-            i4 = i3 + s * m
-            o0 = q + s * 5 * p
+    for b in range(0, N_FFT, n):
+        for p in range(m):
+            t = off + 5 * p
+            w1r, w1i = tw_re[t + 1], tw_im[t + 1]
+            w2r, w2i = tw_re[t + 2], tw_im[t + 2]
+            w3r, w3i = tw_re[t + 3], tw_im[t + 3]
+            w4r, w4i = tw_re[t + 4], tw_im[t + 4]
+            i0 = (b + p) * LANES
+            i1 = i0 + m * LANES
+            i2 = i1 + m * LANES
+            i3 = i2 + m * LANES
+            i4 = i3 + m * LANES
             for lane in range(LANES):
-                x0r = ar[i0, lane]
-                x0i = ai[i0, lane]
-                t1r = ar[i1, lane] + ar[i4, lane]
-                t1i = ai[i1, lane] + ai[i4, lane]
-                t2r = ar[i2, lane] + ar[i3, lane]
-                t2i = ai[i2, lane] + ai[i3, lane]
-                t3r = ar[i1, lane] - ar[i4, lane]
-                t3i = ai[i1, lane] - ai[i4, lane]
-                t4r = ar[i2, lane] - ar[i3, lane]
-                t4i = ai[i2, lane] - ai[i3, lane]
-                br[o0, lane] = x0r + t1r + t2r
-                bi[o0, lane] = x0i + t1i + t2i
+                x0r = z[i0 + lane]
+                x0i = z[IM + i0 + lane]
+                t1r = z[i1 + lane] + z[i4 + lane]
+                t1i = z[IM + i1 + lane] + z[IM + i4 + lane]
+                t2r = z[i2 + lane] + z[i3 + lane]
+                t2i = z[IM + i2 + lane] + z[IM + i3 + lane]
+                t3r = z[i1 + lane] - z[i4 + lane]
+                t3i = z[IM + i1 + lane] - z[IM + i4 + lane]
+                t4r = z[i2 + lane] - z[i3 + lane]
+                t4i = z[IM + i2 + lane] - z[IM + i3 + lane]
+                z[i0 + lane] = x0r + t1r + t2r
+                z[IM + i0 + lane] = x0i + t1i + t2i
                 b1r = x0r + _C1 * t1r + _C2 * t2r
                 b1i = x0i + _C1 * t1i + _C2 * t2i
                 b2r = x0r + _C2 * t1r + _C1 * t2r
@@ -258,14 +271,34 @@ def _radix5(ar, ai, br, bi, n, s, tw_re, tw_im, off):
                 c2i = b2i - d2r
                 c3r = b2r - d2i
                 c3i = b2i + d2r
-                br[o0 + s, lane] = c1r * w1r - c1i * w1i
-                bi[o0 + s, lane] = c1r * w1i + c1i * w1r
-                br[o0 + 2 * s, lane] = c2r * w2r - c2i * w2i
-                bi[o0 + 2 * s, lane] = c2r * w2i + c2i * w2r
-                br[o0 + 3 * s, lane] = c3r * w3r - c3i * w3i
-                bi[o0 + 3 * s, lane] = c3r * w3i + c3i * w3r
-                br[o0 + 4 * s, lane] = c4r * w4r - c4i * w4i
-                bi[o0 + 4 * s, lane] = c4r * w4i + c4i * w4r
+                z[i1 + lane] = c1r * w1r - c1i * w1i
+                z[IM + i1 + lane] = c1r * w1i + c1i * w1r
+                z[i2 + lane] = c2r * w2r - c2i * w2i
+                z[IM + i2 + lane] = c2r * w2i + c2i * w2r
+                z[i3 + lane] = c3r * w3r - c3i * w3i
+                z[IM + i3 + lane] = c3r * w3i + c3i * w3r
+                z[i4 + lane] = c4r * w4r - c4i * w4i
+                z[IM + i4 + lane] = c4r * w4i + c4i * w4r
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _split_power(z, position, power_a, power_b):
+    """Power spectra of the two real frames packed in z = a + ib: A[k] = (Z[k] + conj Z[N-k]) / 2 and
+    B[k] = (Z[k] - conj Z[N-k]) / 2i. In float64 the cancellation this can involve costs nothing visible."""
+    for k in range(N_BINS):
+        ik = position[k] * LANES
+        ir = position[(N_FFT - k) % N_FFT] * LANES
+        kr, ki = z[ik:ik + LANES], z[IM + ik:IM + ik + LANES]    # views: plain vector loads below
+        rr, ri = z[ir:ir + LANES], z[IM + ir:IM + ir + LANES]
+        pa = power_a[k]
+        pb = power_b[k]
+        for lane in range(LANES):
+            sr = kr[lane] + rr[lane]
+            di = ki[lane] - ri[lane]
+            dr = kr[lane] - rr[lane]
+            si = ki[lane] + ri[lane]
+            pa[lane] = 0.25 * (sr * sr + di * di)
+            pb[lane] = 0.25 * (dr * dr + si * si)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
@@ -275,13 +308,16 @@ def _project(power, mel_w, band_lo, band_hi, f0, acc, out):
     if lanes == 0:
         return
     for m in range(mel_w.shape[0]):
-        acc[:] = 0.0
+        for lane in range(LANES):
+            acc[lane] = 0.0
         for k in range(band_lo[m], band_hi[m]):
             w = mel_w[m, k]
+            row = power[k]
             for lane in range(LANES):
-                acc[lane] += w * power[k, lane]
+                acc[lane] += w * row[lane]
+        dst = out[m, f0:f0 + lanes]
         for lane in range(lanes):
-            out[m, f0 + lane] = max(acc[lane], np.float32(1e-10))   # the floor before log10
+            dst[lane] = max(acc[lane], np.float32(1e-10))   # the floor before log10
 
 
 def log_mel_spectrogram(audio: np.ndarray, n_mels: int = 80, padding: int = 160) -> np.ndarray:
@@ -294,7 +330,8 @@ def log_mel_spectrogram(audio: np.ndarray, n_mels: int = 80, padding: int = 160)
         raise ValueError(f"audio too short: {audio.size} samples; at least {N_FFT // 2 + 1 - padding} needed")
     n_frames = 1 + (total + 2 * (N_FFT // 2) - N_FFT) // HOP
     mel = np.empty((n_mels, n_frames - 1), dtype=np.float32)  # the last frame is dropped, as Whisper does
-    _mel_power(audio, padding, _window(), n_frames, *_twiddles(), *_bands(n_mels), numba.get_num_threads(), mel)
+    _mel_power(audio, padding, _window(), n_frames, *_twiddles(), _positions(), *_bands(n_mels),
+               numba.get_num_threads(), mel)
     np.log10(mel, out=mel)
     _clamp_and_scale(mel, mel.max() - np.float32(8.0))
     return mel

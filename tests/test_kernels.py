@@ -119,6 +119,22 @@ def test_log_mel_of_silence_and_bad_input():
     for n in (401, 560, 16000 * 3 + 77):      # every block shape: partial blocks, one frame in the last pair
         x = RNG.standard_normal(n).astype(np.float32)
         np.testing.assert_allclose(log_mel_spectrogram(x), log_mel_spectrogram_numpy(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_log_mel_across_chunk_boundaries(threads):
+    """The kernel lays the signal out hop-major a chunk of 512 frames at a time, each worker its own chunks:
+    frames on either side of a chunk edge, and the reflect padding at both ends, must match the reference."""
+    import numba
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        for n in (160 * 510, 160 * 511 - 1, 160 * 511, 160 * 1023 + 159, 160 * 1536 + 1):
+            x = RNG.standard_normal(n).astype(np.float32)
+            np.testing.assert_allclose(log_mel_spectrogram(x), log_mel_spectrogram_numpy(x), rtol=0, atol=1e-6)
+    finally:
+        numba.set_num_threads(before)
     with pytest.raises(ValueError):
         log_mel_spectrogram(np.zeros((2, 100), np.float32))
 
