@@ -122,7 +122,7 @@ class LocalEngine:
         return self.router.run(self.pool.resolve(request.model, "chat"),
                                lambda spec: self._completion_stream(self._keep(spec, keep_alive), request, prompts,
                                                                     usage, seed, extras),
-                               lambda spec: self.router.remote.completion_stream(spec, request, usage, seed))
+                               lambda spec: self.router.remote.completion_stream(spec, request, usage, seed, extras))
 
     def _completion_stream(self, spec: ModelSpec, request: CompletionRequest, prompts: list[str], usage: bool,
                            seed: int | None, extras: dict[str, Any]) -> Stream[CompletionChunk]:

@@ -221,6 +221,31 @@ def test_chat_and_completion_through_a_polargrid_facade(gateway, remote_engine, 
         assert "".join(c.text for chunk in stream for c in chunk.choices) == expected
 
 
+def test_finished_streams_give_their_connection_back_for_the_next_request(gateway, remote_facade, monkeypatch):
+    """A relay reads the remote's body to its end (past ``data: [DONE]``), so its keep-alive connection serves
+    the next request: a new TCP connection (and a new handler thread at the remote) per request cost the
+    gateway a connect and the remote an accept on every token stream."""
+    accepted = []
+    original = remote_facade.process_request
+    monkeypatch.setattr(remote_facade, "process_request",
+                        lambda request, address: (accepted.append(address), original(request, address)))
+    request = {"model": "far-chat", "prompt": COUNTING, "max_tokens": 4, "temperature": 0}
+    for _ in range(4):
+        with gateway.completion_stream(request) as stream:
+            assert "".join(c.text for chunk in stream for c in chunk.choices)
+        gateway.chat_completion(chat("far-chat", max_tokens=4))
+    assert len(accepted) <= 1, f"{len(accepted)} connections for 8 requests, one after another"
+
+
+def test_completion_sampling_extras_reach_the_remote(gateway, remote_engine):
+    """min_p and repetition_penalty are not in the SDK's completion request; a remote gets them all the same."""
+    plain = {"prompt": COUNTING, "max_tokens": 16, "temperature": 0}
+    penalised = {**plain, "repetition_penalty": 1.8}
+    expected = remote_engine.completion({**penalised, "model": CHAT}).choices[0].text
+    assert expected != remote_engine.completion({**plain, "model": CHAT}).choices[0].text  # the knob shows
+    assert gateway.completion({**penalised, "model": "far-chat"}).choices[0].text == expected
+
+
 def test_embeddings_through_a_polargrid_facade(gateway, remote_engine):
     texts = ["the cat sat", "on the mat"]
     own = remote_engine.embeddings({"model": "smollm2-135m-embed", "input": texts})

@@ -146,11 +146,14 @@ class RemoteBackend:
     def payloads(self, response: httpx.Response) -> Iterator[dict[str, Any]]:
         """The JSON payloads of a streamed answer. Closing this iterator closes the HTTP connection,
         which is how the remote learns that nobody is reading and stops generating."""
+        lines = response.iter_lines()
         try:
-            for payload in sse_payloads(response.iter_lines()):
+            for payload in sse_payloads(lines):
                 if "error" in payload and not payload.get("choices"):
                     raise error_in_stream(payload, self.where)
                 yield payload
+            for _ in lines:   # the body's end, after [DONE]: read to it, so the connection goes back to the pool
+                pass
         except httpx.HTTPError as exc:
             raise self._lost(exc) from exc
         except SSEFormatError as exc:

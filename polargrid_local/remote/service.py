@@ -92,8 +92,10 @@ class RemoteService:
             ChatCompletionChunk, request.model, include_usage, spec.id, "chatcmpl")))
 
     def completion_stream(self, spec: ModelSpec, request: CompletionRequest, include_usage: bool,
-                          seed: int | None) -> Stream[Any]:
-        body = _forwarded(request, spec)
+                          seed: int | None, extras: dict[str, Any] | None = None) -> Stream[Any]:
+        """``extras``: sampling fields beyond the SDK's completion request (min_p, repetition_penalty),
+        forwarded as the OpenAI-compatible servers (vLLM, llama.cpp, ours) take them."""
+        body = {**_forwarded(request, spec), **(extras or {})}
         if seed is not None:
             body["seed"] = seed
         return self.engine.pool.tracked(spec, lambda: self._relay(spec, "completions", body, ChunkRelay(
