@@ -112,8 +112,9 @@ def _mel_power(audio, padding, window, n_frames, tw_re, tw_im, position, mel_w, 
         acc = np.empty(LANES, np.float32)
         for chunk in range(worker, n_chunks, workers):
             first = chunk * CHUNK_BLOCKS * per_block
-            _hop_major(audio, total, first, hops)
-            for b in range(min(CHUNK_BLOCKS, n_blocks - chunk * CHUNK_BLOCKS)):
+            blocks = min(CHUNK_BLOCKS, n_blocks - chunk * CHUNK_BLOCKS)
+            _hop_major(audio, total, first, hops, blocks * per_block + N_FFT // HOP + 1)
+            for b in range(blocks):
                 _frames(hops, b * per_block, window, z)
                 _dif4(z, 400, tw_re, tw_im, 0)           # twiddle tables: 400 + 100 + 25 + 5 entries
                 _dif4(z, 100, tw_re, tw_im, 400)
@@ -126,11 +127,11 @@ def _mel_power(audio, padding, window, n_frames, tw_re, tw_im, position, mel_w, 
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
-def _hop_major(audio, total, first, hops):
-    """hops[c, r] = padded[(first + r) * HOP + c], the padded signal being the audio, `padding` zeros, all
-    reflect-padded by N_FFT / 2 on each side, then zeros. Frame first + f is then row c = j % HOP of
-    column f + j // HOP for its sample j: one contiguous run per sample across consecutive frames."""
-    n, half, columns = audio.size, N_FFT // 2, hops.shape[1]
+def _hop_major(audio, total, first, hops, columns):
+    """hops[c, r] = padded[(first + r) * HOP + c] for r < columns, the padded signal being the audio, `padding`
+    zeros, all reflect-padded by N_FFT / 2 on each side, then zeros. Frame first + f is then row c = j % HOP
+    of column f + j // HOP for its sample j: one contiguous run per sample across consecutive frames."""
+    n, half = audio.size, N_FFT // 2
     inside_first = min(columns, max(0, (half + HOP - 1) // HOP - first))    # columns wholly inside the audio
     inside_last = max(inside_first, min(columns, (n + half) // HOP - first))
     for r in range(inside_first):
