@@ -11,7 +11,7 @@ import asyncio
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -193,3 +193,155 @@ def _wake(waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None)
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+class PulledStream(Generic[T]):
+    """Items of a blocking iterator, read on the reader's own thread: no producer thread, no handoff.
+
+    For work that runs elsewhere, such as a remote server's token stream: each ``next`` reads the next item
+    itself, so an item costs one thread wake-up instead of two (a producer's, then the reader's), and
+    opening the stream starts no thread. ``async for`` starts a pump thread on first use, so an event loop
+    never blocks on a read. ``close()`` and ``abort()`` from another thread stop a read in progress with
+    ``interrupt`` (which shuts the connection); the reader then ends the stream: cleanly after a close,
+    with the abort's error after an abort. The time limit is checked before each read; a read itself is
+    bounded by the source's own timeout.
+    """
+
+    def __init__(self, source: Iterator[T], deadline: float | None = None,
+                 on_deadline: Callable[[], BaseException] | None = None, interrupt: Callable[[], None] | None = None,
+                 on_end: Callable[[], None] | None = None) -> None:
+        self._source = source
+        self._lock = threading.Lock()
+        self._reading = False
+        self._cancelled = threading.Event()
+        self._done = False
+        self._error: BaseException | None = None
+        self._deadline, self._on_deadline = deadline, on_deadline
+        self._interrupt = interrupt
+        self._on_end = on_end
+        self._pump: ResultStream[T] | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the reader closed the stream, the engine aborted it, or its time limit passed."""
+        return self._cancelled.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def __iter__(self) -> PulledStream[T]:
+        return self
+
+    def __next__(self) -> T:
+        pump = self._pump
+        return next(pump) if pump is not None else self._pull()
+
+    def _pull(self) -> T:
+        with self._lock:
+            if not self._done:
+                if self._error is None and self._deadline is not None and time.monotonic() >= self._deadline:
+                    self._error = (self._on_deadline or (lambda: TimeoutError("the request ran past its time limit")))()
+                    self._cancelled.set()
+                if self._cancelled.is_set():
+                    self._finish_locked()
+            if self._done:
+                raise self._error if self._error is not None else StopIteration
+            self._reading = True
+        try:
+            item = next(self._source)
+        except BaseException as exc:
+            with self._lock:
+                if self._error is None and not self._cancelled.is_set() and not isinstance(exc, StopIteration):
+                    self._error = exc      # the source's own failure; after a close or an abort, theirs wins
+                self._finish_locked()
+                error = self._error
+            if error is not None:
+                raise error from (exc if error is not exc else None)
+            raise StopIteration from None
+        with self._lock:
+            self._reading = False
+        return item
+
+    def _finish_locked(self) -> None:
+        """With the lock held, on the reading thread or with no read in progress: end once, close the source."""
+        self._reading = False
+        if self._done:
+            return
+        self._done = True
+        self._cancelled.set()
+        close = getattr(self._source, "close", None)
+        try:
+            if close is not None:
+                close()
+        finally:
+            if self._on_end is not None:
+                self._on_end()
+
+    def _stop(self, error: BaseException | None) -> None:
+        with self._lock:
+            if error is not None and self._error is None and not self._done:
+                self._error = error
+            self._cancelled.set()
+            reading = self._reading
+            if not reading:
+                self._finish_locked()
+        if reading and self._interrupt is not None:
+            self._interrupt()
+
+    def close(self) -> None:
+        """Stop reading: the source is closed (a remote sees its connection close and stops generating)."""
+        pump = self._pump
+        if pump is not None:
+            pump.close()
+        self._stop(None)
+
+    def abort(self, error: BaseException) -> None:
+        """The engine cuts the request short: the reader gets ``error``."""
+        pump = self._pump
+        if pump is not None:
+            pump.abort(error)
+        self._stop(error)
+
+    def __aiter__(self) -> PulledStream[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        if self._pump is None:
+            with self._lock:
+                if self._pump is None:
+                    self._pump = ResultStream(deadline=self._deadline, on_deadline=self._on_deadline)
+                    threading.Thread(target=self._run_pump, args=(self._pump,), name="polargrid-pump",
+                                     daemon=True).start()
+        try:
+            return await self._pump.__anext__()
+        except asyncio.CancelledError:
+            self.close()       # the pump thread may be blocked in a read: interrupt it
+            raise
+
+    def _run_pump(self, pump: ResultStream[T]) -> None:
+        """For an async reader: read on this thread, hand each item over."""
+        try:
+            while True:
+                try:
+                    item = self._pull()
+                except StopIteration:
+                    pump.finish()
+                    return
+                pump.push(item)
+        except StreamCancelled:
+            self._stop(None)
+        except BaseException as exc:
+            pump.finish(exc)
+
+    def __enter__(self) -> PulledStream[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self._stop(None)
+        except Exception:
+            pass

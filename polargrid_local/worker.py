@@ -57,13 +57,17 @@ class WorkerClosed(RuntimeError):
     """The model was unloaded while a request waited for it."""
 
 
+def request_deadline(limits: Limits) -> tuple[float, Callable[[], BaseException]]:
+    """When a request starting now must end (``time.monotonic()``), and the SDK error it then ends with."""
+    timeout = limits.request_timeout_s
+    return time.monotonic() + timeout, lambda: RequestTimeout(
+        f"the request took longer than the server's limit of {timeout:g} s (request_timeout_s) and was stopped")
+
+
 def limited_stream(limits: Limits, producer_alive: Callable[[], bool] | None = None) -> ResultStream[Any]:
     """A request's result stream, ended with the SDK's TimeoutError past ``limits.request_timeout_s``."""
-    timeout = limits.request_timeout_s
-    return ResultStream(deadline=time.monotonic() + timeout,
-                        on_deadline=lambda: RequestTimeout(f"the request took longer than the server's limit of "
-                                                           f"{timeout:g} s (request_timeout_s) and was stopped"),
-                        producer_alive=producer_alive)
+    deadline, on_deadline = request_deadline(limits)
+    return ResultStream(deadline=deadline, on_deadline=on_deadline, producer_alive=producer_alive)
 
 
 def unloaded_error(name: str, why: str = "was unloaded") -> ServerError:

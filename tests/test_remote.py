@@ -6,6 +6,8 @@ with the guard on, and refuses (and records) every non-loopback connect while it
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import socket
 import subprocess
@@ -360,6 +362,80 @@ def test_closing_a_stream_stops_the_remote_generation(gateway, remote_engine):
     assert remote_engine.pool.queue_depth(remote_spec) == 0
     # A generation that ran to its end books its 600 tokens at the remote; a cancelled one books none.
     assert remote_tokens(remote_engine) - before < 300
+
+
+def wait_until_idle(engine: LocalEngine, seconds: float = 120) -> None:
+    spec = engine.registry.get(CHAT)
+    deadline = time.monotonic() + seconds
+    while engine.pool.queue_depth(spec) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_async_clients_stream_from_a_remote_and_a_cancelled_task_stops_it(gateway, remote_engine):
+    """``async for`` reads a remote stream on a pump thread; cancelling the task interrupts a blocked read."""
+    from polargrid_local import PolarGrid
+
+    wait_until_idle(remote_engine)
+    own = remote_engine.chat_completion(chat(CHAT)).choices[0].message.content
+    client = PolarGrid(engine=gateway)
+    remote_spec = remote_engine.registry.get(CHAT)
+
+    async def scenario() -> int:
+        chunks = [c async for c in client.chat_completion_stream(chat("far-chat"))]
+        assert joined(chunks) == own
+        assert (await client.chat_completion(chat("far-chat"))).choices[0].message.content == own
+        wait_until_idle(remote_engine)
+        before = remote_tokens(remote_engine)
+
+        async def read_long() -> None:
+            async for _chunk in client.completion_stream(long_request("far-chat")):
+                pass
+
+        task = asyncio.create_task(read_long())
+        deadline = time.monotonic() + 60
+        while not remote_engine.pool.queue_depth(remote_spec) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return before
+
+    before = asyncio.run(scenario())
+    wait_until_idle(remote_engine)
+    assert remote_engine.pool.queue_depth(remote_spec) == 0
+    assert remote_tokens(remote_engine) - before < 300    # a generation run to its end books 600
+
+
+def test_unloading_a_remote_model_ends_a_blocked_read_with_a_503(gateway, remote_engine):
+    """The reader of a remote stream is blocked on the remote's next token when the model is unloaded: it gets
+    the unload's 503 at once, and the remote stops generating."""
+    wait_until_idle(remote_engine)
+    before = remote_tokens(remote_engine)
+    stream = gateway.completion_stream(long_request("far-chat"))
+    for _ in range(3):
+        next(stream)
+    outcome: list[BaseException | None] = []
+
+    def read_rest() -> None:
+        try:
+            for _chunk in stream:
+                pass
+            outcome.append(None)
+        except BaseException as exc:  # the reader's view, checked below
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read_rest)
+    reader.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    gateway.unload_model({"model_name": "far-chat"})
+    reader.join(30)
+    assert not reader.is_alive() and time.monotonic() - started < 15
+    assert isinstance(outcome[0], sdk.ServerError) and outcome[0].status_code == 503
+    wait_until_idle(remote_engine)
+    assert remote_tokens(remote_engine) - before < 300
+    assert gateway.completion({**long_request("far-chat"), "max_tokens": 4}).choices[0].text  # loads again
 
 
 # -- fallback ------------------------------------------------------------------------------

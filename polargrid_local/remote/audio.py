@@ -5,7 +5,7 @@ import io
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pydantic
@@ -59,10 +59,11 @@ class RemoteAudio:
         body.update(model=spec.remote.model, response_format=fmt)
         sent = time.perf_counter()
         response = backend.send("POST", "audio/speech", json=body)
+        source = backend.bytes(response, CHUNK)
         try:
-            results, ctx = worker.submit(lambda backend, ctx: _bytes(backend, response))
+            results, ctx = worker.submit(lambda backend, ctx: source, interrupt=source.interrupt)
         except BaseException:
-            response.close()
+            source.close()
             raise
         ctx.submitted_at = sent
         stream = Stream(results, ctx, lambda item: [item], load_seconds,
@@ -105,11 +106,3 @@ class RemoteAudio:
             raise sdk.ServerError(f"remote {backend.where} sent a transcript that is not OpenAI-compatible: "
                                   f"{exc.errors()[0].get('msg')}", 502) from exc
 
-
-def _bytes(backend: RemoteBackend, response: httpx.Response) -> Iterator[bytes]:
-    try:
-        yield from response.iter_bytes(CHUNK)
-    except httpx.HTTPError as exc:
-        raise backend._lost(exc) from exc
-    finally:
-        response.close()

@@ -5,10 +5,12 @@ and only for models that models.toml declares remote.
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
 import random
+import socket
 import time
 from typing import Any, Iterator
 from urllib.parse import urlsplit
@@ -143,9 +145,24 @@ class RemoteBackend:
             raise sdk.ServerError(f"remote {self.where} answered {path} with JSON that is not an object", 502)
         return parsed
 
-    def payloads(self, response: httpx.Response) -> Iterator[dict[str, Any]]:
-        """The JSON payloads of a streamed answer. Closing this iterator closes the HTTP connection,
-        which is how the remote learns that nobody is reading and stops generating."""
+    def payloads(self, response: httpx.Response) -> ResponseItems:
+        """The JSON payloads of a streamed answer. Closing them closes the HTTP connection, which is how
+        the remote learns that nobody is reading and stops generating."""
+        return ResponseItems(self._payloads(response), response)
+
+    def bytes(self, response: httpx.Response, chunk: int) -> ResponseItems:
+        """The body of a streamed answer (audio), ``chunk`` bytes at a time as they arrive."""
+        return ResponseItems(self._bytes(response, chunk), response)
+
+    def _bytes(self, response: httpx.Response, chunk: int) -> Iterator[bytes]:
+        try:
+            yield from response.iter_bytes(chunk)
+        except httpx.HTTPError as exc:
+            raise self._lost(exc) from exc
+        finally:
+            response.close()
+
+    def _payloads(self, response: httpx.Response) -> Iterator[dict[str, Any]]:
         lines = response.iter_lines()
         try:
             for payload in sse_payloads(lines):
@@ -187,6 +204,36 @@ class RemoteBackend:
             logger.info("remote %s answered GET /models with HTTP %d", self.where, response.status_code)
             return "down"
         return "up"
+
+
+class ResponseItems:
+    """Items read from a remote's streamed response. ``close()`` closes the response whether or not reading
+    began; ``interrupt()``, from any thread, ends a read in progress by shutting the connection down."""
+
+    def __init__(self, items: Iterator[Any], response: httpx.Response) -> None:
+        self._items = items
+        self.response = response
+
+    def __iter__(self) -> ResponseItems:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._items)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._items, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self.response.close()
+
+    def interrupt(self) -> None:
+        stream = self.response.extensions.get("network_stream")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 def _reason(exc: Exception) -> str:

@@ -102,17 +102,18 @@ class RemoteService:
             CompletionChunk, request.model, include_usage, spec.id, "cmpl")))
 
     def _relay(self, spec: ModelSpec, path: str, body: dict[str, Any], relay: ChunkRelay) -> Stream[Any]:
-        """Send now (so refusals are raised here, where fallback can act), then relay on the worker's thread."""
+        """Send now (so refusals are raised here, where fallback can act); the stream's reader reads the rest."""
         worker, load_seconds = self._worker(spec)
         backend: RemoteBackend = worker.backend
         relay.where = backend.where
         body.update(stream=True, stream_options={"include_usage": True})
         sent = time.perf_counter()
         response = backend.send("POST", path, json=body)
+        source = backend.payloads(response)
         try:
-            results, ctx = worker.submit(lambda backend, ctx: backend.payloads(response))
+            results, ctx = worker.submit(lambda backend, ctx: source, interrupt=source.interrupt)
         except BaseException:
-            response.close()
+            source.close()
             raise
         ctx.submitted_at = sent
 

@@ -1,32 +1,31 @@
-"""RemoteWorker: the ModelWorker of a remote model, running each job on its own thread.
+"""RemoteWorker: the ModelWorker of a remote model. Its work runs on another server; each request's reader
+reads the remote's answer itself.
 
-A local model has one owner thread because one process holds its weights; a remote model's
-work happens elsewhere, so its streams must not queue behind one another: each relays its
-own HTTP response concurrently.
+A local model has one owner thread because one process holds its weights. A remote model's work happens
+elsewhere, so its streams must not queue behind one another, and nothing here needs a thread of its own:
+each stream is a PulledStream over the remote's HTTP response, read by whoever reads the stream (a
+handler thread of the HTTP facade, the caller's thread in process, a pump thread for ``async for``).
 """
 from __future__ import annotations
 
-import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
-from ..streams import ResultStream, StreamCancelled
 from ..limits import DEFAULT_LIMITS, Limits
-from ..worker import JobContext, JobFn, limited_stream, unloaded_error
-
-logger = logging.getLogger("polargrid_local")
+from ..streams import PulledStream
+from ..worker import JobContext, JobFn, request_deadline, unloaded_error
 
 
 class RemoteWorker:
-    """Same interface as ModelWorker (submit, queue_depth, alive, close, wait_freed); no queue, one thread per job."""
+    """Same interface as ModelWorker (submit, queue_depth, alive, close, wait_freed); no queue, no thread."""
 
     def __init__(self, name: str, backend: Any, limits: Limits = DEFAULT_LIMITS) -> None:
         self.name = name
         self.limits = limits
         self.backend = backend
         self._active = 0
-        self._streams: set[ResultStream[Any]] = set()
+        self._streams: set[PulledStream[Any]] = set()
         self._lock = threading.Lock()
         self._closed = False
         self._close_reason: BaseException | None = None
@@ -42,46 +41,40 @@ class RemoteWorker:
         with self._lock:
             return self._active
 
-    def submit(self, fn: JobFn) -> tuple[ResultStream[Any], JobContext]:
-        """Start the job on a new thread; returns the stream its results arrive on."""
-        stream: ResultStream[Any] = limited_stream(self.limits)
-        ctx = JobContext(stream=stream, submitted_at=time.perf_counter())
+    def submit(self, fn: JobFn, interrupt: Callable[[], None] | None = None) -> tuple[PulledStream[Any], JobContext]:
+        """The stream of ``fn(backend, ctx)``'s items, read by the stream's reader. ``interrupt`` stops a read
+        in progress (it shuts the remote connection) when the stream is closed or aborted from elsewhere."""
+        now = time.perf_counter()
         with self._lock:
             if self._closed:
                 raise self._close_reason or unloaded_error(self.name)
             self._active += 1
-            self._streams.add(stream)
-        threading.Thread(target=self._drive, args=(fn, ctx), name=f"polargrid-remote-{self.name}",
-                         daemon=True).start()
+        deadline, on_deadline = request_deadline(self.limits)
+        ctx = JobContext(stream=None, submitted_at=now, started_at=now)  # type: ignore[arg-type]
+        stream: PulledStream[Any] | None = None
+        try:
+            source = fn(self.backend, ctx)
+            stream = PulledStream(source, deadline, on_deadline, interrupt, on_end=lambda: self._ended(stream))
+        except BaseException:
+            self._ended(None)
+            raise
+        ctx.stream = stream  # type: ignore[assignment]
+        with self._lock:
+            if not stream.done:
+                self._streams.add(stream)
         return stream, ctx
 
-    def _drive(self, fn: JobFn, ctx: JobContext) -> None:
-        ctx.started_at = ctx.started_at or time.perf_counter()
-        results = None
-        try:
-            results = fn(self.backend, ctx)
-            for result in results:
-                ctx.stream.push(result)
-            ctx.stream.finish()
-        except StreamCancelled:
-            ctx.stream.finish()
-        except BaseException as exc:  # handed to the caller
-            logger.debug("remote job on %s failed: %r", self.name, exc)
-            ctx.stream.finish(exc)
-        finally:
-            close = getattr(results, "close", None)
-            if close is not None:
-                close()
-            with self._lock:
-                self._active -= 1
-                self._streams.discard(ctx.stream)
-                last = self._closed and self._active == 0
-            if last:
-                self._free_backend()
+    def _ended(self, stream: PulledStream[Any] | None) -> None:
+        with self._lock:
+            self._active -= 1
+            self._streams.discard(stream)  # type: ignore[arg-type]
+            last = self._closed and self._active == 0
+        if last:
+            self._free_backend()
 
     def close(self, reason: BaseException | None = None) -> None:
-        """Refuse new jobs and end the streams in flight with ``reason`` (a 503 by default); the HTTP client
-        is closed when the last relay thread has stopped."""
+        """Refuse new requests and end the streams in flight with ``reason`` (a 503 by default); the HTTP client
+        is closed when the last of them has ended."""
         with self._lock:
             if self._closed:
                 return
@@ -94,7 +87,7 @@ class RemoteWorker:
             self._free_backend()
 
     def wait_freed(self, timeout: float) -> bool:
-        """Wait until the HTTP client is closed; False while a relay thread is still stopping."""
+        """Wait until the HTTP client is closed; False while a stream is still being read."""
         return self.freed.wait(timeout)
 
     def _free_backend(self) -> None:

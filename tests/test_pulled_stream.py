@@ -1,0 +1,158 @@
+"""PulledStream: a stream read on its reader's thread, stopped from other threads through a real socket."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import polargrid
+import pytest
+
+from polargrid_local.streams import PulledStream
+
+
+class SocketLines:
+    """A blocking source: one item per line received on a socket (as a remote's token stream is)."""
+
+    def __init__(self) -> None:
+        self.ours, self.theirs = socket.socketpair()
+        self.file = self.ours.makefile("rb")
+        self.closed = threading.Event()
+
+    def __iter__(self) -> SocketLines:
+        return self
+
+    def __next__(self) -> str:
+        line = self.file.readline()
+        if not line:
+            raise polargrid.ServerError("the connection broke", 502)
+        if line == b"END\n":
+            raise StopIteration
+        return line.decode().strip()
+
+    def send(self, *lines: str) -> None:
+        self.theirs.sendall("".join(f"{line}\n" for line in lines).encode())
+
+    def interrupt(self) -> None:
+        self.ours.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.file.close()
+        self.ours.close()
+        self.theirs.close()
+        self.closed.set()
+
+
+def pulled(source: SocketLines, **kwargs) -> tuple[PulledStream[str], list[int]]:
+    ends: list[int] = []
+    return PulledStream(source, interrupt=source.interrupt, on_end=lambda: ends.append(1), **kwargs), ends
+
+
+def later(seconds: float, fn) -> None:
+    threading.Timer(seconds, fn).start()
+
+
+def next_within(stream: PulledStream[str], seconds: float = 5):
+    """next(stream) on a helper thread: returns what it returned or raised; fails the test if it hangs."""
+    outcome: list = []
+
+    def read() -> None:
+        try:
+            outcome.append(next(stream))
+        except BaseException as exc:  # handed back to the test
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(seconds)
+    assert outcome, f"the read was still blocked after {seconds}s"
+    return outcome[0]
+
+
+def test_items_are_read_in_order_and_the_end_closes_the_source():
+    source = SocketLines()
+    stream, ends = pulled(source)
+    source.send("a", "b", "END")
+    assert list(stream) == ["a", "b"]
+    assert source.closed.is_set() and ends == [1] and stream.done
+    with pytest.raises(StopIteration):  # stays ended
+        next(stream)
+
+
+def test_close_from_another_thread_ends_a_blocked_read_cleanly():
+    source = SocketLines()
+    stream, ends = pulled(source)
+    source.send("a")
+    assert next(stream) == "a"
+    later(0.2, stream.close)      # the reader is blocked: nothing more is coming
+    assert isinstance(next_within(stream), StopIteration)
+    assert source.closed.is_set() and ends == [1]
+
+
+def test_abort_from_another_thread_gives_the_reader_its_error():
+    source = SocketLines()
+    stream, ends = pulled(source)
+    later(0.2, lambda: stream.abort(polargrid.ServerError("model 'x' was unloaded", 503)))
+    error = next_within(stream)
+    assert isinstance(error, polargrid.ServerError) and error.status_code == 503 and "unloaded" in str(error)
+    assert source.closed.is_set() and ends == [1]
+
+
+def test_close_before_any_read_closes_the_source_without_reading():
+    source = SocketLines()
+    stream, ends = pulled(source)
+    stream.close()
+    assert source.closed.is_set() and ends == [1]
+    with pytest.raises(StopIteration):
+        next(stream)
+
+
+def test_a_source_failure_reaches_the_reader():
+    source = SocketLines()
+    stream, ends = pulled(source)
+    source.theirs.close()       # the remote hangs up mid-stream
+    with pytest.raises(polargrid.ServerError, match="broke"):
+        next(stream)
+    assert ends == [1]
+
+
+def test_past_its_time_limit_the_stream_ends_with_the_limit_error():
+    source = SocketLines()
+    stream, ends = pulled(source, deadline=time.monotonic() + 0.3,
+                          on_deadline=lambda: polargrid.TimeoutError("past request_timeout_s"))
+    source.send("a")
+    assert next(stream) == "a"
+    time.sleep(0.4)
+    source.send("b")
+    with pytest.raises(polargrid.TimeoutError):
+        next(stream)
+    assert source.closed.is_set() and ends == [1]
+
+
+def test_async_readers_get_the_items_and_cancelling_the_task_closes_the_source():
+    source = SocketLines()
+    stream, ends = pulled(source)
+    source.send("a", "b", "END")
+
+    async def read_all():
+        return [item async for item in stream]
+
+    assert asyncio.run(read_all()) == ["a", "b"]
+    assert ends == [1]
+
+    blocked = SocketLines()
+    stream, ends = pulled(blocked)
+
+    async def cancel_a_waiting_reader():
+        async def read():
+            async for _ in stream:
+                pass
+        task = asyncio.create_task(read())
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_a_waiting_reader())
+    assert blocked.closed.wait(5) and ends == [1]
