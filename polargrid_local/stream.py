@@ -135,5 +135,6 @@ class Stream(Generic[T]):
         self.close()
 
     def __del__(self) -> None:
-        self._results.close()
+        abandon = getattr(self._results, "abandon", None)   # a finalizer must not block on the stream's locks
+        (abandon or self._results.close)()
         self._closed()

@@ -8,8 +8,12 @@ generation at its next step.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
+import logging
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
@@ -203,23 +207,25 @@ class PulledStream(Generic[T]):
     opening the stream starts no thread. ``async for`` starts a pump thread on first use, so an event loop
     never blocks on a read. ``close()`` and ``abort()`` from another thread stop a read in progress with
     ``interrupt`` (which shuts the connection); the reader then ends the stream: cleanly after a close,
-    with the abort's error after an abort. The time limit is checked before each read; a read itself is
-    bounded by the source's own timeout.
+    with the abort's error after an abort. Past ``deadline`` the stream is aborted with ``on_deadline()``,
+    a blocked read included. The source's ``close`` and ``on_end`` run once, never under this stream's lock.
     """
 
     def __init__(self, source: Iterator[T], deadline: float | None = None,
                  on_deadline: Callable[[], BaseException] | None = None, interrupt: Callable[[], None] | None = None,
                  on_end: Callable[[], None] | None = None) -> None:
-        self._source = source
+        self._source: Iterator[T] | None = source
         self._lock = threading.Lock()
         self._reading = False
         self._cancelled = threading.Event()
         self._done = False
         self._error: BaseException | None = None
-        self._deadline, self._on_deadline = deadline, on_deadline
+        self._on_deadline = on_deadline
         self._interrupt = interrupt
         self._on_end = on_end
         self._pump: ResultStream[T] | None = None
+        if deadline is not None:
+            _JANITOR.watch(deadline, self)
 
     @property
     def cancelled(self) -> bool:
@@ -239,54 +245,63 @@ class PulledStream(Generic[T]):
 
     def _pull(self) -> T:
         with self._lock:
+            ended = self._cancelled.is_set() and self._claim_end()
             if not self._done:
-                if self._error is None and self._deadline is not None and time.monotonic() >= self._deadline:
-                    self._error = (self._on_deadline or (lambda: TimeoutError("the request ran past its time limit")))()
-                    self._cancelled.set()
-                if self._cancelled.is_set():
-                    self._finish_locked()
-            if self._done:
-                raise self._error if self._error is not None else StopIteration
-            self._reading = True
+                self._reading = True
+                source = self._source
+        if ended:
+            self._release()
+        if self._done:
+            raise self._error if self._error is not None else StopIteration
         try:
-            item = next(self._source)
+            item = next(source)  # type: ignore[arg-type]
         except BaseException as exc:
             with self._lock:
                 if self._error is None and not self._cancelled.is_set() and not isinstance(exc, StopIteration):
                     self._error = exc      # the source's own failure; after a close or an abort, theirs wins
-                self._finish_locked()
+                ended = self._claim_end()
                 error = self._error
-            if error is not None:
-                raise error from (exc if error is not exc else None)
-            raise StopIteration from None
+            if ended:
+                self._release()
+            if error is None:
+                raise StopIteration from None
+            if error is exc:
+                raise
+            raise error from exc
         with self._lock:
             self._reading = False
         return item
 
-    def _finish_locked(self) -> None:
-        """With the lock held, on the reading thread or with no read in progress: end once, close the source."""
+    def _claim_end(self) -> bool:
+        """With the lock held: mark the stream ended; True for the one call that must release it."""
         self._reading = False
-        if self._done:
-            return
-        self._done = True
         self._cancelled.set()
-        close = getattr(self._source, "close", None)
+        if self._done:
+            return False
+        self._done = True
+        return True
+
+    def _release(self) -> None:
+        """Once, outside the lock: close the source, then tell the owner."""
+        source, on_end, self._source, self._on_end = self._source, self._on_end, None, None
         try:
+            close = getattr(source, "close", None)
             if close is not None:
                 close()
         finally:
-            if self._on_end is not None:
-                self._on_end()
+            if on_end is not None:
+                on_end()
 
     def _stop(self, error: BaseException | None) -> None:
         with self._lock:
             if error is not None and self._error is None and not self._done:
                 self._error = error
-            self._cancelled.set()
             reading = self._reading
-            if not reading:
-                self._finish_locked()
-        if reading and self._interrupt is not None:
+            self._cancelled.set()
+            ended = not reading and self._claim_end()
+        if ended:
+            self._release()
+        elif reading and self._interrupt is not None:
             self._interrupt()
 
     def close(self) -> None:
@@ -303,6 +318,16 @@ class PulledStream(Generic[T]):
             pump.abort(error)
         self._stop(error)
 
+    def abandon(self) -> None:
+        """close() for finalizers, which must not take locks: a janitor thread closes it soon."""
+        self._cancelled.set()
+        _JANITOR.abandon(self)
+
+    def _expire(self) -> None:
+        if not self._done:
+            self.abort(self._on_deadline() if self._on_deadline is not None
+                       else TimeoutError("the request ran past its time limit"))
+
     def __aiter__(self) -> PulledStream[T]:
         return self
 
@@ -310,7 +335,7 @@ class PulledStream(Generic[T]):
         if self._pump is None:
             with self._lock:
                 if self._pump is None:
-                    self._pump = ResultStream(deadline=self._deadline, on_deadline=self._on_deadline)
+                    self._pump = ResultStream()
                     threading.Thread(target=self._run_pump, args=(self._pump,), name="polargrid-pump",
                                      daemon=True).start()
         try:
@@ -331,6 +356,7 @@ class PulledStream(Generic[T]):
                 pump.push(item)
         except StreamCancelled:
             self._stop(None)
+            pump.finish()
         except BaseException as exc:
             pump.finish(exc)
 
@@ -341,7 +367,59 @@ class PulledStream(Generic[T]):
         self.close()
 
     def __del__(self) -> None:
-        try:
-            self._stop(None)
-        except Exception:
-            pass
+        if not self._done:
+            self.abandon()
+
+
+class _Janitor:
+    """One daemon thread for every PulledStream: it aborts a stream at its time limit (which interrupts a
+    blocked read) and closes streams that finalizers abandoned (a finalizer may run on a thread that holds
+    the very locks a close takes, so it only leaves the stream here, with a lock-free append)."""
+
+    POLL = 1.0  # seconds: how soon an abandoned stream is closed
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._deadlines: list[tuple[float, int, weakref.ref[PulledStream[Any]]]] = []
+        self._abandoned: deque[PulledStream[Any]] = deque()
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, deadline: float, stream: PulledStream[Any]) -> None:
+        with self._cond:
+            heapq.heappush(self._deadlines, (deadline, next(self._order), weakref.ref(stream)))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="polargrid-janitor", daemon=True)
+                self._thread.start()
+            elif self._deadlines[0][2]() is stream:
+                self._cond.notify()
+
+    def abandon(self, stream: PulledStream[Any]) -> None:
+        self._abandoned.append(stream)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                wait = self.POLL if not self._deadlines else min(self.POLL, self._deadlines[0][0] - now)
+                if wait > 0:
+                    self._cond.wait(wait)
+                    now = time.monotonic()
+                expired = []
+                while self._deadlines and self._deadlines[0][0] <= now:
+                    expired.append(heapq.heappop(self._deadlines)[2]())
+            for stream in expired:
+                if stream is not None:
+                    _quietly(stream._expire)
+            while self._abandoned:
+                _quietly(self._abandoned.popleft().close)
+
+
+def _quietly(fn: Callable[[], None]) -> None:
+    try:
+        fn()
+    except Exception:   # a failing close must not stop the janitor
+        logging.getLogger("polargrid_local").debug("closing a stream failed", exc_info=True)
+
+
+_JANITOR = _Janitor()

@@ -121,13 +121,12 @@ def test_past_its_time_limit_the_stream_ends_with_the_limit_error():
     source = SocketLines()
     stream, ends = pulled(source, deadline=time.monotonic() + 0.3,
                           on_deadline=lambda: polargrid.TimeoutError("past request_timeout_s"))
-    source.send("a")
+    source.send("a", "b")
     assert next(stream) == "a"
-    time.sleep(0.4)
-    source.send("b")
+    time.sleep(0.4)                    # between reads: the stream ends at its limit, the source is closed
+    assert source.closed.wait(5) and ends == [1]
     with pytest.raises(polargrid.TimeoutError):
         next(stream)
-    assert source.closed.is_set() and ends == [1]
 
 
 def test_async_readers_get_the_items_and_cancelling_the_task_closes_the_source():
@@ -156,3 +155,69 @@ def test_async_readers_get_the_items_and_cancelling_the_task_closes_the_source()
 
     asyncio.run(cancel_a_waiting_reader())
     assert blocked.closed.wait(5) and ends == [1]
+
+
+def test_the_time_limit_ends_a_read_blocked_on_a_silent_source():
+    source = SocketLines()
+    stream, ends = pulled(source, deadline=time.monotonic() + 0.3,
+                          on_deadline=lambda: polargrid.TimeoutError("past request_timeout_s"))
+    error = next_within(stream, 5)     # nothing is ever sent: only the time limit can end this read
+    assert isinstance(error, polargrid.TimeoutError)
+    assert source.closed.is_set() and ends == [1]
+
+
+def test_an_async_reader_that_closes_mid_stream_is_not_left_waiting():
+    """The pump thread holds an item when the reader closes: its hand-over is refused, and the stream must
+    still end for anyone reading on."""
+    gate, closed = threading.Event(), threading.Event()
+
+    def items():
+        try:
+            yield "a"
+            gate.wait(5)               # "b" arrives only after the reader has closed
+            yield "b"
+        finally:
+            closed.set()
+
+    stream = PulledStream(items())
+
+    async def scenario() -> list[str]:
+        reader = stream.__aiter__()
+        got = [await reader.__anext__()]
+        stream.close()
+        gate.set()
+        with pytest.raises(StopAsyncIteration):
+            while True:
+                got.append(await asyncio.wait_for(reader.__anext__(), 5))
+        return got
+
+    assert asyncio.run(scenario()) == ["a"]
+    assert closed.wait(5)
+
+
+def test_a_stream_dropped_without_close_is_closed_by_the_janitor():
+    import gc
+
+    source = SocketLines()
+    stream, ends = pulled(source)
+    source.send("a")
+    assert next(stream) == "a"
+    del stream
+    gc.collect()
+    assert source.closed.wait(5) and ends == [1]
+
+
+def test_a_remote_worker_closed_while_a_request_opens_ends_that_request():
+    from polargrid_local.remote.worker import RemoteWorker
+
+    worker = RemoteWorker("far", backend=None)
+
+    def open_while_unloading(backend, ctx):
+        worker.close()                 # an unload lands between the worker's checks
+        return iter(["a", "b"])
+
+    stream, _ctx = worker.submit(open_while_unloading)
+    with pytest.raises(polargrid.ServerError) as info:
+        next(stream)
+    assert info.value.status_code == 503
+    assert worker.queue_depth == 0 and worker.wait_freed(1)

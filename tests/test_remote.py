@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.server
 import ipaddress
 import socket
 import subprocess
@@ -151,8 +152,47 @@ def keyed(remote_engine):
     server.server_close()
 
 
+class StallingRemote(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-style server that streams one chunk, then goes silent with the connection open: a remote
+    that hangs mid-generation. It notes when its client hangs up."""
+
+    protocol_version = "HTTP/1.1"
+    hung_up = threading.Event()
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        event = b'data: {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m", ' \
+                b'"choices": [{"index": 0, "delta": {"content": "Hello"}, "finish_reason": null}]}\n\n'
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+        self.wfile.flush()
+        self.connection.settimeout(60)
+        try:
+            if self.connection.recv(1) == b"":   # blocks until the client hangs up
+                StallingRemote.hung_up.set()
+        except OSError:
+            StallingRemote.hung_up.set()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory, registry, gguf, llama_server, remote_facade, closed_port, blackhole, limited, keyed):
+def stalling():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StallingRemote)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, registry, gguf, llama_server, remote_facade, closed_port, blackhole, limited, keyed,
+            stalling):
     """Our engine, with remote entries for every remote above (all loopback) and local fallbacks."""
     far = f"{remote_facade.url}/v1"
     dead = f"http://127.0.0.1:{closed_port}/v1"
@@ -171,6 +211,7 @@ def gateway(tmp_path_factory, registry, gguf, llama_server, remote_facade, close
         + remote_entry("far-limited-once", f"{limited.url}/v1", "smollm2-135m-embed", kind="embedding",
                        retries=0)
         + remote_entry("far-keyed", f"{keyed.url}/v1", CHAT, key_env="H13_REMOTE_KEY")
+        + remote_entry("far-stalling", stalling, "m", timeout=60)
         + local_entry("local-tight", gguf, fallback=("far-chat",), extra="n_parallel = 2\nmax_queue = 0")
         + '[[models]]\nid = "local-unpulled"\nkind = "chat"\nfallback = ["far-chat"]\nentry = "x.gguf"\n'
           'files = [{ path = "x.gguf", size = 1, pypi = "nothing==0:x.gguf" }]\n\n'
@@ -436,6 +477,55 @@ def test_unloading_a_remote_model_ends_a_blocked_read_with_a_503(gateway, remote
     wait_until_idle(remote_engine)
     assert remote_tokens(remote_engine) - before < 300
     assert gateway.completion({**long_request("far-chat"), "max_tokens": 4}).choices[0].text  # loads again
+
+
+def test_closing_a_stream_whose_remote_stalled_hangs_up_at_once(gateway):
+    """The remote sent one token and went silent: closing the stream from another thread (as the HTTP facade's
+    watch does when its client leaves) interrupts the blocked read and hangs up on the remote, rather than
+    waiting for the remote's 60 s timeout."""
+    StallingRemote.hung_up.clear()
+    stream = gateway.chat_completion_stream(chat("far-stalling"))
+    assert next(c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content) == "Hello"
+    ended: list[BaseException | None] = []
+
+    def read_rest() -> None:
+        try:
+            list(stream)
+            ended.append(None)
+        except BaseException as exc:  # the reader's view, checked below
+            ended.append(exc)
+
+    reader = threading.Thread(target=read_rest)
+    reader.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    stream.close()
+    reader.join(10)
+    assert not reader.is_alive() and time.monotonic() - started < 2
+    assert ended == [None]                  # a close ends the stream cleanly
+    assert StallingRemote.hung_up.wait(5)
+
+
+def test_unloading_a_stalled_remote_model_frees_it_at_once(gateway):
+    stream = gateway.chat_completion_stream(chat("far-stalling"))
+    next(iter(stream))
+    outcome: list[BaseException | None] = []
+
+    def read_rest() -> None:
+        try:
+            list(stream)
+            outcome.append(None)
+        except BaseException as exc:  # the reader's view, checked below
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read_rest)
+    reader.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    reply = gateway.unload_model({"model_name": "far-stalling"})
+    assert time.monotonic() - started < 2, reply    # not the 10 s unload wait: the client was freed at once
+    reader.join(10)
+    assert isinstance(outcome[0], sdk.ServerError) and outcome[0].status_code == 503
 
 
 # -- fallback ------------------------------------------------------------------------------

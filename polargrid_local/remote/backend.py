@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import socket
+import threading
 import time
 from typing import Any, Iterator
 from urllib.parse import urlsplit
@@ -148,11 +149,15 @@ class RemoteBackend:
     def payloads(self, response: httpx.Response) -> ResponseItems:
         """The JSON payloads of a streamed answer. Closing them closes the HTTP connection, which is how
         the remote learns that nobody is reading and stops generating."""
-        return ResponseItems(self._payloads(response), response)
+        items = ResponseItems(response)
+        items.start(self._payloads(response, items))
+        return items
 
     def bytes(self, response: httpx.Response, chunk: int) -> ResponseItems:
         """The body of a streamed answer (audio), ``chunk`` bytes at a time as they arrive."""
-        return ResponseItems(self._bytes(response, chunk), response)
+        items = ResponseItems(response)
+        items.start(self._bytes(response, chunk))
+        return items
 
     def _bytes(self, response: httpx.Response, chunk: int) -> Iterator[bytes]:
         try:
@@ -162,15 +167,14 @@ class RemoteBackend:
         finally:
             response.close()
 
-    def _payloads(self, response: httpx.Response) -> Iterator[dict[str, Any]]:
+    def _payloads(self, response: httpx.Response, items: ResponseItems) -> Iterator[dict[str, Any]]:
         lines = response.iter_lines()
         try:
             for payload in sse_payloads(lines):
                 if "error" in payload and not payload.get("choices"):
                     raise error_in_stream(payload, self.where)
                 yield payload
-            for _ in lines:   # the body's end, after [DONE]: read to it, so the connection goes back to the pool
-                pass
+            _finish_body(lines, items)
         except httpx.HTTPError as exc:
             raise self._lost(exc) from exc
         except SSEFormatError as exc:
@@ -206,19 +210,47 @@ class RemoteBackend:
         return "up"
 
 
+DRAIN_LINES = 8   # lines read past [DONE] for the body's end; a remote that sends more loses its keep-alive
+
+
+def _finish_body(lines: Iterator[str], items: ResponseItems) -> None:
+    """After ``data: [DONE]``: read to the body's end, so the connection returns to the pool for the next
+    request. Best effort: the answer is complete, so a remote that keeps the body open only costs its
+    connection (closed instead of reused)."""
+    if not items.ending():
+        return
+    with contextlib.suppress(httpx.HTTPError):
+        for count, _ in enumerate(lines, 1):
+            if count >= DRAIN_LINES:
+                return
+
+
 class ResponseItems:
     """Items read from a remote's streamed response. ``close()`` closes the response whether or not reading
-    began; ``interrupt()``, from any thread, ends a read in progress by shutting the connection down."""
+    began; ``interrupt()``, from another thread, ends a read in progress by shutting the connection down,
+    but never once the body's end is being read (the connection may by then serve another request)."""
 
-    def __init__(self, items: Iterator[Any], response: httpx.Response) -> None:
-        self._items = items
+    def __init__(self, response: httpx.Response) -> None:
         self.response = response
+        self._items: Iterator[Any] = iter(())
+        self._lock = threading.Lock()
+        self._ending = False
+        self._interrupted = False
+
+    def start(self, items: Iterator[Any]) -> None:
+        self._items = items
 
     def __iter__(self) -> ResponseItems:
         return self
 
     def __next__(self) -> Any:
         return next(self._items)
+
+    def ending(self) -> bool:
+        """The reader is about to read the body's end; False if an interrupt got there first."""
+        with self._lock:
+            self._ending = not self._interrupted
+            return self._ending
 
     def close(self) -> None:
         try:
@@ -229,11 +261,15 @@ class ResponseItems:
             self.response.close()
 
     def interrupt(self) -> None:
-        stream = self.response.extensions.get("network_stream")
-        sock = stream.get_extra_info("socket") if stream is not None else None
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        with self._lock:
+            if self._ending or self.response.is_closed:
+                return
+            self._interrupted = True
+            stream = self.response.extensions.get("network_stream")
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
 
 def _reason(exc: Exception) -> str:

@@ -60,8 +60,11 @@ class RemoteWorker:
             raise
         ctx.stream = stream  # type: ignore[assignment]
         with self._lock:
-            if not stream.done:
+            closed = self._closed
+            if not closed and not stream.done:
                 self._streams.add(stream)
+        if closed:   # closed while the request was being opened: it must not outlive the unload
+            stream.abort(self._close_reason or unloaded_error(self.name))
         return stream, ctx
 
     def _ended(self, stream: PulledStream[Any] | None) -> None:

@@ -53,7 +53,7 @@ class Connection:
         return bool(self._work)
 
     def stop(self, reason: str) -> None:
-        """Close every stream of this connection (thread-safe: closing a Stream only marks it cancelled)."""
+        """Close every stream of this connection (thread-safe; a remote stream being read is interrupted)."""
         with self._lock:
             if self.reason is None:
                 self.reason = reason
