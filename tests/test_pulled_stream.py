@@ -9,7 +9,7 @@ import time
 import polargrid
 import pytest
 
-from polargrid_local.streams import PulledStream
+from polargrid_local.pulled_stream import PulledStream
 
 
 class SocketLines:
@@ -221,3 +221,13 @@ def test_a_remote_worker_closed_while_a_request_opens_ends_that_request():
         next(stream)
     assert info.value.status_code == 503
     assert worker.queue_depth == 0 and worker.wait_freed(1)
+
+
+def test_ended_streams_do_not_pile_up_in_the_time_limit_heap():
+    from polargrid_local.pulled_stream import _JANITOR
+
+    before = len(_JANITOR._timers)
+    for _ in range(3000):      # each request registers its time limit; ended ones must not stay for 600 s
+        PulledStream(iter(()), deadline=time.monotonic() + 600).close()
+    PulledStream(iter(()), deadline=time.monotonic() + 600).close()
+    assert len(_JANITOR._timers) < before + 1600

@@ -180,10 +180,41 @@ class StallingRemote(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class LingeringRemote(StallingRemote):
+    """Streams one chunk and ``data: [DONE]``, then keeps the body open: the answer is complete, the body is not."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        events = b'data: {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m", ' \
+                 b'"choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": "stop"}]}\n\n' \
+                 b"data: [DONE]\n\n"
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(events), events))
+        self.wfile.flush()
+        self.connection.settimeout(60)
+        with contextlib.suppress(OSError):
+            self.connection.recv(1)
+
+
+@pytest.fixture(scope="module")
+def lingering():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LingeringRemote)
+    server.daemon_threads = True
+    server.block_on_close = False
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
 @pytest.fixture(scope="module")
 def stalling():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StallingRemote)
     server.daemon_threads = True
+    server.block_on_close = False   # a handler still waiting on a failed test's client must not hold teardown
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/v1"
     server.shutdown()
@@ -192,7 +223,7 @@ def stalling():
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory, registry, gguf, llama_server, remote_facade, closed_port, blackhole, limited, keyed,
-            stalling):
+            stalling, lingering):
     """Our engine, with remote entries for every remote above (all loopback) and local fallbacks."""
     far = f"{remote_facade.url}/v1"
     dead = f"http://127.0.0.1:{closed_port}/v1"
@@ -212,6 +243,7 @@ def gateway(tmp_path_factory, registry, gguf, llama_server, remote_facade, close
                        retries=0)
         + remote_entry("far-keyed", f"{keyed.url}/v1", CHAT, key_env="H13_REMOTE_KEY")
         + remote_entry("far-stalling", stalling, "m", timeout=60)
+        + remote_entry("far-lingering", lingering, "m", timeout=60)
         + local_entry("local-tight", gguf, fallback=("far-chat",), extra="n_parallel = 2\nmax_queue = 0")
         + '[[models]]\nid = "local-unpulled"\nkind = "chat"\nfallback = ["far-chat"]\nentry = "x.gguf"\n'
           'files = [{ path = "x.gguf", size = 1, pypi = "nothing==0:x.gguf" }]\n\n'
@@ -473,7 +505,7 @@ def test_unloading_a_remote_model_ends_a_blocked_read_with_a_503(gateway, remote
     gateway.unload_model({"model_name": "far-chat"})
     reader.join(30)
     assert not reader.is_alive() and time.monotonic() - started < 15
-    assert isinstance(outcome[0], sdk.ServerError) and outcome[0].status_code == 503
+    assert outcome and isinstance(outcome[0], sdk.ServerError) and outcome[0].status_code == 503
     wait_until_idle(remote_engine)
     assert remote_tokens(remote_engine) - before < 300
     assert gateway.completion({**long_request("far-chat"), "max_tokens": 4}).choices[0].text  # loads again
@@ -506,6 +538,15 @@ def test_closing_a_stream_whose_remote_stalled_hangs_up_at_once(gateway):
     assert StallingRemote.hung_up.wait(5)
 
 
+def test_an_answer_complete_at_done_is_not_held_by_a_body_left_open(gateway):
+    """After [DONE] the relay reads the body's end only briefly (for keep-alive): a remote that leaves the body
+    open costs its connection, not the caller's time, and the answer stays a success."""
+    started = time.monotonic()
+    reply = gateway.chat_completion(chat("far-lingering"))
+    assert reply.choices[0].message.content == "Hi" and reply.choices[0].finish_reason == "stop"
+    assert time.monotonic() - started < 5      # the remote's timeout is 60 s
+
+
 def test_unloading_a_stalled_remote_model_frees_it_at_once(gateway):
     stream = gateway.chat_completion_stream(chat("far-stalling"))
     next(iter(stream))
@@ -525,6 +566,7 @@ def test_unloading_a_stalled_remote_model_frees_it_at_once(gateway):
     reply = gateway.unload_model({"model_name": "far-stalling"})
     assert time.monotonic() - started < 2, reply    # not the 10 s unload wait: the client was freed at once
     reader.join(10)
+    assert outcome, "the reader was still blocked 10 s after the unload"
     assert isinstance(outcome[0], sdk.ServerError) and outcome[0].status_code == 503
 
 

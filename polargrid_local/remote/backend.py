@@ -13,13 +13,14 @@ import random
 import socket
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
 import httpx
 from polargrid import errors as sdk
 
 from .. import offline as offline_guard
+from ..pulled_stream import run_at
 from ..registry import ModelSpec
 from .errors import error_for_status, error_in_stream, retry_after_seconds
 from .sse import SSEFormatError, sse_payloads
@@ -164,23 +165,19 @@ class RemoteBackend:
             yield from response.iter_bytes(chunk)
         except httpx.HTTPError as exc:
             raise self._lost(exc) from exc
-        finally:
-            response.close()
 
     def _payloads(self, response: httpx.Response, items: ResponseItems) -> Iterator[dict[str, Any]]:
-        lines = response.iter_lines()
+        lines = items.rest = response.iter_lines()
         try:
             for payload in sse_payloads(lines):
                 if "error" in payload and not payload.get("choices"):
                     raise error_in_stream(payload, self.where)
                 yield payload
-            _finish_body(lines, items)
         except httpx.HTTPError as exc:
             raise self._lost(exc) from exc
         except SSEFormatError as exc:
             raise sdk.ServerError(f"remote {self.where} sent a malformed stream: {exc}", 502) from exc
-        finally:
-            response.close()
+        items.complete = True
 
     def _lost(self, exc: httpx.HTTPError) -> sdk.PolarGridError:
         if isinstance(exc, httpx.TimeoutException):
@@ -210,32 +207,41 @@ class RemoteBackend:
         return "up"
 
 
-DRAIN_LINES = 8   # lines read past [DONE] for the body's end; a remote that sends more loses its keep-alive
+DRAIN_LINES = 8      # lines read past [DONE] for the body's end; a remote that sends more loses its keep-alive
+DRAIN_SECONDS = 0.25  # how long the body's end may take to arrive after [DONE]
 
 
-def _finish_body(lines: Iterator[str], items: ResponseItems) -> None:
-    """After ``data: [DONE]``: read to the body's end, so the connection returns to the pool for the next
-    request. Best effort: the answer is complete, so a remote that keeps the body open only costs its
-    connection (closed instead of reused)."""
-    if not items.ending():
-        return
-    with contextlib.suppress(httpx.HTTPError):
-        for count, _ in enumerate(lines, 1):
-            if count >= DRAIN_LINES:
-                return
+class _ReleaseGuard(httpx.SyncByteStream):
+    """The response body's stream, noting under the items' lock the moment its connection is given back."""
+
+    def __init__(self, inner: httpx.SyncByteStream, released: Callable[[], None]) -> None:
+        self._inner, self._released = inner, released
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._inner
+
+    def close(self) -> None:
+        self._released()
+        self._inner.close()
 
 
 class ResponseItems:
-    """Items read from a remote's streamed response. ``close()`` closes the response whether or not reading
-    began; ``interrupt()``, from another thread, ends a read in progress by shutting the connection down,
-    but never once the body's end is being read (the connection may by then serve another request)."""
+    """Items read from a remote's streamed response.
+
+    ``close()`` closes the response whether or not reading began; after a complete event stream it first
+    reads the body's end (briefly), so the keep-alive connection serves the next request. ``interrupt()``,
+    from another thread, ends a read in progress by shutting the connection down, but never once the
+    connection has been given back to the pool, where another request may be using it.
+    """
 
     def __init__(self, response: httpx.Response) -> None:
         self.response = response
+        self.rest: Iterator[str] | None = None   # the body's lines left after the last event
+        self.complete = False                    # the event stream ended normally ([DONE] or its end)
         self._items: Iterator[Any] = iter(())
         self._lock = threading.Lock()
-        self._ending = False
-        self._interrupted = False
+        self._released = False
+        response.stream = _ReleaseGuard(response.stream, self._mark_released)  # type: ignore[arg-type]
 
     def start(self, items: Iterator[Any]) -> None:
         self._items = items
@@ -246,30 +252,40 @@ class ResponseItems:
     def __next__(self) -> Any:
         return next(self._items)
 
-    def ending(self) -> bool:
-        """The reader is about to read the body's end; False if an interrupt got there first."""
+    def _mark_released(self) -> None:
         with self._lock:
-            self._ending = not self._interrupted
-            return self._ending
+            self._released = True
+
+    def interrupt(self) -> None:
+        with self._lock:
+            if self._released:
+                return
+            stream = self.response.extensions.get("network_stream")
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         try:
             close = getattr(self._items, "close", None)
             if close is not None:
                 close()
+            if self.complete and self.rest is not None and not self._released:
+                self._finish_body(self.rest)
         finally:
             self.response.close()
 
-    def interrupt(self) -> None:
-        with self._lock:
-            if self._ending or self.response.is_closed:
-                return
-            self._interrupted = True
-            stream = self.response.extensions.get("network_stream")
-            sock = stream.get_extra_info("socket") if stream is not None else None
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+    def _finish_body(self, lines: Iterator[str]) -> None:
+        """Best effort: the answer is complete, so a remote slow to end its body only loses its connection."""
+        cancel = run_at(time.monotonic() + DRAIN_SECONDS, self.interrupt)
+        try:
+            with contextlib.suppress(httpx.HTTPError):
+                for count, _ in enumerate(lines, 1):
+                    if count >= DRAIN_LINES:
+                        return
+        finally:
+            cancel()
 
 
 def _reason(exc: Exception) -> str:

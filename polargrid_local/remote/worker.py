@@ -13,8 +13,16 @@ import time
 from typing import Any, Callable
 
 from ..limits import DEFAULT_LIMITS, Limits
-from ..streams import PulledStream
+from ..pulled_stream import PulledStream
 from ..worker import JobContext, JobFn, request_deadline, unloaded_error
+
+
+def copy_error(error: BaseException) -> BaseException:
+    """A shallow copy of an exception (its class, args and attributes), without calling its __init__."""
+    twin = type(error).__new__(type(error))
+    twin.args = error.args
+    twin.__dict__.update(error.__dict__)
+    return twin
 
 
 class RemoteWorker:
@@ -64,7 +72,7 @@ class RemoteWorker:
             if not closed and not stream.done:
                 self._streams.add(stream)
         if closed:   # closed while the request was being opened: it must not outlive the unload
-            stream.abort(self._close_reason or unloaded_error(self.name))
+            stream.abort(copy_error(self._close_reason or unloaded_error(self.name)))
         return stream, ctx
 
     def _ended(self, stream: PulledStream[Any] | None) -> None:
@@ -84,8 +92,8 @@ class RemoteWorker:
             self._closed = True
             self._close_reason = reason or unloaded_error(self.name)
             streams, idle = list(self._streams), self._active == 0
-        for stream in streams:
-            stream.abort(self._close_reason)
+        for stream in streams:   # each its own copy: readers on several threads raise them at once
+            stream.abort(copy_error(self._close_reason))
         if idle:
             self._free_backend()
 
