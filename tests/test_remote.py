@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import http.server
 import ipaddress
+import json
 import socket
 import subprocess
 import sys
@@ -677,6 +678,28 @@ def test_serve_is_a_gateway_with_our_keys_in_front(gateway, remote_facade):
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{server.url}/v1", api_key="theirs", max_retries=0).chat.completions.create(
                 **chat("far-chat"))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_client_leaving_the_gateway_hangs_up_on_a_stalled_remote(gateway):
+    """Through the HTTP facade: the client reads the first token, then leaves while the remote is silent. The
+    facade's watch thread closes the stream, which interrupts the handler's blocked read and hangs up."""
+    StallingRemote.hung_up.clear()
+    server = serve(gateway)
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_address[1])) as sock:
+            body = json.dumps({**chat("far-stalling"), "stream": True}).encode()
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            received = b""
+            sock.settimeout(10)
+            while b"Hello" not in received:
+                data = sock.recv(4096)
+                assert data, "the gateway closed before the first token"
+                received += data
+        assert StallingRemote.hung_up.wait(5)     # the remote's own timeout is 60 s
     finally:
         server.shutdown()
         server.server_close()
