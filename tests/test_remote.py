@@ -481,6 +481,25 @@ def test_async_clients_stream_from_a_remote_and_a_cancelled_task_stops_it(gatewa
     assert remote_tokens(remote_engine) - before < 300    # a generation run to its end books 600
 
 
+class BackgroundReader:
+    """Reads the rest of a stream on its own thread (blocked on the remote, as a handler would be), so the test
+    can stop it from here; ``outcome`` is None for a clean end, else what the reader caught."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.ended = stream, threading.Event()
+        self.outcome: BaseException | None = None
+        threading.Thread(target=self._read, daemon=True).start()
+        time.sleep(0.3)   # let it block in the read
+
+    def _read(self) -> None:
+        try:
+            for _chunk in self.stream:
+                pass
+        except BaseException as exc:  # the reader's view, checked by the test
+            self.outcome = exc
+        self.ended.set()
+
+
 def test_unloading_a_remote_model_ends_a_blocked_read_with_a_503(gateway, remote_engine):
     """The reader of a remote stream is blocked on the remote's next token when the model is unloaded: it gets
     the unload's 503 at once, and the remote stops generating."""
@@ -489,24 +508,11 @@ def test_unloading_a_remote_model_ends_a_blocked_read_with_a_503(gateway, remote
     stream = gateway.completion_stream(long_request("far-chat"))
     for _ in range(3):
         next(stream)
-    outcome: list[BaseException | None] = []
-
-    def read_rest() -> None:
-        try:
-            for _chunk in stream:
-                pass
-            outcome.append(None)
-        except BaseException as exc:  # the reader's view, checked below
-            outcome.append(exc)
-
-    reader = threading.Thread(target=read_rest)
-    reader.start()
-    time.sleep(0.3)
+    reader = BackgroundReader(stream)
     started = time.monotonic()
     gateway.unload_model({"model_name": "far-chat"})
-    reader.join(30)
-    assert not reader.is_alive() and time.monotonic() - started < 15
-    assert outcome and isinstance(outcome[0], sdk.ServerError) and outcome[0].status_code == 503
+    assert reader.ended.wait(30) and time.monotonic() - started < 15
+    assert isinstance(reader.outcome, sdk.ServerError) and reader.outcome.status_code == 503
     wait_until_idle(remote_engine)
     assert remote_tokens(remote_engine) - before < 300
     assert gateway.completion({**long_request("far-chat"), "max_tokens": 4}).choices[0].text  # loads again
@@ -519,23 +525,11 @@ def test_closing_a_stream_whose_remote_stalled_hangs_up_at_once(gateway):
     StallingRemote.hung_up.clear()
     stream = gateway.chat_completion_stream(chat("far-stalling"))
     assert next(c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content) == "Hello"
-    ended: list[BaseException | None] = []
-
-    def read_rest() -> None:
-        try:
-            list(stream)
-            ended.append(None)
-        except BaseException as exc:  # the reader's view, checked below
-            ended.append(exc)
-
-    reader = threading.Thread(target=read_rest)
-    reader.start()
-    time.sleep(0.3)
+    reader = BackgroundReader(stream)
     started = time.monotonic()
     stream.close()
-    reader.join(10)
-    assert not reader.is_alive() and time.monotonic() - started < 2
-    assert ended == [None]                  # a close ends the stream cleanly
+    assert reader.ended.wait(10) and time.monotonic() - started < 2
+    assert reader.outcome is None           # a close ends the stream cleanly
     assert StallingRemote.hung_up.wait(5)
 
 
@@ -551,24 +545,12 @@ def test_an_answer_complete_at_done_is_not_held_by_a_body_left_open(gateway):
 def test_unloading_a_stalled_remote_model_frees_it_at_once(gateway):
     stream = gateway.chat_completion_stream(chat("far-stalling"))
     next(iter(stream))
-    outcome: list[BaseException | None] = []
-
-    def read_rest() -> None:
-        try:
-            list(stream)
-            outcome.append(None)
-        except BaseException as exc:  # the reader's view, checked below
-            outcome.append(exc)
-
-    reader = threading.Thread(target=read_rest)
-    reader.start()
-    time.sleep(0.3)
+    reader = BackgroundReader(stream)
     started = time.monotonic()
     reply = gateway.unload_model({"model_name": "far-stalling"})
     assert time.monotonic() - started < 2, reply    # not the 10 s unload wait: the client was freed at once
-    reader.join(10)
-    assert outcome, "the reader was still blocked 10 s after the unload"
-    assert isinstance(outcome[0], sdk.ServerError) and outcome[0].status_code == 503
+    assert reader.ended.wait(10), "the reader was still blocked 10 s after the unload"
+    assert isinstance(reader.outcome, sdk.ServerError) and reader.outcome.status_code == 503
 
 
 # -- fallback ------------------------------------------------------------------------------
