@@ -207,20 +207,35 @@ def test_a_stream_dropped_without_close_is_closed_by_the_janitor():
     assert source.closed.wait(5) and ends == [1]
 
 
-def test_a_remote_worker_closed_while_a_request_opens_ends_that_request():
-    from polargrid_local.remote.worker import RemoteWorker
+def test_a_remote_worker_closed_while_a_request_opens_ends_that_request(monkeypatch):
+    from polargrid_local.remote import worker as remote_worker
 
-    worker = RemoteWorker("far", backend=None)
+    worker = remote_worker.RemoteWorker("far", backend=None)
+    deadline = remote_worker.request_deadline
 
-    def open_while_unloading(backend, ctx):
+    def unload_meanwhile(limits):
         worker.close()                 # an unload lands between the worker's checks
-        return iter(["a", "b"])
+        return deadline(limits)
 
-    stream, _ctx = worker.submit(open_while_unloading)
+    monkeypatch.setattr(remote_worker, "request_deadline", unload_meanwhile)
+    source = SocketLines()
+    source.send("a", "b", "END")
+    stream, _ctx = worker.read(source)
     with pytest.raises(polargrid.ServerError) as info:
         next(stream)
     assert info.value.status_code == 503
-    assert worker.queue_depth == 0 and worker.wait_freed(1)
+    assert worker.queue_depth == 0 and worker.wait_freed(1) and source.closed.is_set()
+
+
+def test_a_closed_remote_worker_refuses_a_request_and_closes_its_source():
+    from polargrid_local.remote.worker import RemoteWorker
+
+    worker = RemoteWorker("far", backend=None)
+    worker.close()
+    source = SocketLines()
+    with pytest.raises(polargrid.ServerError):
+        worker.read(source)
+    assert source.closed.is_set() and worker.queue_depth == 0
 
 
 def test_ended_streams_do_not_pile_up_in_the_time_limit_heap():

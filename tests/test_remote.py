@@ -159,6 +159,8 @@ class StallingRemote(http.server.BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     hung_up = threading.Event()
+    EVENTS = (b'data: {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m", '
+              b'"choices": [{"index": 0, "delta": {"content": "Hello"}, "finish_reason": null}]}\n\n')
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -166,16 +168,14 @@ class StallingRemote(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        event = b'data: {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m", ' \
-                b'"choices": [{"index": 0, "delta": {"content": "Hello"}, "finish_reason": null}]}\n\n'
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(self.EVENTS), self.EVENTS))
         self.wfile.flush()
         self.connection.settimeout(60)
         try:
             if self.connection.recv(1) == b"":   # blocks until the client hangs up
-                StallingRemote.hung_up.set()
+                type(self).hung_up.set()
         except OSError:
-            StallingRemote.hung_up.set()
+            type(self).hung_up.set()
 
     def log_message(self, *args) -> None:
         pass
@@ -184,20 +184,10 @@ class StallingRemote(http.server.BaseHTTPRequestHandler):
 class LingeringRemote(StallingRemote):
     """Streams one chunk and ``data: [DONE]``, then keeps the body open: the answer is complete, the body is not."""
 
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        events = b'data: {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m", ' \
-                 b'"choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": "stop"}]}\n\n' \
-                 b"data: [DONE]\n\n"
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(events), events))
-        self.wfile.flush()
-        self.connection.settimeout(60)
-        with contextlib.suppress(OSError):
-            self.connection.recv(1)
+    hung_up = threading.Event()   # its own: a lingering connection closing must not count for StallingRemote
+    EVENTS = (b'data: {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m", '
+              b'"choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": "stop"}]}\n\n'
+              b"data: [DONE]\n\n")
 
 
 @pytest.fixture(scope="module")

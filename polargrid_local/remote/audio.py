@@ -59,12 +59,7 @@ class RemoteAudio:
         body.update(model=spec.remote.model, response_format=fmt)
         sent = time.perf_counter()
         response = backend.send("POST", "audio/speech", json=body)
-        source = backend.bytes(response, CHUNK)
-        try:
-            results, ctx = worker.submit(lambda backend, ctx: source, interrupt=source.interrupt)
-        except BaseException:
-            source.close()
-            raise
+        results, ctx = worker.read(backend.bytes(response, CHUNK))
         ctx.submitted_at = sent
         stream = Stream(results, ctx, lambda item: [item], load_seconds,
                         on_finish=lambda _s: self.engine.usage.record(spec.id, len(request.input)))

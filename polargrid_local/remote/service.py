@@ -109,12 +109,7 @@ class RemoteService:
         body.update(stream=True, stream_options={"include_usage": True})
         sent = time.perf_counter()
         response = backend.send("POST", path, json=body)
-        source = backend.payloads(response)
-        try:
-            results, ctx = worker.submit(lambda backend, ctx: source, interrupt=source.interrupt)
-        except BaseException:
-            source.close()
-            raise
+        results, ctx = worker.read(backend.payloads(response))
         ctx.submitted_at = sent
 
         def finished(stream: Stream[Any]) -> None:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
 from ..limits import DEFAULT_LIMITS, Limits
 from ..pulled_stream import PulledStream
-from ..worker import JobContext, JobFn, request_deadline, unloaded_error
+from ..worker import JobContext, request_deadline, unloaded_error
 
 
 def copy_error(error: BaseException) -> BaseException:
@@ -26,7 +26,8 @@ def copy_error(error: BaseException) -> BaseException:
 
 
 class RemoteWorker:
-    """Same interface as ModelWorker (submit, queue_depth, alive, close, wait_freed); no queue, no thread."""
+    """The pool's side of ModelWorker (queue_depth, alive, close, wait_freed); no queue, no thread. Requests
+    come in through ``read``."""
 
     def __init__(self, name: str, backend: Any, limits: Limits = DEFAULT_LIMITS) -> None:
         self.name = name
@@ -49,31 +50,28 @@ class RemoteWorker:
         with self._lock:
             return self._active
 
-    def submit(self, fn: JobFn, interrupt: Callable[[], None] | None = None) -> tuple[PulledStream[Any], JobContext]:
-        """The stream of ``fn(backend, ctx)``'s items, read by the stream's reader. ``interrupt`` stops a read
-        in progress (it shuts the remote connection) when the stream is closed or aborted from elsewhere."""
+    def read(self, source: Any) -> tuple[PulledStream[Any], JobContext]:
+        """A stream of ``source``'s items (a remote response's ResponseItems), read by the stream's reader;
+        ``source.interrupt()`` stops a read in progress when the stream is closed or aborted from elsewhere.
+        The source is closed here if the worker refuses it (unloaded)."""
         now = time.perf_counter()
         with self._lock:
-            if self._closed:
-                raise self._close_reason or unloaded_error(self.name)
-            self._active += 1
+            refused = (self._close_reason or unloaded_error(self.name)) if self._closed else None
+            if refused is None:
+                self._active += 1
+        if refused is not None:
+            source.close()
+            raise refused
         deadline, on_deadline = request_deadline(self.limits)
-        ctx = JobContext(stream=None, submitted_at=now, started_at=now)  # type: ignore[arg-type]
-        stream: PulledStream[Any] | None = None
-        try:
-            source = fn(self.backend, ctx)
-            stream = PulledStream(source, deadline, on_deadline, interrupt, on_end=lambda: self._ended(stream))
-        except BaseException:
-            self._ended(None)
-            raise
-        ctx.stream = stream  # type: ignore[assignment]
+        stream: PulledStream[Any] = PulledStream(source, deadline, on_deadline, source.interrupt,
+                                                 on_end=lambda: self._ended(stream))
         with self._lock:
             closed = self._closed
-            if not closed and not stream.done:
+            if not closed:
                 self._streams.add(stream)
         if closed:   # closed while the request was being opened: it must not outlive the unload
             stream.abort(copy_error(self._close_reason or unloaded_error(self.name)))
-        return stream, ctx
+        return stream, JobContext(stream=stream, submitted_at=now, started_at=now)  # type: ignore[arg-type]
 
     def _ended(self, stream: PulledStream[Any] | None) -> None:
         with self._lock:
