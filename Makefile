@@ -22,7 +22,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 
-$(STAMP): $(PY) pyproject.toml setup.py scripts/build_llama_cpp.py polargrid_local/build_llama.py
+$(STAMP): $(PY) pyproject.toml setup.py scripts/build_llama_cpp.py polargrid_local/host/build_llama.py
 	$(PY) scripts/build_llama_cpp.py $(LLAMA_BUILD_ARGS)
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@

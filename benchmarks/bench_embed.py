@@ -3,7 +3,7 @@
 
 Throughput: the same sentences, in requests of --batch, on the same number of threads, through
 (a) LocalEngine (all-MiniLM-L6-v2, converted GGUF on llama.cpp), (b) llama-cpp-python's
-Llama.embed on that GGUF directly, (c) the plain-numpy reference (polargrid_local.bert_reference,
+Llama.embed on that GGUF directly, (c) the plain-numpy reference (polargrid_local.store.bert_reference,
 what sentence-transformers computes, without torch). Runs alternate; medians of --repeats.
 
 Quality, for the default model and SmolLM2 mean pooling: Spearman correlation with the grades of
@@ -87,7 +87,7 @@ def main() -> int:
     from threadpoolctl import threadpool_limits
 
     from polargrid_local import LocalEngine
-    from polargrid_local.bert_reference import NumpyBert
+    from polargrid_local.store.bert_reference import NumpyBert
     from polargrid_local.llm.backend import available_cpus
 
     threads = args.threads or available_cpus()

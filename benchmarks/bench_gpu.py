@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from polargrid_local import LocalEngine, Registry
-from polargrid_local.gpu import NvmlProbe, cuda_build
+from polargrid_local.host.gpu import NvmlProbe, cuda_build
 from polargrid_local.llm.backend import available_cpus
 
 from _raw import measure, prompt_tokens

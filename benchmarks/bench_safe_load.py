@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from polargrid_local import Registry
-from polargrid_local.llama_safety import set_extra_bufts, system_info
+from polargrid_local.host.llama_safety import set_extra_bufts, system_info
 
 OUT = Path(__file__).resolve().parent / "results" / "safe_load.json"
 

@@ -2,7 +2,10 @@
 from ._version import __version__
 from .client import PolarGrid, PolarGridSync
 from .engine import LocalEngine
-from .registry import ModelSpec, Registry
-from .stream import Stream
+from .host import offline
+from .limits import Limits
+from .runtime.stream import Stream
+from .store.registry import ModelSpec, Registry
 
-__all__ = ["PolarGrid", "PolarGridSync", "LocalEngine", "Registry", "ModelSpec", "Stream", "__version__"]
+__all__ = ["PolarGrid", "PolarGridSync", "LocalEngine", "Limits", "Registry", "ModelSpec", "Stream", "offline",
+           "__version__"]

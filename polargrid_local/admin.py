@@ -7,19 +7,44 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from polargrid.types import (BackendInfo, BackendStatus, GPUInfo, GPUMemoryInfo, GPUMemoryResponse, GPUMemorySimple,
-                             GPUMemoryState, GPUProcess, GPUPurgeRequest, GPUPurgeResponse,
-                             GPUUtilization, HealthFeatures, LoadModelRequest,
-                             LoadModelResponse, RegionModelStatus, RegionStatus,
-                             SystemStatus, UnloadAllModelsResponse, UnloadModelRequest, UnloadModelResponse)
+from polargrid.types import (
+    BackendInfo,
+    BackendStatus,
+    GPUInfo,
+    GPUMemoryInfo,
+    GPUMemoryResponse,
+    GPUMemorySimple,
+    GPUMemoryState,
+    GPUProcess,
+    GPUPurgeRequest,
+    GPUPurgeResponse,
+    GPUUtilization,
+    HealthFeatures,
+    LoadModelRequest,
+    LoadModelResponse,
+    RegionModelStatus,
+    RegionStatus,
+    SystemStatus,
+    UnloadAllModelsResponse,
+    UnloadModelRequest,
+    UnloadModelResponse,
+)
 
 from . import __version__
 from .errors import NotFoundError, coerce, engine_boundary, invalid
-from .gpu import MB, cuda_build
-from .pull import is_pulled
-from .registry import ModelSpec
-from .types import (GPUStatusResponse, HealthResponse, ListModelsResponse, LoadedModel, ModelInfo, ModelMemory,
-                    ModelStatusResponse, RemoteInfo)
+from .host.gpu import MB, cuda_build
+from .store.pull import is_pulled
+from .store.registry import ModelSpec
+from .types import (
+    GPUStatusResponse,
+    HealthResponse,
+    ListModelsResponse,
+    LoadedModel,
+    ModelInfo,
+    ModelMemory,
+    ModelStatusResponse,
+    RemoteInfo,
+)
 
 if TYPE_CHECKING:
     from .engine import LocalEngine

@@ -10,30 +10,56 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any
 
 from polargrid import errors as sdk_errors
 from polargrid.client import DEFAULT_ROUTING_SCOPE
-from polargrid.types import (AsyncTranscriptionJobAccepted, TextToSpeechRequest, TranscriptionJobInfo,
-                             TranscriptionJobListResponse, TranscriptionJobResult, TranscriptionJobStatus,
-                             TranscriptionRequest, TranscriptionResponse, TranscriptionStreamEvent,
-                             TranslationRequest, TranslationResponse)
-
-from polargrid.types import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
-                             EmbeddingRequest, EmbeddingResponse, GenerateRequest, GenerateResponse,
-                             GPUMemoryResponse, GPUPurgeRequest, GPUPurgeResponse, GPUStatusResponse, HealthResponse,
-                             ListModelsResponse, LoadModelRequest, LoadModelResponse, ModelInfo, ModelStatusResponse,
-                             SystemStatus, UnloadAllModelsResponse, UnloadModelRequest, UnloadModelResponse,
-                             UsageResponse)
+from polargrid.types import (
+    AsyncTranscriptionJobAccepted,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    GenerateRequest,
+    GenerateResponse,
+    GPUMemoryResponse,
+    GPUPurgeRequest,
+    GPUPurgeResponse,
+    GPUStatusResponse,
+    HealthResponse,
+    ListModelsResponse,
+    LoadModelRequest,
+    LoadModelResponse,
+    ModelInfo,
+    ModelStatusResponse,
+    SystemStatus,
+    TextToSpeechRequest,
+    TranscriptionJobInfo,
+    TranscriptionJobListResponse,
+    TranscriptionJobResult,
+    TranscriptionJobStatus,
+    TranscriptionRequest,
+    TranscriptionResponse,
+    TranscriptionStreamEvent,
+    TranslationRequest,
+    TranslationResponse,
+    UnloadAllModelsResponse,
+    UnloadModelRequest,
+    UnloadModelResponse,
+    UsageResponse,
+)
 
 from .audio.decode import AudioInput
 from .engine import LocalEngine
-from .offline import enable as enable_offline_guard
+from .host.offline import enable as enable_offline_guard
+from .limits import Limits
 from .llm.chunks import fold_chat, fold_completion
 from .speech.formats import VerboseTranscriptionResponse
-from .limits import Limits
-from .registry import Registry
+from .store.registry import Registry
 from .types import ChatCompletionChunk, CompletionChunk
 
 logger = logging.getLogger("polargrid_local")

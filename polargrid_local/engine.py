@@ -12,29 +12,45 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from polargrid.types import (ChatCompletionRequest, CompletionRequest, EmbeddingData, EmbeddingRequest,
-                             EmbeddingResponse, GenerateRequest, GenerateResponse, Message, TokenUsage)
+from polargrid.types import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingData,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    GenerateRequest,
+    GenerateResponse,
+    Message,
+    TokenUsage,
+)
 
 from . import admin
 from .errors import coerce, engine_boundary, invalid
-from .factories import default_factories
-from .gpu import NvmlProbe
+from .host.gpu import NvmlProbe
+from .host.offline import enable as enable_offline_guard
+from .host.offline import offline_requested
 from .limits import DEFAULT_LIMITS, Limits
 from .llm.chunks import ChatChunker, CompletionChunker, fold_chat, fold_completion
-from .lifecycle import split_keep_alive
 from .llm.embeddings import embedding_job, plan_embeddings, shorten, split_options
-from .llm.requests import (check_stops, chat_job, completion_job, completion_prompts, embedding_inputs, plan_chat,
-                           sampling_for)
-from .offline import enable as enable_offline_guard
-from .offline import offline_requested
-from .pool import ModelPool
-from .registry import ModelSpec, Registry
-from .routing import Router
+from .llm.requests import (
+    chat_job,
+    check_stops,
+    completion_job,
+    completion_prompts,
+    embedding_inputs,
+    plan_chat,
+    sampling_for,
+)
+from .runtime.factories import default_factories
+from .runtime.fallback import Router
+from .runtime.keep_alive import split_keep_alive
+from .runtime.pool import ModelPool
+from .runtime.stream import Stream
+from .runtime.usage import UsageBook
 from .speech.jobs import TranscriptionJobs
 from .speech.service import SpeechService
-from .stream import Stream
+from .store.registry import ModelSpec, Registry
 from .types import ChatCompletionChunk, CompletionChunk
-from .usage import UsageBook
 
 
 class LocalEngine:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pydantic
 from polargrid import errors as sdk
@@ -20,7 +21,7 @@ NotFoundError = sdk.NotFoundError
 ServerError = sdk.ServerError
 RateLimitError = sdk.RateLimitError
 PolarGridError = sdk.PolarGridError
-TimeoutError = sdk.TimeoutError  # noqa: A001 - the SDK's name; 504 over HTTP
+TimeoutError = sdk.TimeoutError
 
 
 def invalid(message: str, **details: Any) -> sdk.ValidationError:

@@ -25,7 +25,7 @@ def main() -> int:
     deps += ["typing-extensions>=4.5", "diskcache>=5.6.1", "jinja2>=2.11.3"]  # llama-cpp-python's own
     subprocess.run([sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--disable-pip-version-check",
                     "--quiet", "-d", str(dest), *deps], check=True)
-    spec = importlib.util.spec_from_file_location("build_llama", ROOT / "polargrid_local" / "build_llama.py")
+    spec = importlib.util.spec_from_file_location("build_llama", ROOT / "polargrid_local" / "host" / "build_llama.py")
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
     wheel = build.cached_wheel(build.cmake_args(False, None, False), sys.executable)

@@ -9,7 +9,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from polargrid_local import LocalEngine, PolarGridSync, Registry, offline  # noqa: E402
-from polargrid_local.pull import is_pulled  # noqa: E402
+from polargrid_local.store.pull import is_pulled  # noqa: E402
 
 # The whole suite runs under the offline guard: any connection outside loopback fails the test that made it.
 offline.enable()

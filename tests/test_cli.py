@@ -125,7 +125,7 @@ def test_install_llama_reads_the_flags_from_this_cpu(capsys):
 
 
 def test_two_builds_at_once_wait_for_each_other_on_the_wheel_cache(tmp_path, monkeypatch):
-    from polargrid_local import build_llama
+    from polargrid_local.host import build_llama
 
     monkeypatch.setenv("POLARGRID_LOCAL_WHEELS", str(tmp_path))
     running, overlaps, builds = [], [], []

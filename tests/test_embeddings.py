@@ -16,10 +16,10 @@ import polargrid
 import pytest
 
 from polargrid_local import Registry
-from polargrid_local.bert_reference import NumpyBert
-from polargrid_local.convert import bert_to_gguf
-from polargrid_local.memory import gguf_metadata
-from polargrid_local.pull import PullError, is_pulled, pull
+from polargrid_local.store.bert_reference import NumpyBert
+from polargrid_local.store.convert import bert_to_gguf
+from polargrid_local.runtime.memory import gguf_metadata
+from polargrid_local.store.pull import PullError, is_pulled, pull
 from polargrid_local.server import ServerConfig, make_server
 
 ROOT = Path(__file__).resolve().parent.parent

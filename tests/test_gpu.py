@@ -12,7 +12,7 @@ import polargrid
 import pytest
 
 from polargrid_local import LocalEngine, Registry
-from polargrid_local.gpu import NvmlProbe, cuda_build
+from polargrid_local.host.gpu import NvmlProbe, cuda_build
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not (cuda_build() and NvmlProbe().device_count() > 0),
                                                   reason="needs a CUDA device and a CUDA build of llama-cpp-python")]

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import CHAT, chat_request
 from polargrid_local import LocalEngine, Registry
-from polargrid_local.lifecycle import FOREVER, parse_keep_alive
+from polargrid_local.runtime.keep_alive import FOREVER, parse_keep_alive
 
 EMBED, TTS = "smollm2-135m-embed", "piper-en_US-joe-medium"
 

@@ -7,7 +7,8 @@ import polargrid
 import pytest
 
 from conftest import CHAT, chat_request
-from polargrid_local import LocalEngine, llama_safety
+from polargrid_local import LocalEngine
+from polargrid_local.host import llama_safety
 
 AMX_INFO = ("CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | AVX512 = 1 | AMX_INT8 = 1 | LLAMAFILE = 1 | OPENMP = 1 | "
             "REPACK = 1 |")

@@ -7,8 +7,8 @@ import pytest
 
 from conftest import CHAT, chat_request
 from polargrid_local import LocalEngine
-from polargrid_local.gpu import resident_bytes
-from polargrid_local.memory import estimate, gguf_facts, gguf_metadata
+from polargrid_local.host.gpu import resident_bytes
+from polargrid_local.runtime.memory import estimate, gguf_facts, gguf_metadata
 
 MB = 1024 * 1024
 

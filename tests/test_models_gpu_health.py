@@ -12,7 +12,7 @@ from polargrid.types import (GPUMemoryResponse, GPUPurgeResponse, GPUStatusRespo
 
 from conftest import CHAT, chat_request
 from polargrid_local import LocalEngine
-from polargrid_local.gpu import NvmlProbe
+from polargrid_local.host.gpu import NvmlProbe
 
 
 @pytest.fixture()

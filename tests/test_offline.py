@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from polargrid_local import offline
-from polargrid_local.offline import OfflineError
+from polargrid_local.host import offline
+from polargrid_local.host.offline import OfflineError
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_NET = "192.0.2.1"  # TEST-NET-1: documentation only, never routed

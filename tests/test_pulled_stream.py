@@ -9,7 +9,7 @@ import time
 import polargrid
 import pytest
 
-from polargrid_local.pulled_stream import PulledStream
+from polargrid_local.runtime.pulled import PulledStream
 
 
 class SocketLines:
@@ -239,7 +239,7 @@ def test_a_closed_remote_worker_refuses_a_request_and_closes_its_source():
 
 
 def test_ended_streams_do_not_pile_up_in_the_time_limit_heap():
-    from polargrid_local.pulled_stream import _JANITOR
+    from polargrid_local.runtime.pulled import _JANITOR
 
     before = len(_JANITOR._timers)
     for _ in range(3000):      # each request registers its time limit; ended ones must not stay for 600 s

@@ -11,8 +11,8 @@ import polargrid
 import pytest
 
 from polargrid_local import LocalEngine, Registry
-from polargrid_local.pull import PullError, is_pulled, pull
-from polargrid_local.registry import RegistryError
+from polargrid_local.store.pull import PullError, is_pulled, pull
+from polargrid_local.store.registry import RegistryError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -165,7 +165,7 @@ def test_local_source_is_used_in_place(tmp_path, registry):
 # -- the packaged registry and the user's overlay ---------------------------------------------------------------
 
 def test_a_checkout_finds_the_packaged_registry_without_building():
-    from polargrid_local.registry import packaged_models_file
+    from polargrid_local.store.registry import packaged_models_file
 
     assert packaged_models_file().read_text() == (ROOT / "models.toml").read_text()
 

@@ -611,7 +611,7 @@ def test_offline_guard_fails_fast_without_a_connection(tmp_path, registry, gguf,
         return real_connect(sock, address)
 
     monkeypatch.setattr(socket.socket, "connect", guarded_connect)
-    import polargrid_local.offline as offline
+    import polargrid_local.host.offline as offline
 
     monkeypatch.setattr(offline, "offline_enabled", lambda: True)
     entries = (remote_entry("far-offline", "http://192.0.2.1:9/v1", CHAT)
@@ -699,8 +699,8 @@ def test_speech_and_transcription_through_a_polargrid_facade(gateway, remote_eng
 # -- the registry ----------------------------------------------------------------------------
 
 def test_registry_takes_remote_entries_and_refuses_keys_and_strangers(tmp_path, registry):
-    from polargrid_local.pull import is_pulled
-    from polargrid_local.registry import RegistryError
+    from polargrid_local.store.pull import is_pulled
+    from polargrid_local.store.registry import RegistryError
 
     reg = registry_with(tmp_path, remote_entry("far", "http://127.0.0.1:9/v1/", "m", fallback=(CHAT,)),
                         registry.cache_dir)

@@ -14,7 +14,7 @@ import pytest
 from polargrid.types import EmbeddingRequest
 
 from conftest import CHAT, SENTENCES, word_error_rate
-from polargrid_local.gpu import NvmlProbe
+from polargrid_local.host.gpu import NvmlProbe
 from polargrid_local.limits import Limits
 from polargrid_local.server import ServerConfig, make_server
 from polargrid_local.server.security import RateLimiter

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import invalid
-from ..streams import ResultStream
+from ..runtime.channel import ResultStream
 from .backend import DEFAULT_SEED, SamplingParams, Started, TextDelta, _StopMatcher
 
 logger = logging.getLogger("polargrid_local")

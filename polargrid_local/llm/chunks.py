@@ -3,11 +3,24 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Iterable
+from collections.abc import Iterable
 
-from polargrid.types import (ChatCompletionChoice, ChatCompletionChunkChoice, ChatCompletionResponse, ChatDelta,
-                             ChatMessage, ChatTool, CompletionChoice, CompletionChunkChoice, CompletionResponse,
-                             PGMetadata, TokenUsage, ToolCall, ToolCallDelta, ToolCallFunction)
+from polargrid.types import (
+    ChatCompletionChoice,
+    ChatCompletionChunkChoice,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatMessage,
+    ChatTool,
+    CompletionChoice,
+    CompletionChunkChoice,
+    CompletionResponse,
+    PGMetadata,
+    TokenUsage,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallFunction,
+)
 
 from ..types import ChatCompletionChunk, CompletionChunk
 from .backend import Started, TextDelta

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from polargrid.types import EmbeddingRequest
 
 from ..errors import invalid
-from ..worker import JobContext
+from ..runtime.worker import JobContext
 from .backend import LlamaBackend
 
 ENCODINGS = ("float", "base64")

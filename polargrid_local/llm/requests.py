@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from polargrid.types import ChatCompletionRequest, CompletionRequest, Message
 
 from ..errors import check_text, invalid
 from ..limits import DEFAULT_LIMITS, Limits
-from ..worker import JobContext
+from ..runtime.worker import JobContext
 from .backend import LlamaBackend, SamplingParams, Started, TextDelta
 from .batching import PromptJob
 from .constraints import Grammar, ToolPlan, plan_tools, response_format_grammar

@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
-
 from functools import lru_cache
+from typing import Any
 
 from ..errors import invalid
 from ..limits import DEFAULT_LIMITS, Limits

@@ -14,9 +14,9 @@ from polargrid.types import TranscriptionResponse, TranslationResponse
 
 from ..audio.encode import CONTENT_TYPES
 from ..errors import engine_boundary
-from ..registry import ModelSpec
+from ..runtime.stream import Stream
 from ..speech.formats import VerboseTranscriptionResponse
-from ..stream import Stream
+from ..store.registry import ModelSpec
 from .backend import RemoteBackend
 
 if TYPE_CHECKING:

@@ -13,15 +13,16 @@ import random
 import socket
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 from polargrid import errors as sdk
 
-from .. import offline as offline_guard
-from ..pulled_stream import run_at
-from ..registry import ModelSpec
+from ..host import offline as offline_guard
+from ..runtime.pulled import run_at
+from ..store.registry import ModelSpec
 from .errors import error_for_status, error_in_stream, retry_after_seconds
 from .sse import SSEFormatError, sse_payloads
 from .worker import RemoteWorker

@@ -9,13 +9,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pydantic
 from polargrid import errors as sdk
-from polargrid.types import (ChatCompletionRequest, CompletionRequest, EmbeddingData, EmbeddingRequest,
-                             EmbeddingResponse, TokenUsage)
+from polargrid.types import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingData,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    TokenUsage,
+)
 
 from ..errors import engine_boundary
 from ..llm.chunks import new_id
-from ..registry import ModelSpec
-from ..stream import Stream
+from ..runtime.stream import Stream
+from ..store.registry import ModelSpec
 from ..types import ChatCompletionChunk, CompletionChunk
 from .backend import RemoteBackend
 

@@ -13,8 +13,8 @@ import time
 from typing import Any
 
 from ..limits import DEFAULT_LIMITS, Limits
-from ..pulled_stream import PulledStream
-from ..worker import JobContext, request_deadline, unloaded_error
+from ..runtime.pulled import PulledStream
+from ..runtime.worker import JobContext, request_deadline, unloaded_error
 
 
 def copy_error(error: BaseException) -> BaseException:

@@ -10,9 +10,10 @@ import logging
 import math
 import socket
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from polargrid import errors as sdk
 
@@ -244,7 +245,7 @@ class PolarGridHTTPServer(ThreadingHTTPServer):
 def make_server(engine: LocalEngine, config: ServerConfig | None = None) -> PolarGridHTTPServer:
     """A ready server (not yet serving): call ``serve_forever()``, or run it on a thread; ``serve()`` runs one
     in the foreground with a graceful drain on SIGTERM."""
-    from ..malloc import limit_arenas
+    from ..host.malloc import limit_arenas
     from .routes import ROUTES
 
     config = config or ServerConfig()

@@ -16,8 +16,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from polargrid import errors as sdk
 
-from .app import (OPEN_PATHS, PolarGridHTTPServer, Request, Response, StreamingResponse, error_body,
-                  error_response)
+from .app import OPEN_PATHS, PolarGridHTTPServer, Request, Response, StreamingResponse, error_body, error_response
 from .framing import HttpRefusal, body_length, check_headers, check_request_line
 from .watch import BODY, HEAD, IDLE, ClientGone
 
@@ -237,7 +236,7 @@ class Handler(BaseHTTPRequestHandler):
                         chunk = self.server.redact(chunk)
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
             self.wfile.write(b"0\r\n\r\n")
-        except (BrokenPipeError, ConnectionResetError, socket.timeout, OSError):
+        except (TimeoutError, BrokenPipeError, ConnectionResetError, OSError):
             self.close_connection = True  # the client left: closing the response cancels its generation
         except Exception:
             # A byte stream (audio) that fails after the 200 has no error frame: the body ends without

@@ -5,7 +5,8 @@ import base64
 import json
 import math
 import re
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 from urllib.parse import unquote
 
 import numpy as np

@@ -13,7 +13,8 @@ import select
 import socket
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 IDLE, HEAD, BODY = "idle", "head", "body"
 GONE, SHUTDOWN = "client gone", "server shutting down"

@@ -9,8 +9,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from polargrid import errors as sdk
-from polargrid.types import (AsyncTranscriptionJobAccepted, AsyncTranscriptionMetadata, TranscriptionJobInfo,
-                             TranscriptionJobListResponse, TranscriptionJobResult, TranscriptionJobStatus)
+from polargrid.types import (
+    AsyncTranscriptionJobAccepted,
+    AsyncTranscriptionMetadata,
+    TranscriptionJobInfo,
+    TranscriptionJobListResponse,
+    TranscriptionJobResult,
+    TranscriptionJobStatus,
+)
 
 from ..audio.decode import AudioInput
 from ..errors import as_server_error, invalid

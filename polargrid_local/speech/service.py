@@ -4,16 +4,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from polargrid.types import (TranscriptionRequest, TranscriptionStreamDelta, TranscriptionStreamDone,
-                             TranslationRequest)
+from polargrid.types import TranscriptionRequest, TranscriptionStreamDelta, TranscriptionStreamDone, TranslationRequest
 
 from ..audio.decode import AudioInput, decode_audio
 from ..audio.encode import CONTENT_TYPES, fix_wav_sizes
 from ..errors import RateLimitError, coerce, invalid
 from ..limits import DEFAULT_LIMITS, Limits
-from ..registry import ModelSpec
 from ..remote.audio import RemoteAudio
-from ..stream import Stream
+from ..runtime.stream import Stream
+from ..store.registry import ModelSpec
 from .formats import RESPONSE_FORMATS, TranscriptionWord, build_response, segment_of
 from .stt import SttInfo, SttOptions
 from .tts import parse_speech_request, speech_job

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
-from ..worker import JobContext
+from ..runtime.worker import JobContext
 
 logger = logging.getLogger("polargrid_local")
 

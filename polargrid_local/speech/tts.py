@@ -1,14 +1,15 @@
 """Text-to-speech on piper voices: sentences synthesised in order, resampled and encoded as they come."""
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from polargrid.types import TextToSpeechRequest
 
 from ..audio.encode import FORMATS, StreamEncoder
 from ..errors import check_text, invalid
-from ..worker import JobContext
+from ..runtime.worker import JobContext
 
 MAX_INPUT = 4096
 

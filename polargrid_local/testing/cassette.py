@@ -19,8 +19,9 @@ import inspect
 import json
 import os
 from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any
 
 from polargrid import errors as sdk
 from pydantic import BaseModel

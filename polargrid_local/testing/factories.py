@@ -1,9 +1,10 @@
 """The factories seam for the fakes: one factory per model kind, each building a fake backend from the script."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from ..registry import ModelSpec
+from ..store.registry import ModelSpec
 from .audio import FakeSttBackend, FakeTtsBackend
 from .chat import DEFAULT_EMBEDDING_SIZE, FakeChatBackend, FakeEmbeddingBackend
 from .script import FakeScript

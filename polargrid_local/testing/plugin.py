@@ -33,7 +33,7 @@ def pytest_configure(config: pytest.Config) -> None:
                    "replies maps a regex to a reply (str or dict), stream pieces (list) or an error to raise. "
                    "Ignored with --polargrid-real.")
     if config.getoption("--polargrid-offline", default=False):
-        from polargrid_local import offline
+        from polargrid_local.host import offline
 
         offline.enable()
 

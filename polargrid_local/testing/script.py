@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 DEFAULT_REPLY = "This is a deterministic reply from the polargrid_local fake engine."
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from polargrid.types import ModelUsage, RegionUsage, UsagePeriod, UsageResponse, UsageStats
 
-from .errors import invalid
+from ..errors import invalid
 
 
 @dataclass

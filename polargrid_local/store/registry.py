@@ -17,8 +17,9 @@ ModelKind = Literal["chat", "embedding", "stt", "tts"]
 KINDS: tuple[str, ...] = ("chat", "embedding", "stt", "tts")
 
 MODELS_FILE_ENV = "POLARGRID_LOCAL_MODELS"
-PACKAGED_MODELS = Path(__file__).resolve().parent / "models.toml"   # copied in by setup.py's build_py
-CHECKOUT_MODELS = Path(__file__).resolve().parent.parent / "models.toml"  # the source, in a git checkout
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+PACKAGED_MODELS = PACKAGE_DIR / "models.toml"          # copied in by setup.py's build_py
+CHECKOUT_MODELS = PACKAGE_DIR.parent / "models.toml"   # the source, in a git checkout
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 CACHE_DIR_ENV = "POLARGRID_LOCAL_CACHE"
 

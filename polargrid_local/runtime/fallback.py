@@ -7,15 +7,16 @@ forbidden by the offline guard). Failures after a stream has begun are the calle
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Callable, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from polargrid import errors as sdk
 
-from .registry import ModelSpec
-from .remote import RemoteService
+from ..remote import RemoteService
+from ..store.registry import ModelSpec
 
 if TYPE_CHECKING:
-    from .engine import LocalEngine
+    from ..engine import LocalEngine
 
 logger = logging.getLogger("polargrid_local")
 

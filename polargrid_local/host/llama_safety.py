@@ -16,8 +16,8 @@ import re
 import threading
 from dataclasses import dataclass
 
+from ..errors import ServerError
 from .build_llama import cpu_flags
-from .errors import ServerError
 
 logger = logging.getLogger("polargrid_local")
 

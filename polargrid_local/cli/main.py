@@ -5,12 +5,12 @@ import argparse
 import sys
 import time
 
-from .limits import DEFAULT_LIMITS
 from polargrid.errors import PolarGridError
 
-from .cli_commands import add_commands
-from .pull import PullError, is_pulled, pull
-from .registry import Registry, RegistryError
+from ..limits import DEFAULT_LIMITS
+from ..store.pull import PullError, is_pulled, pull
+from ..store.registry import Registry, RegistryError
+from .commands import add_commands
 
 API_KEYS_ENV = "POLARGRID_LOCAL_API_KEYS"
 
@@ -20,7 +20,7 @@ def _registry(args: argparse.Namespace) -> Registry:
 
 
 def _client(args: argparse.Namespace, **local):
-    from .client import PolarGridSync
+    from ..client import PolarGridSync
 
     return PolarGridSync(models=args.models, cache_dir=args.cache_dir, models_only=args.models_only, **local)
 
@@ -101,9 +101,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
     import os
 
-    from .engine import LocalEngine
-    from .limits import DEFAULT_LIMITS
-    from .server import ServerConfig, serve
+    from ..engine import LocalEngine
+    from ..limits import DEFAULT_LIMITS
+    from ..server import ServerConfig, serve
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(message)s")
     keys = list(args.api_key or []) + [k for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]

@@ -12,13 +12,14 @@ import queue
 import threading
 import time
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Generic, TypeVar
 
-from .errors import RateLimitError, ServerError, invalid
-from .errors import TimeoutError as RequestTimeout
-from .limits import DEFAULT_LIMITS, Limits
-from .streams import ResultStream, StreamCancelled
+from ..errors import RateLimitError, ServerError, invalid
+from ..errors import TimeoutError as RequestTimeout
+from ..limits import DEFAULT_LIMITS, Limits
+from .channel import ResultStream, StreamCancelled
 
 logger = logging.getLogger("polargrid_local")
 

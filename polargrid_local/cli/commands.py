@@ -10,15 +10,15 @@ import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .lifecycle import describe
-from .registry import ModelSpec, Registry
+from ..runtime.keep_alive import describe
+from ..store.registry import ModelSpec, Registry
 
 DEFAULT_URL = "http://127.0.0.1:55111"
 SPEECH_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
 
 
 def _registry(args: argparse.Namespace) -> Registry:
-    from .cli import _registry
+    from .main import _registry
 
     return _registry(args)
 
@@ -76,7 +76,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
 # -- show, rm -----------------------------------------------------------------------------
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from .pull import model_dir
+    from ..store.pull import model_dir
 
     registry = _registry(args)
     spec = _lookup(registry, args.id)
@@ -111,7 +111,7 @@ def _template(registry: Registry, spec: ModelSpec) -> str | None:
     path = spec.path_in(registry.cache_dir)
     if not path.is_file():
         return "(in the GGUF; pull the model to see it)"
-    from .memory import gguf_metadata
+    from ..runtime.memory import gguf_metadata
 
     try:
         template = gguf_metadata(str(path)).get("tokenizer.chat_template")
@@ -124,7 +124,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
     """Delete a pulled model's files; a blob stays while another pulled model links it."""
     import shutil
 
-    from .pull import model_dir
+    from ..store.pull import model_dir
 
     registry = _registry(args)
     status = 0
@@ -162,7 +162,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 # -- speak, transcribe ----------------------------------------------------------------------
 
 def cmd_speak(args: argparse.Namespace) -> int:
-    from .cli import _client
+    from .main import _client
 
     fmt = args.format or (Path(args.output).suffix.lstrip(".").lower() if args.output else "") or "mp3"
     if fmt not in SPEECH_FORMATS:
@@ -185,7 +185,7 @@ def cmd_speak(args: argparse.Namespace) -> int:
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
-    from .cli import _client
+    from .main import _client
 
     request = {"response_format": args.format}
     for key in ("language", "prompt", "model"):
@@ -208,7 +208,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 # -- doctor, install-llama ------------------------------------------------------------------
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from .doctor import FAIL, render, run_checks
+    from ..host.doctor import FAIL, render, run_checks
 
     rows = run_checks(_registry(args), verify=not args.quick, port=args.port)
     print(render(rows))
@@ -218,7 +218,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_install_llama(args: argparse.Namespace) -> int:
-    from .build_llama import main as build
+    from ..host.build_llama import main as build
 
     argv = [*(["--cuda"] if args.cuda else []), *(["--cuda-arch", args.cuda_arch] if args.cuda_arch else []),
             *(["--allow-amx"] if args.allow_amx else []), *(["--print-flags"] if args.print_flags else [])]

@@ -7,18 +7,28 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Literal
 
-from .errors import NotFoundError, ServerError, invalid
-from .gpu import MB, NvmlProbe, resident_bytes
-from .lifecycle import FOREVER, Reaper, parse_keep_alive
-from .malloc import trim
-from .limits import DEFAULT_LIMITS, Limits
-from .memory import (POLICIES, Estimate, available_host_bytes, check_fits, estimate, estimate_files, gguf_facts,
-                     gpu_layers_that_fit, settings_for)
-from .pull import is_pulled
-from .registry import ModelSpec, Registry
+from ..errors import NotFoundError, ServerError, invalid
+from ..host.gpu import MB, NvmlProbe, resident_bytes
+from ..host.malloc import trim
+from ..limits import DEFAULT_LIMITS, Limits
+from ..store.pull import is_pulled
+from ..store.registry import ModelSpec, Registry
+from .keep_alive import FOREVER, Reaper, parse_keep_alive
+from .memory import (
+    POLICIES,
+    Estimate,
+    available_host_bytes,
+    check_fits,
+    estimate,
+    estimate_files,
+    gguf_facts,
+    gpu_layers_that_fit,
+    settings_for,
+)
 from .worker import ModelWorker, unloaded_error
 
 logger = logging.getLogger("polargrid_local")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from polargrid import NotFoundError
 
-from .client import PolarGrid
+from ..client import PolarGrid
 
 
 async def _demo(models, cache_dir) -> int:

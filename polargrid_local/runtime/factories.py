@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .gpu import NvmlProbe, cuda_build
-from .llama_safety import ensure_safe_llama
-from .registry import ModelSpec
+from ..host.gpu import NvmlProbe, cuda_build
+from ..host.llama_safety import ensure_safe_llama
+from ..store.registry import ModelSpec
 
 LLAMA_KEYS = ("n_ctx", "n_threads", "n_batch", "chat_template", "main_gpu", "tensor_split", "flash_attn")
 
@@ -27,8 +27,8 @@ def llama_settings(spec: ModelSpec, overrides: dict[str, Any]) -> dict[str, Any]
 
 def chat_factory(spec: ModelSpec, path: str, overrides: dict[str, Any]):
     """Continuous batching (n_parallel sequences, max_queue waiting) unless n_parallel is 1."""
-    from .llm.backend import LlamaBackend
-    from .llm.batching import BatchedLlamaBackend
+    from ..llm.backend import LlamaBackend
+    from ..llm.batching import BatchedLlamaBackend
 
     ensure_safe_llama()
     settings = llama_settings(spec, overrides)
@@ -43,7 +43,7 @@ def embedding_factory(spec: ModelSpec, path: str, overrides: dict[str, Any]):
     """A pooled llama.cpp embedder; engine.tokenizer (a tokenizer.json beside the entry) replaces GGUF tokenization."""
     from pathlib import Path
 
-    from .llm.backend import LlamaBackend
+    from ..llm.backend import LlamaBackend
 
     ensure_safe_llama()
     settings = llama_settings(spec, overrides)
@@ -55,8 +55,8 @@ def embedding_factory(spec: ModelSpec, path: str, overrides: dict[str, Any]):
 
 
 def stt_factory(spec: ModelSpec, path: str, overrides: dict[str, Any]):
-    from .llm.backend import available_cpus
-    from .speech.stt import WhisperBackend
+    from ..llm.backend import available_cpus
+    from ..speech.stt import WhisperBackend
 
     gpu = overrides.get("n_gpu_layers")
     gpu = spec.engine.get("n_gpu_layers", "auto") if gpu is None else gpu
@@ -68,7 +68,7 @@ def stt_factory(spec: ModelSpec, path: str, overrides: dict[str, Any]):
 
 
 def tts_factory(spec: ModelSpec, path: str, overrides: dict[str, Any]):
-    from .speech.tts import PiperBackend
+    from ..speech.tts import PiperBackend
 
     return PiperBackend(path, voices=spec.engine.get("voices"),
                         output_sample_rate=int(spec.engine.get("output_sample_rate", 24000)))
@@ -85,7 +85,7 @@ def _ct2_cuda() -> bool:
 
 def default_factories() -> dict[str, Any]:
     """The real engines available in this installation; "remote" builds every ``[models.remote]`` entry."""
-    from .remote import remote_factory
+    from ..remote import remote_factory
 
     return {"chat": chat_factory, "embedding": embedding_factory, "stt": stt_factory, "tts": tts_factory,
             "remote": remote_factory}

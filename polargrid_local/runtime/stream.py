@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any, Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 from polargrid import errors as sdk
 from polargrid.types import PGMetadata
 
-from .errors import as_server_error
-from .streams import ResultStream
+from ..errors import as_server_error
+from .channel import ResultStream
 from .worker import JobContext, WorkerClosed
 
 T = TypeVar("T")

@@ -9,11 +9,11 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
-from .registry import Registry
+from ..store.registry import Registry
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 DEFAULT_PORT = 55111
@@ -89,7 +89,7 @@ def check_numba_cache() -> Check:
     import importlib.util
 
     kernels = importlib.util.find_spec("polargrid_local.kernels")  # numba caches beside the kernels' sources
-    beside = Path(next(iter(kernels.submodule_search_locations))) if kernels else Path(__file__).parent / "kernels"
+    beside = Path(next(iter(kernels.submodule_search_locations))) if kernels else Path(__file__).parent.parent / "kernels"
     path = Path(os.environ.get("NUMBA_CACHE_DIR") or beside / "__pycache__")
     probe = path
     while not probe.exists() and probe != probe.parent:  # numba creates the folder: its parent must be writable
@@ -132,7 +132,7 @@ def check_disk(registry: Registry) -> Check:
 
 
 def check_models(registry: Registry, verify: bool = True) -> list[Check]:
-    from .pull import is_pulled, model_dir, sha256_file
+    from ..store.pull import is_pulled, model_dir, sha256_file
 
     rows = []
     for spec in registry.models:

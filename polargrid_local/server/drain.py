@@ -11,7 +11,7 @@ import logging
 import signal
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from ..engine import LocalEngine
 from .app import PolarGridHTTPServer, ServerConfig, make_server

@@ -15,9 +15,10 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
 
-from .streams import ResultStream, StreamCancelled
+from .channel import ResultStream, StreamCancelled
 
 T = TypeVar("T")
 

@@ -16,7 +16,7 @@ import re
 import threading
 from typing import TYPE_CHECKING, Any
 
-from .errors import invalid
+from ..errors import invalid
 
 if TYPE_CHECKING:
     from .pool import ModelPool
