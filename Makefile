@@ -24,14 +24,14 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml setup.py scripts/build_llama_cpp.py polargrid_local/host/build_llama.py
 	$(PY) scripts/build_llama_cpp.py $(LLAMA_BUILD_ARGS)
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,lint]"
 	touch $@
 
 install: $(STAMP)
 
 install-cuda: $(PY)
 	$(PY) scripts/build_llama_cpp.py --cuda --cuda-arch $(CUDA_ARCH)
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,lint]"
 	touch $(STAMP)
 
 # Fetches the default model of each kind (with `wheelhouse`, the only steps that use the network).
@@ -62,6 +62,13 @@ bench: models
 	$(PY) benchmarks/bench_http.py
 	$(PY) benchmarks/bench_batch.py
 	$(PY) benchmarks/bench_embed.py
+
+# ruff (lint, import order), mypy, and the import rules: layers (import-linter) and no module-level circles.
+lint: install
+	$(PY) -m ruff check polargrid_local kernels
+	$(PY) -m mypy polargrid_local kernels
+	$(VENV)/bin/lint-imports
+	$(PY) scripts/import_graph.py --check
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -21,11 +21,11 @@ import sys
 import threading
 import time
 
+from _raw import measure, prompt_tokens
+
 from polargrid_local import LocalEngine, Registry
 from polargrid_local.llm.backend import available_cpus
-from polargrid_local.server import ServerConfig, make_server
-
-from _raw import measure, prompt_tokens
+from polargrid_local.server import running
 
 MODEL = "smollm2-135m-instruct"
 
@@ -173,41 +173,38 @@ def main() -> int:
 
 
     engine = LocalEngine(n_threads=args.threads, n_gpu_layers=0, n_parallel=args.streams)
-    server = make_server(engine, ServerConfig(port=0))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
-    try:
-        stream_chat(port, [{"role": "user", "content": "Hi"}], 4, MODEL)
-        # like for like: the raw baselines get prompts of the engine's length in tokens, the same threads,
-        # the same number of runs and the same statistic (median)
-        single_len = prompt_tokens(path, [SINGLE_PROMPT])
-        batched_len = prompt_tokens(path, [counting_prompt(i * 100 + 1000) for i in range(args.streams)])
-        result["prompt_tokens"] = {"single": single_len, "batched": batched_len}
-        ours, raw_single = [], []
-        for _ in range(3):  # alternated with the raw baseline, so the machine's drift hits both
-            _started, arrivals = _stream(port, "/v1/completions", {"model": MODEL, "prompt": SINGLE_PROMPT,
-                                                                   "max_tokens": 128, "temperature": 0})
-            ours.append((len(arrivals) - 1) / (arrivals[-1] - arrivals[0]))
-            raw_single += measure(path, args.threads, "single", prompt_len=single_len, tokens=128)
-        result["raw_single_tok_s"] = round(statistics.median(raw_single), 1)
-        result["engine_single_stream_http_tok_s"] = round(statistics.median(ours), 1)
-        result["single_ratio_vs_raw"] = round(result["engine_single_stream_http_tok_s"] / result["raw_single_tok_s"], 3)
-        runs, raw_batched = [], []
-        for round_ in range(2):  # alternated with the raw baseline
-            raw_batched += measure(path, args.threads, "batched", n_seq=args.streams, prompt_len=batched_len,
-                                   tokens=args.tokens)
-            runs.append(concurrent_streams(port, args.streams, args.tokens, MODEL, salt=round_ + 1))
-        result["raw_batched_tok_s"] = round(statistics.median(raw_batched), 1)
-        first_run = dict(runs[0])  # what the llama-cpp-python server is compared with: the same prompts
-        result["engine_http"] = runs[0]  # its time-to-first-token figures; tok_s is the median of both runs
-        result["engine_http"]["tok_s"] = round(statistics.median(r["tok_s"] or 0 for r in runs), 1)
-        result["batched_ratio_vs_raw"] = round(result["engine_http"]["tok_s"] / result["raw_batched_tok_s"], 3)
-        result["engine_http_chat_ttft"] = concurrent_chat_ttft(port, args.streams, MODEL)
-        result["prefix_reuse"] = second_turn(port)
-    finally:
-        server.shutdown()
-        server.server_close()
-        engine.close()
+    with running(engine) as server:
+        port = server.server_address[1]
+        try:
+            stream_chat(port, [{"role": "user", "content": "Hi"}], 4, MODEL)
+            # like for like: the raw baselines get prompts of the engine's length in tokens, the same threads,
+            # the same number of runs and the same statistic (median)
+            single_len = prompt_tokens(path, [SINGLE_PROMPT])
+            batched_len = prompt_tokens(path, [counting_prompt(i * 100 + 1000) for i in range(args.streams)])
+            result["prompt_tokens"] = {"single": single_len, "batched": batched_len}
+            ours, raw_single = [], []
+            for _ in range(3):  # alternated with the raw baseline, so the machine's drift hits both
+                _started, arrivals = _stream(port, "/v1/completions", {"model": MODEL, "prompt": SINGLE_PROMPT,
+                                                                       "max_tokens": 128, "temperature": 0})
+                ours.append((len(arrivals) - 1) / (arrivals[-1] - arrivals[0]))
+                raw_single += measure(path, args.threads, "single", prompt_len=single_len, tokens=128)
+            result["raw_single_tok_s"] = round(statistics.median(raw_single), 1)
+            result["engine_single_stream_http_tok_s"] = round(statistics.median(ours), 1)
+            result["single_ratio_vs_raw"] = round(result["engine_single_stream_http_tok_s"] / result["raw_single_tok_s"], 3)
+            runs, raw_batched = [], []
+            for round_ in range(2):  # alternated with the raw baseline
+                raw_batched += measure(path, args.threads, "batched", n_seq=args.streams, prompt_len=batched_len,
+                                       tokens=args.tokens)
+                runs.append(concurrent_streams(port, args.streams, args.tokens, MODEL, salt=round_ + 1))
+            result["raw_batched_tok_s"] = round(statistics.median(raw_batched), 1)
+            first_run = dict(runs[0])  # what the llama-cpp-python server is compared with: the same prompts
+            result["engine_http"] = runs[0]  # its time-to-first-token figures; tok_s is the median of both runs
+            result["engine_http"]["tok_s"] = round(statistics.median(r["tok_s"] or 0 for r in runs), 1)
+            result["batched_ratio_vs_raw"] = round(result["engine_http"]["tok_s"] / result["raw_batched_tok_s"], 3)
+            result["engine_http_chat_ttft"] = concurrent_chat_ttft(port, args.streams, MODEL)
+            result["prefix_reuse"] = second_turn(port)
+        finally:
+            engine.close()
     if not args.skip_llama_cpp_server:
         try:
             result["llama_cpp_python_server"] = llama_cpp_server(path, args.threads, args.streams, args.tokens)

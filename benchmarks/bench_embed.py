@@ -87,8 +87,8 @@ def main() -> int:
     from threadpoolctl import threadpool_limits
 
     from polargrid_local import LocalEngine
-    from polargrid_local.store.bert_reference import NumpyBert
     from polargrid_local.llm.backend import available_cpus
+    from polargrid_local.store.bert_reference import NumpyBert
 
     threads = args.threads or available_cpus()
     engine = LocalEngine(ROOT / "models.toml", n_threads=threads)

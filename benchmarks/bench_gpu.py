@@ -22,11 +22,11 @@ import threading
 import time
 from pathlib import Path
 
+from _raw import measure, prompt_tokens
+
 from polargrid_local import LocalEngine, Registry
 from polargrid_local.host.gpu import NvmlProbe, cuda_build
 from polargrid_local.llm.backend import available_cpus
-
-from _raw import measure, prompt_tokens
 
 
 def counting_prompt(start: int) -> str:

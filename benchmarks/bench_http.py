@@ -16,7 +16,7 @@ import threading
 import time
 
 from polargrid_local import LocalEngine
-from polargrid_local.server import ServerConfig, make_server
+from polargrid_local.server import running
 
 MODEL = "smollm2-135m-instruct"
 
@@ -76,34 +76,31 @@ def main() -> int:
     args = parser.parse_args()
 
     engine = LocalEngine()
-    server = make_server(engine, ServerConfig(port=0))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
-    try:
-        in_process(engine, 0, 8)
-        over_http(port, 0, 8)
-        result = {"benchmark": "http", "model": MODEL, "requests": args.requests, "tokens": args.tokens}
-        for label, concurrency in (("sequential", 1), ("concurrent", args.concurrency)):
-            local = throughput(lambda i: in_process(engine, i, args.tokens), args.requests, concurrency)
-            remote = throughput(lambda i: over_http(port, i, args.tokens), args.requests, concurrency)
-            result[label] = {"concurrency": concurrency, "in_process_tok_s": round(local, 1),
-                             "http_tok_s": round(remote, 1), "http_ratio": round(remote / local, 3)}
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        latencies = []
-        for _ in range(args.health):
-            started = time.perf_counter()
-            conn.request("GET", "/health")
-            conn.getresponse().read()
-            latencies.append((time.perf_counter() - started) * 1000)
-        conn.close()
-        latencies.sort()
-        result["health_ms"] = {"p50": round(statistics.median(latencies), 3),
-                               "p99": round(latencies[int(0.99 * (len(latencies) - 1))], 3)}
-        print(json.dumps(result))
-    finally:
-        server.shutdown()
-        server.server_close()
-        engine.close()
+    with running(engine) as server:
+        port = server.server_address[1]
+        try:
+            in_process(engine, 0, 8)
+            over_http(port, 0, 8)
+            result = {"benchmark": "http", "model": MODEL, "requests": args.requests, "tokens": args.tokens}
+            for label, concurrency in (("sequential", 1), ("concurrent", args.concurrency)):
+                local = throughput(lambda i: in_process(engine, i, args.tokens), args.requests, concurrency)
+                remote = throughput(lambda i: over_http(port, i, args.tokens), args.requests, concurrency)
+                result[label] = {"concurrency": concurrency, "in_process_tok_s": round(local, 1),
+                                 "http_tok_s": round(remote, 1), "http_ratio": round(remote / local, 3)}
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            latencies = []
+            for _ in range(args.health):
+                started = time.perf_counter()
+                conn.request("GET", "/health")
+                conn.getresponse().read()
+                latencies.append((time.perf_counter() - started) * 1000)
+            conn.close()
+            latencies.sort()
+            result["health_ms"] = {"p50": round(statistics.median(latencies), 3),
+                                   "p99": round(latencies[int(0.99 * (len(latencies) - 1))], 3)}
+            print(json.dumps(result))
+        finally:
+            engine.close()
     return 0
 
 

@@ -16,10 +16,10 @@ import subprocess
 import sys
 import time
 
+from _raw import measure
+
 from polargrid_local import PolarGridSync, Registry
 from polargrid_local.llm.backend import available_cpus
-
-from _raw import measure
 
 PROMPT = "1, 2, 3, 4, 5, 6, 7, 8,"
 

@@ -42,13 +42,13 @@ MIX = [("chat", 22), ("chat_stream", 22), ("completion", 14), ("embeddings", 14)
 
 def serve() -> None:
     from polargrid_local import LocalEngine
-    from polargrid_local.server import ServerConfig, make_server
+    from polargrid_local.server import running
 
     engine = LocalEngine()
-    server = make_server(engine, ServerConfig(host=HOST, port=0))
-    print(server.server_address[1], flush=True)
-    threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()  # parent gone: stop
-    server.serve_forever()
+    with running(engine, host=HOST) as server:
+        print(server.server_address[1], flush=True)
+        sys.stdin.read()   # until the parent is gone
+    os._exit(0)
 
 
 def proc_status(pid: int) -> tuple[int, int]:

@@ -8,5 +8,5 @@ from .mono import to_mono, to_mono_numpy
 from .resample import resample, resample_numpy
 from .timestretch import time_stretch, time_stretch_numpy
 
-__all__ = ["log_mel_spectrogram", "log_mel_spectrogram_numpy", "mel_filters", "resample", "resample_numpy", "time_stretch", "time_stretch_numpy",
-           "to_mono", "to_mono_numpy"]
+__all__ = ["log_mel_spectrogram", "log_mel_spectrogram_numpy", "mel_filters", "resample", "resample_numpy",
+           "time_stretch", "time_stretch_numpy", "to_mono", "to_mono_numpy"]

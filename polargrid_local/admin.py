@@ -1,10 +1,10 @@
 """Model management, GPU facts, health and status: the SDK's operator calls, answered from this process."""
 from __future__ import annotations
 
-import platform
 import socket
+from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 from polargrid.types import (
@@ -30,11 +30,12 @@ from polargrid.types import (
     UnloadModelResponse,
 )
 
-from . import __version__
+from ._version import __version__
 from .errors import NotFoundError, coerce, engine_boundary, invalid
-from .host.gpu import MB, cuda_build
-from .store.pull import is_pulled
-from .store.registry import ModelSpec
+from .host.gpu import MB, NvmlProbe
+from .runtime.pool import ModelPool, UnloadReport
+from .runtime.usage import UsageBook
+from .store.registry import ModelSpec, Registry
 from .types import (
     GPUStatusResponse,
     HealthResponse,
@@ -46,9 +47,6 @@ from .types import (
     RemoteInfo,
 )
 
-if TYPE_CHECKING:
-    from .engine import LocalEngine
-
 GB = 1024 ** 3
 MODEL_TYPES = {"chat": "chat", "embedding": "embedding"}  # the SDK's Literal has no audio types
 
@@ -57,63 +55,189 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
-def _remotes(engine: LocalEngine) -> dict[str, str]:
-    """Each remote model's reachability (a cached probe; a remote that is down never fails the caller)."""
-    return {m.id: engine.router.remote.reachability(m) for m in engine.registry.models if m.remote is not None}
+class Admin:
+    """The SDK's operator calls (models, GPU, health, status), answered from the registry, the pool and NVML.
+
+    ``reachability(spec)`` says whether a remote model's server answers; ``closed()`` whether the engine has
+    shut down; ``runtime()`` names what runs the models (for health)."""
+
+    def __init__(self, registry: Registry, pool: ModelPool, usage: UsageBook, nvml: NvmlProbe,
+                 reachability: Callable[[ModelSpec], str], closed: Callable[[], bool],
+                 runtime: Callable[[], str]) -> None:
+        self.registry, self.pool, self.usage, self.nvml = registry, pool, usage, nvml
+        self.reachability, self.closed, self.runtime = reachability, closed, runtime
+
+    def _remotes(self) -> dict[str, str]:
+        """Each remote model's reachability (a cached probe; a remote that is down never fails the caller)."""
+        return {m.id: self.reachability(m) for m in self.registry.models if m.remote is not None}
+
+    def _info(self, spec: ModelSpec, name: str | None = None) -> ModelInfo:
+        remote = None
+        if spec.remote is not None:
+            remote = RemoteInfo(base_url=spec.remote.base_url, model=spec.remote.model,
+                                status=self.reachability(spec))
+        return ModelInfo(id=name or spec.id, created=spec.created, owned_by=spec.owned_by, root=spec.id,
+                         parent=spec.id if name and name != spec.id else None, pg_model_type=MODEL_TYPES.get(spec.kind),
+                         pg_parameters=spec.parameters, pg_remote=remote,
+                         pg_regions=[f"remote:{urlsplit(remote.base_url).netloc}" if remote else "local"],
+                         pg_avg_latency_ms=self.usage.average_latency_ms(spec.id) or None,
+                         pg_max_tokens=spec.engine.get("n_ctx") if spec.kind in MODEL_TYPES else None)
+
+    def list_models(self) -> ListModelsResponse:
+        """Every registry model, then each alias as its own entry (parent = the model), as OpenAI clients expect."""
+        data = [self._info(spec) for spec in self.registry.models]
+        data += [self._info(spec, alias) for spec in self.registry.models for alias in spec.aliases]
+        return ListModelsResponse(data=data)
+
+    def get_model(self, model_id: str) -> ModelInfo:
+        if not model_id:
+            raise invalid("Model ID is required")
+        spec = self.registry.get(model_id)
+        if spec is None:
+            raise NotFoundError(f"Model {model_id!r} does not exist")
+        return self._info(spec, model_id if model_id != spec.id else None)
+
+    def _spec(self, name: str) -> ModelSpec:
+        if not name:
+            raise invalid("Model name is required")
+        spec = self.registry.get(name)
+        if spec is None:
+            known = ", ".join(m.id for m in self.registry.models)
+            raise NotFoundError(f"Model {name!r} does not exist. Known models: {known}")
+        return spec
+
+    def load_model(self, request: LoadModelRequest | dict[str, Any]) -> LoadModelResponse:
+        request = coerce(LoadModelRequest, request, "load model request")
+        spec = self._spec(request.model_name)
+        if request.force_reload:
+            self.pool.unload(spec, "was reloaded (force_reload)")
+        already = self.pool.state(spec) == "loaded"
+        with engine_boundary("model load"):
+            _, seconds = self.pool.worker(spec)
+        message = f"{spec.id} is already loaded" if already and not seconds else f"loaded {spec.id} in {seconds:.2f}s"
+        return LoadModelResponse(status="success", model=spec.id, force_reload=request.force_reload, message=message)
+
+    def unload_model(self, request: UnloadModelRequest | dict[str, Any]) -> UnloadModelResponse:
+        request = coerce(UnloadModelRequest, request, "unload model request")
+        spec = self._spec(request.model_name)
+        report = self.pool.unload(spec)
+        if report is None:
+            return UnloadModelResponse(status="success", model=spec.id, message=f"{spec.id} was not loaded")
+        return UnloadModelResponse(status="success", model=spec.id, message=f"unloaded {spec.id}; {_freed(report)}")
+
+    def unload_all_models(self) -> UnloadAllModelsResponse:
+        reports = self.pool.unload_all()
+        return UnloadAllModelsResponse(status="success", unloaded_models=[r.model for r in reports], errors=[],
+                                       total_unloaded=len(reports))
+
+    def get_model_status(self) -> ModelStatusResponse:
+        pool = self.pool
+        loaded = pool.loaded()
+        models = []
+        for model_id in loaded:
+            spec, facts, est = self.registry.get(model_id), pool.usage_of(model_id), pool.estimates.get(model_id)
+            models.append(LoadedModel(
+                model=model_id, kind=spec.kind if spec else "?", memory_mb=est.total // MB if est else 0,
+                last_used=datetime.fromtimestamp(facts["last_used"], timezone.utc).isoformat(),
+                keep_alive_s=facts["keep_alive"], expires_in_s=facts["expires_in"], in_flight=facts["in_flight"]))
+        return ModelStatusResponse(loaded=loaded, loading_status={m.id: pool.state(m) for m in self.registry.models},
+                                   repository=str(self.registry.cache_dir),
+                                   models=models, remote=self._remotes())
+
+    def get_gpu_status(self) -> GPUStatusResponse:
+        devices = self.nvml.devices()
+        gpus = [GPUInfo(index=d.index, name=d.name, temperature_c=d.temperature_c,
+                        memory=GPUMemoryInfo(total_mb=d.total_bytes // MB, used_mb=d.used_bytes // MB,
+                                             free_mb=d.free_bytes // MB, total_gb=round(d.total_bytes / GB, 2),
+                                             used_gb=round(d.used_bytes / GB, 2), free_gb=round(d.free_bytes / GB, 2),
+                                             percent_used=_pct(d.used_bytes, d.total_bytes)),
+                        utilization=GPUUtilization(gpu_percent=d.gpu_percent, memory_percent=d.memory_percent))
+                for d in devices]
+        processes = [GPUProcess(pid=p.pid, name=p.name, memory_mb=p.used_bytes // MB) for p in self.nvml.processes()]
+        pool = self.pool
+        models = [ModelMemory(model=m, estimated_mb=est.total // MB, estimated_gpu_mb=est.gpu_bytes // MB,
+                              measured_gpu_mb=pool.gpu_measured.get(m, 0) // MB)
+                  for m in pool.loaded() if (est := pool.estimates.get(m)) is not None]
+        return GPUStatusResponse(status="success", timestamp=_now(), gpus=gpus, processes=processes,
+                                 total_gpus=len(gpus), models=models)
+
+    def get_gpu_memory(self) -> GPUMemoryResponse:
+        memory = [GPUMemorySimple(total_gb=round(d.total_bytes / GB, 2), used_gb=round(d.used_bytes / GB, 2),
+                                  free_gb=round(d.free_bytes / GB, 2), percent_used=_pct(d.used_bytes, d.total_bytes),
+                                  percent_free=_pct(d.free_bytes, d.total_bytes)) for d in self.nvml.devices()]
+        return GPUMemoryResponse(status="success", timestamp=_now(), memory=memory)
+
+    def _memory_state(self) -> GPUMemoryState:
+        devices = self.nvml.devices()
+        used, total = sum(d.used_bytes for d in devices), sum(d.total_bytes for d in devices)
+        return GPUMemoryState(used_gb=round(used / GB, 3), total_gb=round(total / GB, 3),
+                              percent_used=_pct(used, total))
+
+    def purge_gpu(self, request: GPUPurgeRequest | dict[str, Any] | None) -> GPUPurgeResponse:
+        """Unload models to free memory. Without force, models serving a request are left alone and reported."""
+        purge: GPUPurgeRequest = GPUPurgeRequest() if request is None else coerce(GPUPurgeRequest, request,
+                                                                                  "purge request")
+        before = self._memory_state()
+        actions, unloaded, errors = [], [], []
+        freed_ram = 0
+        for model_id in self.pool.loaded():
+            spec = self.registry.get(model_id)
+            if spec is None:
+                continue
+            if not purge.force and self.pool.queue_depth(spec) > 0:
+                errors.append(f"{model_id} is serving a request; pass force=True to unload it anyway")
+                continue
+            report = self.pool.unload(spec, "was unloaded by a GPU purge")
+            if report is not None:
+                unloaded.append(model_id)
+                freed_ram += report.freed_ram_bytes
+                actions.append(f"unloaded {model_id} ({_freed(report)})")
+        if not self.pool.loaded() and not errors and not unloaded:
+            actions.append("no models were loaded")
+        after = self._memory_state()
+        freed = round(max(0.0, before.used_gb - after.used_gb), 3)
+        if self.nvml.device_count() == 0:
+            recommendation = "No GPU on this machine: models ran on the CPU; their RAM was released."
+        elif errors:
+            recommendation = "Some models were busy; retry with force=True or when requests finish."
+        else:
+            recommendation = "GPU memory released; models load again on their next request."
+        return GPUPurgeResponse(status="partial" if errors else "success", timestamp=_now(), actions=actions,
+                                memory_before=before, memory_after=after, memory_freed_gb=freed,
+                                models_unloaded=unloaded, errors=errors, recommendation=recommendation)
+
+    def health(self) -> HealthResponse:
+        healthy = not self.closed()
+        extensions = sorted({m.kind for m in self.registry.models if m.kind in self.pool.factories})
+        return HealthResponse(
+            status="healthy" if healthy else "unhealthy", node=socket.gethostname(),
+            runtime=self.runtime(),
+            timestamp=_now(), features=HealthFeatures(dynamic_loading=True, huggingface_support=True),
+            backend=BackendStatus(healthy=healthy, info=BackendInfo(name="polargrid-local", version=__version__,
+                                                                    extensions=extensions)),
+            remotes=self._remotes())
+
+    def get_status(self) -> SystemStatus:
+        models = []
+        for spec in self.registry.models:
+            state = self.pool.state(spec)
+            if state == "loaded":
+                status, instances = "available", 1
+            elif state == "loading":
+                status, instances = "loading", 0
+            elif spec.remote is not None:
+                status, instances = ("available" if self.reachability(spec) == "up" else "unavailable"), 0
+            else:
+                loadable = self.pool.loadable(spec)
+                status, instances = ("available" if loadable else "unavailable"), 0
+            models.append(RegionModelStatus(model_id=spec.id, status=status, instances=instances,
+                                            avg_latency_ms=self.usage.average_latency_ms(spec.id),
+                                            queue_depth=self.pool.queue_depth(spec)))
+        return SystemStatus(status="healthy" if not self.closed() else "unavailable",
+                            regions=[RegionStatus(region="local", status="healthy", models=models)])
 
 
-def _info(engine: LocalEngine, spec: ModelSpec, name: str | None = None) -> ModelInfo:
-    remote = None
-    if spec.remote is not None:
-        remote = RemoteInfo(base_url=spec.remote.base_url, model=spec.remote.model,
-                            status=engine.router.remote.reachability(spec))
-    return ModelInfo(id=name or spec.id, created=spec.created, owned_by=spec.owned_by, root=spec.id,
-                     parent=spec.id if name and name != spec.id else None, pg_model_type=MODEL_TYPES.get(spec.kind),
-                     pg_parameters=spec.parameters, pg_remote=remote,
-                     pg_regions=[f"remote:{urlsplit(spec.remote.base_url).netloc}" if remote else "local"],
-                     pg_avg_latency_ms=engine.usage.average_latency_ms(spec.id) or None,
-                     pg_max_tokens=spec.engine.get("n_ctx") if spec.kind in MODEL_TYPES else None)
-
-
-def list_models(engine: LocalEngine) -> ListModelsResponse:
-    """Every registry model, then each alias as its own entry (parent = the model), as OpenAI clients expect."""
-    data = [_info(engine, spec) for spec in engine.registry.models]
-    data += [_info(engine, spec, alias) for spec in engine.registry.models for alias in spec.aliases]
-    return ListModelsResponse(data=data)
-
-
-def get_model(engine: LocalEngine, model_id: str) -> ModelInfo:
-    if not model_id:
-        raise invalid("Model ID is required")
-    spec = engine.registry.get(model_id)
-    if spec is None:
-        raise NotFoundError(f"Model {model_id!r} does not exist")
-    return _info(engine, spec, model_id if model_id != spec.id else None)
-
-
-def _spec(engine: LocalEngine, name: str) -> ModelSpec:
-    if not name:
-        raise invalid("Model name is required")
-    spec = engine.registry.get(name)
-    if spec is None:
-        known = ", ".join(m.id for m in engine.registry.models)
-        raise NotFoundError(f"Model {name!r} does not exist. Known models: {known}")
-    return spec
-
-
-def load_model(engine: LocalEngine, request: LoadModelRequest | dict[str, Any]) -> LoadModelResponse:
-    request = coerce(LoadModelRequest, request, "load model request")
-    spec = _spec(engine, request.model_name)
-    if request.force_reload:
-        engine.pool.unload(spec, "was reloaded (force_reload)")
-    already = engine.pool.state(spec) == "loaded"
-    with engine_boundary("model load"):
-        _, seconds = engine.pool.worker(spec)
-    message = f"{spec.id} is already loaded" if already and not seconds else f"loaded {spec.id} in {seconds:.2f}s"
-    return LoadModelResponse(status="success", model=spec.id, force_reload=request.force_reload, message=message)
-
-
-def _freed(report) -> str:
+def _freed(report: UnloadReport) -> str:
     if not report.freed:
         return ("its requests were ended; its thread is finishing its current step and frees the memory when "
                 "that step ends")
@@ -123,143 +247,5 @@ def _freed(report) -> str:
     return "freed " + " and ".join(parts)
 
 
-def unload_model(engine: LocalEngine, request: UnloadModelRequest | dict[str, Any]) -> UnloadModelResponse:
-    request = coerce(UnloadModelRequest, request, "unload model request")
-    spec = _spec(engine, request.model_name)
-    report = engine.pool.unload(spec)
-    if report is None:
-        return UnloadModelResponse(status="success", model=spec.id, message=f"{spec.id} was not loaded")
-    return UnloadModelResponse(status="success", model=spec.id, message=f"unloaded {spec.id}; {_freed(report)}")
-
-
-def unload_all_models(engine: LocalEngine) -> UnloadAllModelsResponse:
-    reports = engine.pool.unload_all()
-    return UnloadAllModelsResponse(status="success", unloaded_models=[r.model for r in reports], errors=[],
-                                   total_unloaded=len(reports))
-
-
-def get_model_status(engine: LocalEngine) -> ModelStatusResponse:
-    pool = engine.pool
-    loaded = pool.loaded()
-    models = []
-    for model_id in loaded:
-        spec, facts, est = engine.registry.get(model_id), pool.usage_of(model_id), pool.estimates.get(model_id)
-        models.append(LoadedModel(
-            model=model_id, kind=spec.kind if spec else "?", memory_mb=est.total // MB if est else 0,
-            last_used=datetime.fromtimestamp(facts["last_used"], timezone.utc).isoformat(),
-            keep_alive_s=facts["keep_alive"], expires_in_s=facts["expires_in"], in_flight=facts["in_flight"]))
-    return ModelStatusResponse(loaded=loaded, loading_status={m.id: pool.state(m) for m in engine.registry.models},
-                               repository=str(engine.registry.cache_dir),
-                               models=models, remote=_remotes(engine))
-
-
-def get_gpu_status(engine: LocalEngine) -> GPUStatusResponse:
-    devices = engine.nvml.devices()
-    gpus = [GPUInfo(index=d.index, name=d.name, temperature_c=d.temperature_c,
-                    memory=GPUMemoryInfo(total_mb=d.total_bytes // MB, used_mb=d.used_bytes // MB,
-                                         free_mb=d.free_bytes // MB, total_gb=round(d.total_bytes / GB, 2),
-                                         used_gb=round(d.used_bytes / GB, 2), free_gb=round(d.free_bytes / GB, 2),
-                                         percent_used=_pct(d.used_bytes, d.total_bytes)),
-                    utilization=GPUUtilization(gpu_percent=d.gpu_percent, memory_percent=d.memory_percent))
-            for d in devices]
-    processes = [GPUProcess(pid=p.pid, name=p.name, memory_mb=p.used_bytes // MB) for p in engine.nvml.processes()]
-    pool = engine.pool
-    models = [ModelMemory(model=m, estimated_mb=est.total // MB, estimated_gpu_mb=est.gpu_bytes // MB,
-                          measured_gpu_mb=pool.gpu_measured.get(m, 0) // MB)
-              for m in pool.loaded() if (est := pool.estimates.get(m)) is not None]
-    return GPUStatusResponse(status="success", timestamp=_now(), gpus=gpus, processes=processes, total_gpus=len(gpus),
-                             models=models)
-
-
-def get_gpu_memory(engine: LocalEngine) -> GPUMemoryResponse:
-    memory = [GPUMemorySimple(total_gb=round(d.total_bytes / GB, 2), used_gb=round(d.used_bytes / GB, 2),
-                              free_gb=round(d.free_bytes / GB, 2), percent_used=_pct(d.used_bytes, d.total_bytes),
-                              percent_free=_pct(d.free_bytes, d.total_bytes)) for d in engine.nvml.devices()]
-    return GPUMemoryResponse(status="success", timestamp=_now(), memory=memory)
-
-
 def _pct(part: int, whole: int) -> float:
     return round(100.0 * part / whole, 1) if whole else 0.0
-
-
-def _memory_state(engine: LocalEngine) -> GPUMemoryState:
-    devices = engine.nvml.devices()
-    used, total = sum(d.used_bytes for d in devices), sum(d.total_bytes for d in devices)
-    return GPUMemoryState(used_gb=round(used / GB, 3), total_gb=round(total / GB, 3), percent_used=_pct(used, total))
-
-
-def purge_gpu(engine: LocalEngine, request: GPUPurgeRequest | dict[str, Any] | None) -> GPUPurgeResponse:
-    """Unload models to free memory. Without force, models serving a request are left alone and reported."""
-    request = GPUPurgeRequest() if request is None else coerce(GPUPurgeRequest, request, "purge request")
-    before = _memory_state(engine)
-    actions, unloaded, errors = [], [], []
-    freed_ram = 0
-    for model_id in engine.pool.loaded():
-        spec = engine.registry.get(model_id)
-        if spec is None:
-            continue
-        if not request.force and engine.pool.queue_depth(spec) > 0:
-            errors.append(f"{model_id} is serving a request; pass force=True to unload it anyway")
-            continue
-        report = engine.pool.unload(spec, "was unloaded by a GPU purge")
-        if report is not None:
-            unloaded.append(model_id)
-            freed_ram += report.freed_ram_bytes
-            actions.append(f"unloaded {model_id} ({_freed(report)})")
-    if not engine.pool.loaded() and not errors and not unloaded:
-        actions.append("no models were loaded")
-    after = _memory_state(engine)
-    freed = round(max(0.0, before.used_gb - after.used_gb), 3)
-    if engine.nvml.device_count() == 0:
-        recommendation = "No GPU on this machine: models ran on the CPU; their RAM was released."
-    elif errors:
-        recommendation = "Some models were busy; retry with force=True or when requests finish."
-    else:
-        recommendation = "GPU memory released; models load again on their next request."
-    return GPUPurgeResponse(status="partial" if errors else "success", timestamp=_now(), actions=actions,
-                            memory_before=before, memory_after=after, memory_freed_gb=freed,
-                            models_unloaded=unloaded, errors=errors, recommendation=recommendation)
-
-
-def _runtime(engine: LocalEngine) -> str:
-    if engine.fake is not None:  # fake engines: nothing of llama.cpp is loaded
-        return f"python-{platform.python_version()} polargrid_local-fake"
-    try:
-        import llama_cpp
-
-        llama_version = llama_cpp.__version__
-    except Exception:  # pragma: no cover - a broken install still answers health
-        llama_version = "missing"
-    return f"python-{platform.python_version()} llama-cpp-python-{llama_version}" + (" cuda" if cuda_build() else " cpu")
-
-
-def health(engine: LocalEngine) -> HealthResponse:
-    healthy = not engine._closed.is_set()
-    extensions = sorted({m.kind for m in engine.registry.models if m.kind in engine.pool.factories})
-    return HealthResponse(
-        status="healthy" if healthy else "unhealthy", node=socket.gethostname(),
-        runtime=_runtime(engine),
-        timestamp=_now(), features=HealthFeatures(dynamic_loading=True, huggingface_support=True),
-        backend=BackendStatus(healthy=healthy, info=BackendInfo(name="polargrid-local", version=__version__,
-                                                                extensions=extensions)),
-        remotes=_remotes(engine))
-
-
-def get_status(engine: LocalEngine) -> SystemStatus:
-    models = []
-    for spec in engine.registry.models:
-        state = engine.pool.state(spec)
-        if state == "loaded":
-            status, instances = "available", 1
-        elif state == "loading":
-            status, instances = "loading", 0
-        elif spec.remote is not None:
-            status, instances = ("available" if engine.router.remote.reachability(spec) == "up" else "unavailable"), 0
-        else:
-            loadable = engine.fake is not None or is_pulled(engine.registry, spec)  # fakes need no files
-            status, instances = ("available" if loadable else "unavailable"), 0
-        models.append(RegionModelStatus(model_id=spec.id, status=status, instances=instances,
-                                        avg_latency_ms=engine.usage.average_latency_ms(spec.id),
-                                        queue_depth=engine.pool.queue_depth(spec)))
-    return SystemStatus(status="healthy" if not engine._closed.is_set() else "unavailable",
-                        regions=[RegionStatus(region="local", status="healthy", models=models)])

@@ -57,7 +57,6 @@ from .audio.decode import AudioInput
 from .engine import LocalEngine
 from .host.offline import enable as enable_offline_guard
 from .limits import Limits
-from .llm.chunks import fold_chat, fold_completion
 from .speech.formats import VerboseTranscriptionResponse
 from .store.registry import Registry
 from .types import ChatCompletionChunk, CompletionChunk
@@ -330,11 +329,11 @@ class PolarGrid(_LocalClient):
             stream.close()
 
     @staticmethod
-    async def _gather(open_stream: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, list[Any]]:
-        """The whole stream, read without blocking the loop (the non-streaming calls fold it)."""
+    async def _folded(open_stream: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """The whole response: the stream read without blocking the loop, then folded."""
         stream = await asyncio.to_thread(open_stream, *args, **kwargs)
         with stream:
-            return stream, [item async for item in stream]
+            return stream.fold([item async for item in stream])
 
     async def chat_completion_stream(self, request: ChatCompletionRequest | dict[str, Any], *,
                                      stream_options: dict[str, Any] | None = None
@@ -345,9 +344,7 @@ class PolarGrid(_LocalClient):
 
     async def chat_completion(self, request: ChatCompletionRequest | dict[str, Any]) -> ChatCompletionResponse:
         """Generate a chat completion: the fold of its stream."""
-        stream, chunks = await self._gather(self.engine.chat_completion_stream, request,
-                                            stream_options={"include_usage": True})
-        return fold_chat(chunks, stream.chunker, stream.metadata())
+        return await self._folded(self.engine.chat_completion_stream, request, stream_options={"include_usage": True})
 
     async def completion_stream(self, request: CompletionRequest | dict[str, Any], *,
                                 stream_options: dict[str, Any] | None = None) -> AsyncIterator[CompletionChunk]:
@@ -357,9 +354,7 @@ class PolarGrid(_LocalClient):
 
     async def completion(self, request: CompletionRequest | dict[str, Any]) -> CompletionResponse:
         """Generate a text completion: the fold of its stream."""
-        stream, chunks = await self._gather(self.engine.completion_stream, request,
-                                            stream_options={"include_usage": True})
-        return fold_completion(chunks, stream.chunker, stream.metadata())
+        return await self._folded(self.engine.completion_stream, request, stream_options={"include_usage": True})
 
     async def generate(self, request: GenerateRequest | dict[str, Any]) -> GenerateResponse:
         """The SDK's legacy single-prompt call."""
@@ -403,16 +398,16 @@ class PolarGrid(_LocalClient):
 
     async def get_transcription_job(self, job_id: str) -> TranscriptionJobInfo:
         """A job's status and progress (0..1)."""
-        return self.engine.get_transcription_job(job_id)
+        return await asyncio.to_thread(self.engine.get_transcription_job, job_id)
 
     async def get_transcription_result(self, job_id: str) -> TranscriptionJobResult:
         """A completed job's text, language and duration."""
-        return self.engine.get_transcription_result(job_id)
+        return await asyncio.to_thread(self.engine.get_transcription_result, job_id)
 
     async def list_transcription_jobs(self, status: str | None = None, limit: int = 50
                                       ) -> TranscriptionJobListResponse:
         """Recent jobs, newest first."""
-        return self.engine.list_transcription_jobs(status, limit)
+        return await asyncio.to_thread(self.engine.list_transcription_jobs, status, limit)
 
     async def transcribe_and_wait(self, file: AudioInput, model: str = "stt-1b-en_fr", language: str | None = None,
                                   prompt: str | None = None, response_format: str = "json",
@@ -424,20 +419,20 @@ class PolarGrid(_LocalClient):
         job = await self.transcribe_async(file, model, language, prompt, response_format, temperature)
         started = time.monotonic()
         while True:
-            info = self.engine.get_transcription_job(job.job_id)
+            info = await self.get_transcription_job(job.job_id)
             if on_progress is not None:
                 on_progress(info)
             if _job_done(info, job.job_id, started, timeout):
-                return self.engine.get_transcription_result(job.job_id)
+                return await self.get_transcription_result(job.job_id)
             await asyncio.sleep(poll_interval)
 
     async def list_models(self) -> ListModelsResponse:
         """Every model in the registry, with aliases."""
-        return self.engine.list_models()
+        return await asyncio.to_thread(self.engine.list_models)
 
     async def get_model(self, model_id: str) -> ModelInfo:
         """One model by id or alias; NotFoundError if unknown."""
-        return self.engine.get_model(model_id)
+        return await asyncio.to_thread(self.engine.get_model, model_id)
 
     async def load_model(self, request: LoadModelRequest | dict[str, Any]) -> LoadModelResponse:
         """Load a model now rather than on its first request."""
@@ -453,7 +448,7 @@ class PolarGrid(_LocalClient):
 
     async def get_model_status(self) -> ModelStatusResponse:
         """Which models are loaded, loading, unloaded or failed."""
-        return self.engine.get_model_status()
+        return await asyncio.to_thread(self.engine.get_model_status)
 
     async def get_gpu_status(self) -> GPUStatusResponse:
         """Devices, memory, utilisation and processes from NVML; zero GPUs on a CPU-only machine."""
@@ -469,12 +464,12 @@ class PolarGrid(_LocalClient):
 
     async def health(self) -> HealthResponse:
         """Whether the engine is serving."""
-        return self.engine.health()
+        return await asyncio.to_thread(self.engine.health)
 
     async def get_status(self) -> SystemStatus:
         """Per-model availability, latency and queue depth in the 'local' region."""
-        return self.engine.get_status()
+        return await asyncio.to_thread(self.engine.get_status)
 
     async def get_usage(self, start_date: str | None = None, end_date: str | None = None) -> UsageResponse:
         """Requests and tokens served by this engine since it started."""
-        return self.engine.get_usage(start_date, end_date)
+        return await asyncio.to_thread(self.engine.get_usage, start_date, end_date)

@@ -1,11 +1,14 @@
 """LocalEngine: the synchronous core behind PolarGrid and PolarGridSync.
 
-Every public method takes the SDK's request objects (or dicts) and returns the
-SDK's response types; streams are Stream objects, usable from threads and from
-asyncio alike. Engine errors become the SDK's errors here, at the boundary.
+Every public method takes the SDK's request objects (or dicts) and returns the SDK's response types;
+streams are Stream objects, usable from threads and from asyncio alike. A request becomes a call
+(llm/calls.py, speech/calls.py) that ``open`` runs on its model: the one place that counts requests in
+flight, loads models, submits work and reports usage. Engine errors become the SDK's errors at that
+boundary.
 """
 from __future__ import annotations
 
+import platform
 import threading
 import time
 from datetime import datetime, timezone
@@ -15,34 +18,26 @@ from typing import Any
 from polargrid.types import (
     ChatCompletionRequest,
     CompletionRequest,
-    EmbeddingData,
     EmbeddingRequest,
     EmbeddingResponse,
     GenerateRequest,
     GenerateResponse,
     Message,
-    TokenUsage,
 )
 
-from . import admin
+from .admin import Admin
 from .errors import coerce, engine_boundary, invalid
 from .host.gpu import NvmlProbe
 from .host.offline import enable as enable_offline_guard
 from .host.offline import offline_requested
 from .limits import DEFAULT_LIMITS, Limits
-from .llm.chunks import ChatChunker, CompletionChunker, fold_chat, fold_completion
-from .llm.embeddings import embedding_job, plan_embeddings, shorten, split_options
-from .llm.requests import (
-    chat_job,
-    check_stops,
-    completion_job,
-    completion_prompts,
-    embedding_inputs,
-    plan_chat,
-    sampling_for,
-)
+from .llm.calls import ChatCall, CompletionCall, EmbeddingCall
+from .llm.embeddings import plan_embeddings, split_options
+from .llm.requests import completion_prompts, embedding_inputs
+from .remote.probes import Reachability
 from .runtime.factories import default_factories
 from .runtime.fallback import Router
+from .runtime.interfaces import Call
 from .runtime.keep_alive import split_keep_alive
 from .runtime.pool import ModelPool
 from .runtime.stream import Stream
@@ -65,8 +60,8 @@ class LocalEngine:
                  models_only: bool = False, fake: Any = False, offline: bool = False,
                  limits: Limits | None = None) -> None:
         """``fake=True`` (or a testing.FakeScript) serves every model kind from polargrid_local.testing's
-        deterministic fakes, without model files; ``offline=True`` turns on the offline guard (offline.py)."""
-        self.limits = limits or DEFAULT_LIMITS
+        deterministic fakes, without model files; ``offline=True`` turns on the offline guard (host/offline.py)."""
+        self._limits = limits or DEFAULT_LIMITS
         if offline or offline_requested():
             enable_offline_guard()
         self.fake = None
@@ -83,15 +78,87 @@ class LocalEngine:
         policy = memory_policy or self.registry.settings.get("memory_policy", "refuse")
         self.pool = ModelPool(self.registry, factories or default_factories(), overrides=overrides, nvml=self.nvml,
                               memory_policy=policy, memory_budget_mb=memory_budget_mb, keep_alive=keep_alive,
-                              limits=self.limits)
+                              limits=self._limits)
         self.usage = UsageBook()
         self.started = datetime.now(timezone.utc)
         self._closed = threading.Event()
-        self.speech = SpeechService(self)
-        self.jobs = TranscriptionJobs(self.speech)
-        self.router = Router(self)
+        self.router = Router(self.registry)
+        self._probes = Reachability()
+        self.admin = Admin(self.registry, self.pool, self.usage, self.nvml, self.reachability, self._closed.is_set,
+                           self._runtime)
+        self.speech = SpeechService(self.pool, self.open, self.router, self.limits)
+        self.jobs = TranscriptionJobs(self.speech.check_transcription, self.speech.transcribe)
         for name in [*self.registry.settings.get("preload", []), *preload]:
             self.load_model({"model_name": name})
+
+    @property
+    def limits(self) -> Limits:
+        """The bounds this engine enforces (the HTTP server in front of it reads them too)."""
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: Limits) -> None:
+        """New bounds for the requests that start from now on."""
+        self._limits = self.pool.limits = self.speech.limits = limits
+
+    # -- running a request on a model --------------------------------------------------------
+
+    def open(self, spec: ModelSpec, call: Call) -> Stream[Any]:
+        """Run ``call`` on the model ``spec`` and return the caller's Stream. Every request goes through here.
+
+        The call is prepared for the side that serves the model (checked before anything loads), the request
+        is counted in flight until its stream ends or is closed, the model is loaded if needed, and loading
+        and queueing failures become the SDK's errors in one place. Every stream reports the same
+        load/queue/inference timings, records usage when it ends, and folds into its whole response.
+        """
+        prepared = call.remote() if self.pool.forwards(spec) else call.local(spec.id)
+        self.pool.begin(spec)
+        try:
+            with engine_boundary(call.what):
+                worker, load_seconds = self.pool.worker(spec)
+                channel, ctx = worker.submit(prepared.work)
+        except BaseException:
+            self.pool.end(spec)
+            raise
+
+        def finished(stream: Stream[Any]) -> None:
+            if prepared.counted:
+                self.usage.record(spec.id, prepared.tokens(), stream.metadata().latency_ms or 0)
+
+        stream = Stream(channel, ctx, prepared.reader.feed, load_seconds, on_finish=finished, tail=prepared.tail)
+        stream.chunker = prepared.reader
+        stream.folder = prepared.fold
+        stream.region = worker.region
+        stream.content_type = prepared.content_type
+        stream.on_close = lambda: self.pool.end(spec)
+        return stream
+
+    def _run(self, name: str | None, kind: str, call: Call, keep_alive: float | None) -> Stream[Any]:
+        """``call`` on the model named ``name`` (the default of ``kind`` when None), or on its fallbacks."""
+        return self.router.run(self.pool.resolve(name, kind), lambda spec: self.open(self._keep(spec, keep_alive),
+                                                                                    call))
+
+    def _keep(self, spec: ModelSpec, keep_alive: float | None) -> ModelSpec:
+        """A request's keep_alive holds for its model from now on (as in Ollama: the last request sets it)."""
+        if keep_alive is not None:
+            self.pool.set_keep_alive(spec, keep_alive)
+        return spec
+
+    def _keep_for(self, request: Any, kind: str) -> Any:
+        """Speech requests: take ``keep_alive`` out before the speech service validates the request."""
+        request, keep_alive = split_keep_alive(request)
+        if keep_alive is not None:
+            name = request.get("model") if isinstance(request, dict) else None
+            spec = self.registry.get(name) if name else self.registry.default(kind)
+            if spec is not None:
+                self._keep(spec, keep_alive)
+        return request
+
+    @staticmethod
+    def fold(stream: Stream[Any]) -> Any:
+        """Read a whole stream and fold it into its response (the non-streaming calls)."""
+        with stream:
+            return stream.fold(list(stream))
 
     # -- text ----------------------------------------------------------------------------
 
@@ -103,22 +170,12 @@ class LocalEngine:
             request = dict(request)
             stream_options = stream_options or request.pop("stream_options", None)
         request = coerce(ChatCompletionRequest, request, "chat completion request")
-        usage = _include_usage(stream_options)
-        return self.router.run(self.pool.resolve(request.model, "chat"),
-                               lambda spec: self._chat_stream(self._keep(spec, keep_alive), request, usage),
-                               lambda spec: self.router.remote.chat_stream(spec, request, usage))
-
-    def _chat_stream(self, spec: ModelSpec, request: ChatCompletionRequest, usage: bool) -> Stream[ChatCompletionChunk]:
-        plan = plan_chat(request, spec.id, self.limits)
-        chunker = ChatChunker(request.model, request.tools, plan.tools, usage, plan.output)
-        return self._open(spec, chat_job(plan, spec.id), chunker, "chat")
+        return self._run(request.model, "chat", ChatCall(request, _include_usage(stream_options), self.limits),
+                         keep_alive)
 
     def chat_completion(self, request: ChatCompletionRequest | dict[str, Any]):
         """A chat completion: the fold of its stream."""
-        stream = self.chat_completion_stream(request, stream_options={"include_usage": True})
-        with stream:
-            chunks = list(stream)
-        return fold_chat(chunks, stream.chunker, stream.metadata())
+        return self.fold(self.chat_completion_stream(request, stream_options={"include_usage": True}))
 
     def completion_stream(self, request: CompletionRequest | dict[str, Any], *,
                           stream_options: dict[str, Any] | None = None, seed: int | None = None
@@ -133,27 +190,13 @@ class LocalEngine:
             seed = seed if seed is not None else request.pop("seed", None)
             extras = {k: request.pop(k) for k in ("min_p", "repetition_penalty") if k in request}
         request = coerce(CompletionRequest, request, "completion request")
-        prompts = completion_prompts(request, self.limits)
-        usage = _include_usage(stream_options)
-        return self.router.run(self.pool.resolve(request.model, "chat"),
-                               lambda spec: self._completion_stream(self._keep(spec, keep_alive), request, prompts,
-                                                                    usage, seed, extras),
-                               lambda spec: self.router.remote.completion_stream(spec, request, usage, seed, extras))
-
-    def _completion_stream(self, spec: ModelSpec, request: CompletionRequest, prompts: list[str], usage: bool,
-                           seed: int | None, extras: dict[str, Any]) -> Stream[CompletionChunk]:
-        chunker = CompletionChunker(request.model, usage)
-        chunker.prompts_total = len(prompts)
-        params = sampling_for(request, seed=seed, **extras)
-        job = completion_job(prompts, params, request.max_tokens or 100, check_stops(request.stop), spec.id)
-        return self._open(spec, job, chunker, "completion")
+        call = CompletionCall(request, completion_prompts(request, self.limits), _include_usage(stream_options), seed,
+                              extras)
+        return self._run(request.model, "chat", call, keep_alive)
 
     def completion(self, request: CompletionRequest | dict[str, Any], *, seed: int | None = None):
         """A text completion: the fold of its stream."""
-        stream = self.completion_stream(request, stream_options={"include_usage": True}, seed=seed)
-        with stream:
-            chunks = list(stream)
-        return fold_completion(chunks, stream.chunker, stream.metadata())
+        return self.fold(self.completion_stream(request, stream_options={"include_usage": True}, seed=seed))
 
     def generate(self, request: GenerateRequest | dict[str, Any]) -> GenerateResponse:
         """The SDK's legacy call: one user message, the reply's text."""
@@ -161,7 +204,8 @@ class LocalEngine:
         started = time.perf_counter()
         reply = self.chat_completion(ChatCompletionRequest(
             model=request.model, messages=[Message(role="user", content=request.prompt)],
-            max_tokens=request.max_tokens or 150, temperature=0.7 if request.temperature is None else request.temperature,
+            max_tokens=request.max_tokens or 150,
+            temperature=0.7 if request.temperature is None else request.temperature,
             top_p=0.9 if request.top_p is None else request.top_p, stop=request.stop))
         return GenerateResponse(id=request.request_id or reply.id, model=reply.model,
                                 content=reply.choices[0].message.content or "", usage=reply.usage,
@@ -175,61 +219,8 @@ class LocalEngine:
         request, options = split_options(request, {"dimensions": dimensions, "encoding_format": encoding_format})
         request = coerce(EmbeddingRequest, request, "embedding request")
         plan = plan_embeddings(embedding_inputs(request, self.limits), options)
-        return self.router.run(self.pool.resolve(request.model, "embedding"),
-                               lambda spec: self._embeddings(self._keep(spec, keep_alive), request, plan),
-                               lambda spec: _shortened(self.router.remote.embeddings(spec, request), plan.dimensions))
-
-    def _embeddings(self, spec: ModelSpec, request: EmbeddingRequest, plan) -> EmbeddingResponse:
-        with self.open_stream(spec, embedding_job(plan, spec.id, self.limits.embedding_batch), "embedding") as stream:
-            vectors, count = next(stream)
-        self.usage.record(spec.id, count)
-        return EmbeddingResponse(data=[EmbeddingData(index=i, embedding=v) for i, v in enumerate(vectors)],
-                                 model=request.model, usage=TokenUsage(prompt_tokens=count, completion_tokens=0,
-                                                                       total_tokens=count))
-
-    def open_stream(self, spec, job, what: str, convert=lambda item: [item], *, on_finish=None,
-                    tail=None) -> Stream[Any]:
-        """Load the model if needed, queue ``job`` on its worker, and return the caller's Stream.
-
-        Every request goes through here, so loading and queueing failures become the SDK's errors in
-        one place, and every stream reports the same load/queue/inference timings.
-        """
-        self.pool.begin(spec)
-        try:
-            with engine_boundary(what):
-                worker, load_seconds = self.pool.worker(spec)
-                results, ctx = worker.submit(job)
-        except BaseException:
-            self.pool.end(spec)
-            raise
-        stream = Stream(results, ctx, convert, load_seconds, on_finish=on_finish, tail=tail)
-        stream.on_close = lambda: self.pool.end(spec)
-        return stream
-
-    def _keep(self, spec, keep_alive: float | None):
-        """A request's keep_alive holds for its model from now on (as in Ollama: the last request sets it)."""
-        if keep_alive is not None:
-            self.pool.set_keep_alive(spec, keep_alive)
-        return spec
-
-    def _keep_for(self, request, kind: str):
-        """Speech requests: take ``keep_alive`` out before the speech service validates the request."""
-        request, keep_alive = split_keep_alive(request)
-        if keep_alive is not None:
-            name = request.get("model") if isinstance(request, dict) else None
-            spec = self.registry.get(name) if name else self.registry.default(kind)
-            if spec is not None:
-                self._keep(spec, keep_alive)
-        return request
-
-    def _open(self, spec, job, chunker, what: str) -> Stream[Any]:
-        def finished(stream: Stream[Any]) -> None:
-            usage = chunker.usage
-            self.usage.record(spec.id, usage.total_tokens if usage else 0, stream.metadata().latency_ms or 0)
-
-        stream = self.open_stream(spec, job, what, chunker.feed, on_finish=finished)
-        stream.chunker = chunker
-        return stream
+        call = EmbeddingCall(request, plan, self.limits.embedding_batch)
+        return self.fold(self._run(request.model, "embedding", call, keep_alive))
 
     # -- speech: see speech/service.py and speech/jobs.py ------------------------------------
 
@@ -270,55 +261,56 @@ class LocalEngine:
     # -- models, GPU, health: see admin.py -------------------------------------------------
 
     def list_models(self):
-        return admin.list_models(self)
+        return self.admin.list_models()
 
     def get_model(self, model_id: str):
-        return admin.get_model(self, model_id)
+        return self.admin.get_model(model_id)
 
     def load_model(self, request):
-        return admin.load_model(self, request)
+        return self.admin.load_model(request)
 
     def unload_model(self, request):
-        return admin.unload_model(self, request)
+        return self.admin.unload_model(request)
 
     def unload_all_models(self):
-        return admin.unload_all_models(self)
+        return self.admin.unload_all_models()
 
     def get_model_status(self):
-        return admin.get_model_status(self)
+        return self.admin.get_model_status()
 
     def get_gpu_status(self):
-        return admin.get_gpu_status(self)
+        return self.admin.get_gpu_status()
 
     def get_gpu_memory(self):
-        return admin.get_gpu_memory(self)
+        return self.admin.get_gpu_memory()
 
     def purge_gpu(self, request=None):
-        return admin.purge_gpu(self, request)
+        return self.admin.purge_gpu(request)
 
     def health(self):
-        return admin.health(self)
+        return self.admin.health()
 
     def get_status(self):
-        return admin.get_status(self)
+        return self.admin.get_status()
 
     def get_usage(self, start_date: str | None = None, end_date: str | None = None):
-        return self.usage.report(self, start_date, end_date)
+        return self.usage.report(self.started, start_date, end_date)
+
+    def reachability(self, spec: ModelSpec) -> str:
+        """'up', 'down' or 'offline' for a model a remote server answers (a cached probe); 'up' for a model
+        served in this process."""
+        return self._probes(spec) if self.pool.forwards(spec) else "up"
+
+    def _runtime(self) -> str:
+        """What runs the models, for health: the chat factory describes itself."""
+        describe = getattr(self.pool.factories.get("chat"), "describe", None)
+        return f"python-{platform.python_version()} " + (describe() if describe else "custom engines")
 
     def close(self) -> None:
         """Unload every model and stop their workers."""
         if not self._closed.is_set():
             self._closed.set()
             self.pool.close()
-
-
-def _shortened(reply: EmbeddingResponse, dimensions: int | None) -> EmbeddingResponse:
-    """A remote's vectors cut to ``dimensions`` and renormalised, as the local models answer."""
-    if dimensions is None:
-        return reply
-    for item, vector in zip(reply.data, shorten([d.embedding for d in reply.data], dimensions)):
-        item.embedding = vector
-    return reply
 
 
 def _include_usage(stream_options: dict[str, Any] | None) -> bool:

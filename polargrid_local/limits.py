@@ -32,7 +32,7 @@ class Limits:
     # model's worker thread, and a bound like maxLength 20000 used to overflow its stack.
     schema_max_bytes: int = 64 * 1024       # one schema (response_format, or one tool's parameters) as JSON
     schema_max_depth: int = 32              # subschemas inside subschemas (objects in arrays in objects...)
-    schema_max_repetition: int = 2000       # any minLength/maxLength/minItems/maxItems/min|maxProperties/min|maxContains
+    schema_max_repetition: int = 2000       # min|maxLength, min|maxItems, min|maxProperties, min|maxContains
     schema_max_properties: int = 500        # properties of all objects of one schema together
     schema_max_enum: int = 500              # enum values of one schema together (each costs grammar work per token)
     grammar_max_bytes: int = 512 * 1024     # the grammar a schema (or all tools together) becomes

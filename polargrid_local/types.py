@@ -4,8 +4,15 @@ Each class here subclasses the SDK's, so ``isinstance(chunk, polargrid.types.Cha
 """
 from __future__ import annotations
 
+import uuid
+
 from polargrid import types as sdk
 from pydantic import BaseModel
+
+
+def new_id(prefix: str) -> str:
+    """A response id in OpenAI's style: ``chatcmpl-``, ``cmpl-``, ``call-`` and so on, then 24 hex digits."""
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
 class ChatCompletionChunk(sdk.ChatCompletionChunk):

@@ -8,6 +8,7 @@ so those count as imported too, except a module's own packages (already running 
     python scripts/import_graph.py            # circles (strongly connected groups), then arrows by package
     python scripts/import_graph.py --json     # the same as JSON
     python scripts/import_graph.py --lazy     # imports inside functions counted too
+    python scripts/import_graph.py --check    # exit 1 if there is any module-level circle (make lint)
 """
 from __future__ import annotations
 
@@ -155,9 +156,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--lazy", action="store_true", help="count imports inside functions too")
+    parser.add_argument("--check", action="store_true", help="exit 1 when there is a circle")
     args = parser.parse_args()
     edges = graph(args.lazy)
     found = circles(edges)
+    if args.check:
+        for group in found:
+            print("import circle: " + " -> ".join(group), file=sys.stderr)
+        raise SystemExit(1 if found else 0)
     arrows = package_arrows(edges)
     if args.json:
         print(json.dumps({"modules": len(edges), "imports": sum(map(len, edges.values())), "circles": found,

@@ -43,8 +43,27 @@ def client(engine: LocalEngine) -> PolarGridSync:
 
 
 def chat_request(content: str = "Write one sentence about cats.", **extra):
-    return {"model": CHAT, "messages": [{"role": "user", "content": content}], "max_tokens": 32,
-            "temperature": 0, **extra}
+    """A chat request with one user message: SmolLM2, greedy, 32 tokens unless ``extra`` says otherwise (a key
+    given as None is left out of the request)."""
+    request = {"model": CHAT, "messages": [{"role": "user", "content": content}], "max_tokens": 32,
+               "temperature": 0, **extra}
+    return {key: value for key, value in request.items() if value is not None}
+
+
+@pytest.fixture(scope="module")
+def fake_engine():
+    """An engine on polargrid_local.testing's fake engines (no model files), for one test module."""
+    eng = LocalEngine(fake=True)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture
+def fake(fake_engine):
+    """The fake engine's script, reset before and after the test."""
+    fake_engine.fake.reset()
+    yield fake_engine.fake
+    fake_engine.fake.reset()
 
 
 SENTENCES = [

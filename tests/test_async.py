@@ -5,8 +5,8 @@ import asyncio
 import time
 
 import polargrid
-
 from conftest import CHAT, chat_request
+
 from polargrid_local import PolarGrid
 
 
@@ -106,3 +106,51 @@ def test_many_tasks_at_once_and_errors_are_sdk_errors(engine):
     replies, error = run(main())
     assert len({r.id for r in replies}) == 5
     assert "nope" in str(error)
+
+
+def test_the_async_client_never_blocks_its_loop_on_a_stalled_remote(tmp_path):
+    """list_models, get_model, get_model_status and health ask each remote server whether it answers. A
+    server that accepts connections and never replies holds that probe for its timeout (1 s here): on a
+    worker thread, while a ticker on the event loop keeps ticking."""
+    import socket
+
+    from polargrid_local import LocalEngine
+
+    stalled = socket.socket()
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(16)   # never accepted: requests hang until their timeout
+    models = tmp_path / "models.toml"
+    models.write_text(f'[[models]]\nid = "stalled"\nkind = "chat"\n[models.remote]\n'
+                      f'base_url = "http://127.0.0.1:{stalled.getsockname()[1]}/v1"\nmodel = "m"\ntimeout = 1\n')
+
+    async def gaps(call) -> float:
+        stamps = [time.monotonic()]
+        done = False
+
+        async def tick():
+            while not done:
+                await asyncio.sleep(0.01)
+                stamps.append(time.monotonic())
+
+        ticker = asyncio.ensure_future(tick())
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        await call
+        took = time.monotonic() - started
+        done = True
+        await ticker
+        assert took >= 0.5, "the probe did not wait on the stalled server: this test would prove nothing"
+        return max(b - a for a, b in zip(stamps, stamps[1:]))
+
+    try:
+        for method, args in (("list_models", ()), ("get_model", ("stalled",)), ("get_model_status", ()),
+                             ("health", ())):
+            engine = LocalEngine(models, cache_dir=tmp_path)   # a fresh engine: no probe answer cached yet
+            try:
+                client = PolarGrid(engine=engine)
+                gap = run(gaps(getattr(client, method)(*args)))
+                assert gap < 0.1, f"{method} blocked the event loop for {gap:.2f} s"
+            finally:
+                engine.close()
+    finally:
+        stalled.close()

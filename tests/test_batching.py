@@ -9,8 +9,8 @@ import time
 import jsonschema
 import polargrid
 import pytest
-
 from conftest import CHAT, chat_request
+
 from polargrid_local import LocalEngine, PolarGrid
 
 

@@ -3,32 +3,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 
 import polargrid
 import pytest
+from conftest import chat_request
 
-from polargrid_local import LocalEngine, PolarGrid, PolarGridSync
-from polargrid_local.server import ServerConfig, make_server
+from polargrid_local import PolarGrid, PolarGridSync
+from polargrid_local.server import running
 from polargrid_local.testing import Cassette, CassetteMiss
 
 
-@pytest.fixture(scope="module")
-def fake_engine():
-    engine = LocalEngine(fake=True)
-    yield engine
-    engine.close()
-
-
-@pytest.fixture
-def fake(fake_engine):
-    fake_engine.fake.reset()
-    yield fake_engine.fake
-    fake_engine.fake.reset()
-
-
 def chat(content):
-    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}]}
+    return chat_request(content, model="gpt-4o-mini", max_tokens=None, temperature=None)
 
 
 def test_sync_client_round_trip_with_streams_audio_errors(tmp_path, fake_engine, fake):
@@ -89,8 +75,6 @@ def test_async_client_round_trip(tmp_path, fake_engine, fake):
 
 def test_remote_sdk_recorded_over_http_replays_without_the_server(tmp_path, fake_engine, fake):
     path = tmp_path / "remote.json"
-    server = make_server(fake_engine, ServerConfig(port=0))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     fake.chat.stream("story", ["Once", " upon", " a time"])
 
     async def calls(client):
@@ -98,12 +82,9 @@ def test_remote_sdk_recorded_over_http_replays_without_the_server(tmp_path, fake
         chunks = [c async for c in client.chat_completion_stream(chat("a story"))]
         return reply.choices[0].message.content, [c.model_dump() for c in chunks]
 
-    try:
+    with running(fake_engine) as server:
         remote = polargrid.PolarGrid(base_url=server.url, api_key="test", max_retries=0)
         recorded = asyncio.run(calls(Cassette(path).record(remote)))
-    finally:
-        server.shutdown()
-        server.server_close()
     assert asyncio.run(calls(Cassette(path).replay())) == recorded
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in recorded[1] if c["choices"]) == \
         "Once upon a time"

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import polargrid
+from conftest import CHAT, chat_request
 from polargrid.types import ChatCompletionChunk as SDKChunk
 from polargrid.types import ChatCompletionRequest, ChatCompletionResponse, Message
-
-from conftest import CHAT, chat_request
 
 
 def text_of(chunks) -> str:

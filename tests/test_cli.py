@@ -9,11 +9,11 @@ import threading
 import time
 
 import pytest
-
 from conftest import ROOT
+from test_registry_and_pull import index, make_wheel  # noqa: F401  (a local package index: no network)
+
 from polargrid_local import Registry
 from polargrid_local.cli import main
-from test_registry_and_pull import index, make_wheel  # noqa: F401  (a local package index: no network)
 
 
 def test_show_prints_the_entry_files_template_and_engine_settings(registry, capsys):

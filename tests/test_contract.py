@@ -8,18 +8,17 @@ from __future__ import annotations
 import io
 import json
 import math
-import threading
 
 import av
 import jsonschema
 import openai
 import polargrid
 import pytest
+from conftest import chat_request, word_error_rate
 from polargrid.types import ChatCompletionResponse, CompletionResponse, EmbeddingResponse, TranscriptionResponse
 
-from conftest import word_error_rate
-from polargrid_local import LocalEngine, PolarGridSync
-from polargrid_local.server import ServerConfig, make_server
+from polargrid_local import PolarGridSync
+from polargrid_local.server import running
 from polargrid_local.speech.formats import VerboseTranscriptionResponse
 from polargrid_local.types import ChatCompletionChunk
 
@@ -35,13 +34,6 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
 SPOKEN = "The quick brown fox jumps over the lazy dog."
 
 
-@pytest.fixture(scope="module")
-def fake_engine():
-    engine = LocalEngine(fake=True)
-    yield engine
-    engine.close()
-
-
 @pytest.fixture(params=["real", "fake"])
 def pg(request) -> PolarGridSync:
     engine = request.getfixturevalue("engine" if request.param == "real" else "fake_engine")
@@ -51,8 +43,7 @@ def pg(request) -> PolarGridSync:
 
 
 def chat(content="Write a long story about a dragon.", **extra):
-    return {"model": "smollm2", "messages": [{"role": "user", "content": content}], "max_tokens": 24,
-            "temperature": 0, **extra}
+    return chat_request(content, **{"model": "smollm2", "max_tokens": 24, **extra})
 
 
 def text_of(chunks) -> str:
@@ -200,9 +191,7 @@ def test_transcript_response_formats(pg):
 # -- over HTTP -----------------------------------------------------------------------------
 
 def test_http_facade_answers_and_errors_the_same(pg):
-    server = make_server(pg.engine, ServerConfig(port=0))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with running(pg.engine) as server:
         oai = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
         stream = oai.chat.completions.create(model="smollm2", max_tokens=8, temperature=0, stream=True,
                                              messages=[{"role": "user", "content": "Hello"}])
@@ -211,6 +200,3 @@ def test_http_facade_answers_and_errors_the_same(pg):
             oai.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
         with pytest.raises(openai.BadRequestError):
             oai.chat.completions.create(model="smollm2", messages=[])
-    finally:
-        server.shutdown()
-        server.server_close()

@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
-import threading
 import zipfile
 from pathlib import Path
 
@@ -16,11 +15,11 @@ import polargrid
 import pytest
 
 from polargrid_local import Registry
+from polargrid_local.runtime.memory import gguf_metadata
+from polargrid_local.server import running
 from polargrid_local.store.bert_reference import NumpyBert
 from polargrid_local.store.convert import bert_to_gguf
-from polargrid_local.runtime.memory import gguf_metadata
 from polargrid_local.store.pull import PullError, is_pulled, pull
-from polargrid_local.server import ServerConfig, make_server
 
 ROOT = Path(__file__).resolve().parent.parent
 MINILM = "all-minilm-l6-v2"
@@ -67,11 +66,8 @@ def reference(hf_dir: Path) -> NumpyBert:
 
 @pytest.fixture(scope="module")
 def oai(engine):
-    server = make_server(engine, ServerConfig(port=0))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0), server
-    server.shutdown()
-    server.server_close()
+    with running(engine) as server:
+        yield openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0), server
 
 
 # -- the model ----------------------------------------------------------------------------

@@ -6,7 +6,6 @@ import time
 
 import polargrid
 import pytest
-
 from conftest import CHAT, chat_request
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import polargrid
 import pytest
-
 from conftest import CHAT, MODELS_FILE, SENTENCES
+
 from polargrid_local import LocalEngine, Registry
 from polargrid_local.limits import Limits
 

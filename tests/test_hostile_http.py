@@ -15,18 +15,17 @@ import io
 import json
 import os
 import socket
-import threading
 import uuid
 import wave
 
 import numpy as np
 import pytest
+from conftest import CHAT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import CHAT
 from polargrid_local.limits import Limits
-from polargrid_local.server import ServerConfig, make_server
+from polargrid_local.server import running
 
 _COMMON = dict(deadline=None, derandomize=False, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
@@ -46,11 +45,8 @@ STATUSES: dict[str, dict[int, int]] = {}   # answers, by property and status
 @pytest.fixture(scope="module")
 def server(engine):
     limits = Limits(header_timeout_s=3.0, body_timeout_s=3.0, keep_alive_timeout_s=3.0)
-    srv = make_server(engine, ServerConfig(port=0, limits=limits))
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with running(engine, limits=limits) as srv:
+        yield srv
     COUNTS.pop("_current", None)
     print(f"\nhypothesis examples run ({PROFILE} profile): {COUNTS} total={sum(COUNTS.values())}; "
           f"statuses: { {kind: dict(sorted(t.items())) for kind, t in STATUSES.items()} }")

@@ -5,51 +5,36 @@ of hanging it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-
 from conftest import CHAT, MODELS_FILE
+
 from polargrid_local.limits import Limits
-from polargrid_local.server import ServerConfig, make_server
+from polargrid_local.server import running
 
 KEY = "pg_hardening_key"
 
 
-def start(engine, **config):
-    server = make_server(engine, ServerConfig(port=0, **config))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
 @pytest.fixture
 def servers(engine):
-    started = []
-
-    def make(**config):
-        started.append(start(engine, **config))
-        return started[-1]
-
-    yield make
-    for server in started:
-        server.shutdown()
-        server.server_close()
+    """Start servers with their own settings: ``servers(rate_limit=2)``; all of them stop after the test."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **config: stack.enter_context(running(engine, **config))
 
 
 @pytest.fixture(scope="module")
 def server(engine):
-    srv = start(engine)
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with running(engine) as srv:
+        yield srv
 
 
 def connect(server, timeout=120.0) -> socket.socket:  # generous: a loaded machine is slow, not hung

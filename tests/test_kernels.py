@@ -10,8 +10,14 @@ import numpy as np
 import pytest
 
 from polargrid_local import audio
-from polargrid_local.kernels import (log_mel_spectrogram, log_mel_spectrogram_numpy, resample, resample_numpy,
-                                     to_mono, to_mono_numpy)
+from polargrid_local.kernels import (
+    log_mel_spectrogram,
+    log_mel_spectrogram_numpy,
+    resample,
+    resample_numpy,
+    to_mono,
+    to_mono_numpy,
+)
 from polargrid_local.kernels.resample import Resampler
 
 resample_module = importlib.import_module("polargrid_local.kernels.resample")

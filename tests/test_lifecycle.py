@@ -7,8 +7,8 @@ import urllib.request
 
 import polargrid
 import pytest
-
 from conftest import CHAT, chat_request
+
 from polargrid_local import LocalEngine, Registry
 from polargrid_local.runtime.keep_alive import FOREVER, parse_keep_alive
 
@@ -84,30 +84,25 @@ def test_keep_alive_per_model_in_models_toml(registry, tmp_path):
 
 
 def test_keep_alive_is_accepted_over_http(registry):
-    from polargrid_local.server import ServerConfig, make_server
+    from polargrid_local.server import running
 
     engine = LocalEngine(registry)
-    server = make_server(engine, ServerConfig(host="127.0.0.1", port=0))
-    import threading
-
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        body = json.dumps({"model": EMBED, "input": "over http", "keep_alive": 0}).encode()
-        request = urllib.request.Request(f"{server.url}/v1/embeddings", body, {"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            assert json.load(response)["data"]
-        wait_unloaded(engine, EMBED, timeout=5)
-        bad = urllib.request.Request(f"{server.url}/v1/embeddings",
-                                     json.dumps({"model": EMBED, "input": "x", "keep_alive": "later"}).encode(),
-                                     {"Content-Type": "application/json"})
-        with pytest.raises(urllib.error.HTTPError) as info:
-            urllib.request.urlopen(bad, timeout=60)
-        assert info.value.code == 400 and "keep_alive" in info.value.read().decode()
-        with urllib.request.urlopen(f"{server.url}/v1/models/status", timeout=10) as response:
-            assert "models" in json.load(response)
+        with running(engine) as server:
+            body = json.dumps({"model": EMBED, "input": "over http", "keep_alive": 0}).encode()
+            request = urllib.request.Request(f"{server.url}/v1/embeddings", body, {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as response:
+                assert json.load(response)["data"]
+            wait_unloaded(engine, EMBED, timeout=5)
+            bad = urllib.request.Request(f"{server.url}/v1/embeddings",
+                                         json.dumps({"model": EMBED, "input": "x", "keep_alive": "later"}).encode(),
+                                         {"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(bad, timeout=60)
+            assert info.value.code == 400 and "keep_alive" in info.value.read().decode()
+            with urllib.request.urlopen(f"{server.url}/v1/models/status", timeout=10) as response:
+                assert "models" in json.load(response)
     finally:
-        server.shutdown()
-        server.server_close()
         engine.close()
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import llama_cpp
 import polargrid
 import pytest
-
 from conftest import CHAT, chat_request
+
 from polargrid_local import LocalEngine
 from polargrid_local.host import llama_safety
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import llama_cpp
 import polargrid
 import pytest
-
 from conftest import CHAT, chat_request
+
 from polargrid_local import LocalEngine
 from polargrid_local.host.gpu import resident_bytes
 from polargrid_local.runtime.memory import estimate, gguf_facts, gguf_metadata

@@ -7,10 +7,18 @@ import time
 
 import polargrid
 import pytest
-from polargrid.types import (GPUMemoryResponse, GPUPurgeResponse, GPUStatusResponse, HealthResponse,
-                             ListModelsResponse, ModelInfo, SystemStatus, UsageResponse)
-
 from conftest import CHAT, chat_request
+from polargrid.types import (
+    GPUMemoryResponse,
+    GPUPurgeResponse,
+    GPUStatusResponse,
+    HealthResponse,
+    ListModelsResponse,
+    ModelInfo,
+    SystemStatus,
+    UsageResponse,
+)
+
 from polargrid_local import LocalEngine
 from polargrid_local.host.gpu import NvmlProbe
 

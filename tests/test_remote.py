@@ -20,14 +20,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import CHAT, MODELS_FILE, chat_request
 from polargrid import errors as sdk
 from polargrid import types as sdk_types
 
 from polargrid_local import LocalEngine, Registry
-from polargrid_local.server import ServerConfig, make_server
+from polargrid_local.server import running
 from polargrid_local.server.security import RateLimiter
-
-from conftest import CHAT, MODELS_FILE
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"  # the model keeps counting: a generation that does not stop early
@@ -37,12 +36,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def serve(engine: LocalEngine, **config):
-    server = make_server(engine, ServerConfig(port=0, **config))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
 
 
 def remote_entry(model_id: str, base_url: str, model: str, *, timeout: float = 30, retries: int = 3,
@@ -70,8 +63,7 @@ def registry_with(tmp_path: Path, entries: str, cache_dir: Path) -> Registry:
 
 
 def chat(model: str, content: str = "Write one sentence about cats.", **extra):
-    return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 24,
-            "temperature": 0, **extra}
+    return chat_request(content, **{"model": model, "max_tokens": 24, **extra})
 
 
 # -- the remotes -----------------------------------------------------------------------------
@@ -115,10 +107,8 @@ def remote_engine(registry):
 
 @pytest.fixture(scope="module")
 def remote_facade(remote_engine):
-    server = serve(remote_engine)
-    yield server
-    server.shutdown()
-    server.server_close()
+    with running(remote_engine) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -139,18 +129,14 @@ def blackhole():
 @pytest.fixture(scope="module")
 def limited(remote_engine):
     """A facade in front of the same engine with --rate-limit 2 (its minute starts 1s before its end)."""
-    server = serve(remote_engine, rate_limit=2)
-    yield server
-    server.shutdown()
-    server.server_close()
+    with running(remote_engine, rate_limit=2) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def keyed(remote_engine):
-    server = serve(remote_engine, api_keys=["remote-secret"])
-    yield server
-    server.shutdown()
-    server.server_close()
+    with running(remote_engine, api_keys=["remote-secret"]) as server:
+        yield server
 
 
 class StallingRemote(http.server.BaseHTTPRequestHandler):
@@ -213,34 +199,51 @@ def stalling():
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory, registry, gguf, llama_server, remote_facade, closed_port, blackhole, limited, keyed,
-            stalling, lingering):
-    """Our engine, with remote entries for every remote above (all loopback) and local fallbacks."""
+def working_remotes(llama_server, remote_facade) -> str:
+    """Entries for remotes that answer: llama-cpp-python's server and a second facade (every kind)."""
     far = f"{remote_facade.url}/v1"
+    return (remote_entry("far-llama", llama_server, "smol")
+            + remote_entry("far-chat", far, CHAT)
+            + remote_entry("far-embed", far, "smollm2-135m-embed", kind="embedding")
+            + remote_entry("far-missing", far, "no-such-model")
+            + remote_entry("far-tts", far, "tts-1", kind="tts")
+            + remote_entry("far-stt", far, "whisper-1", kind="stt"))
+
+
+@pytest.fixture(scope="module")
+def failing_remotes(closed_port, blackhole, limited, keyed) -> str:
+    """Entries for remotes that refuse: nothing listening, a black hole, a rate limit, a key; some with fallbacks."""
     dead = f"http://127.0.0.1:{closed_port}/v1"
-    entries = (
-        remote_entry("far-llama", llama_server, "smol")
-        + remote_entry("far-chat", far, CHAT)
-        + remote_entry("far-embed", far, "smollm2-135m-embed", kind="embedding")
-        + remote_entry("far-missing", far, "no-such-model")
-        + remote_entry("far-tts", far, "tts-1", kind="tts")
-        + remote_entry("far-stt", far, "whisper-1", kind="stt")
-        + remote_entry("far-closed", dead, CHAT, timeout=2)
-        + remote_entry("far-closed-fallback", dead, CHAT, timeout=2, fallback=("local-tight",))
-        + remote_entry("far-closed-nowhere", dead, CHAT, timeout=2, fallback=("local-unpulled",))
-        + remote_entry("far-blackhole", blackhole, CHAT, timeout=1, retries=0)
-        + remote_entry("far-limited", f"{limited.url}/v1", "smollm2-135m-embed", kind="embedding", retries=1)
-        + remote_entry("far-limited-once", f"{limited.url}/v1", "smollm2-135m-embed", kind="embedding",
-                       retries=0)
-        + remote_entry("far-keyed", f"{keyed.url}/v1", CHAT, key_env="H13_REMOTE_KEY")
-        + remote_entry("far-stalling", stalling, "m", timeout=60)
-        + remote_entry("far-lingering", lingering, "m", timeout=60)
-        + local_entry("local-tight", gguf, fallback=("far-chat",), extra="n_parallel = 2\nmax_queue = 0")
-        + '[[models]]\nid = "local-unpulled"\nkind = "chat"\nfallback = ["far-chat"]\nentry = "x.gguf"\n'
-          'files = [{ path = "x.gguf", size = 1, pypi = "nothing==0:x.gguf" }]\n\n'
-    )
-    tmp = tmp_path_factory.mktemp("gateway")
-    eng = LocalEngine(registry_with(tmp, entries, registry.cache_dir))
+    return (remote_entry("far-closed", dead, CHAT, timeout=2)
+            + remote_entry("far-closed-fallback", dead, CHAT, timeout=2, fallback=("local-tight",))
+            + remote_entry("far-closed-nowhere", dead, CHAT, timeout=2, fallback=("local-unpulled",))
+            + remote_entry("far-blackhole", blackhole, CHAT, timeout=1, retries=0)
+            + remote_entry("far-limited", f"{limited.url}/v1", "smollm2-135m-embed", kind="embedding", retries=1)
+            + remote_entry("far-limited-once", f"{limited.url}/v1", "smollm2-135m-embed", kind="embedding",
+                           retries=0)
+            + remote_entry("far-keyed", f"{keyed.url}/v1", CHAT, key_env="H13_REMOTE_KEY"))
+
+
+@pytest.fixture(scope="module")
+def misbehaving_remotes(stalling, lingering) -> str:
+    """Entries for the stub remotes: one that stalls mid-stream, one that leaves its body open after [DONE]."""
+    return (remote_entry("far-stalling", stalling, "m", timeout=60)
+            + remote_entry("far-lingering", lingering, "m", timeout=60))
+
+
+@pytest.fixture(scope="module")
+def local_fallbacks(gguf) -> str:
+    """Local models that hand requests on to far-chat: one with a tiny queue, one that is not pulled."""
+    return (local_entry("local-tight", gguf, fallback=("far-chat",), extra="n_parallel = 2\nmax_queue = 0")
+            + '[[models]]\nid = "local-unpulled"\nkind = "chat"\nfallback = ["far-chat"]\nentry = "x.gguf"\n'
+              'files = [{ path = "x.gguf", size = 1, pypi = "nothing==0:x.gguf" }]\n\n')
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, registry, working_remotes, failing_remotes, misbehaving_remotes, local_fallbacks):
+    """Our engine, with remote entries for every remote above (all loopback) and local fallbacks."""
+    entries = working_remotes + failing_remotes + misbehaving_remotes + local_fallbacks
+    eng = LocalEngine(registry_with(tmp_path_factory.mktemp("gateway"), entries, registry.cache_dir))
     yield eng
     eng.close()
 
@@ -637,8 +640,7 @@ def test_offline_guard_fails_fast_without_a_connection(tmp_path, registry, gguf,
 def test_serve_is_a_gateway_with_our_keys_in_front(gateway, remote_facade):
     import openai
 
-    server = serve(gateway, api_keys=["ours"])
-    try:
+    with running(gateway, api_keys=["ours"]) as server:
         own = direct_chat(f"{remote_facade.url}/v1", chat(CHAT))
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="ours", max_retries=0)
         stream = client.chat.completions.create(stream=True, **chat("far-chat"))
@@ -650,17 +652,13 @@ def test_serve_is_a_gateway_with_our_keys_in_front(gateway, remote_facade):
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{server.url}/v1", api_key="theirs", max_retries=0).chat.completions.create(
                 **chat("far-chat"))
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_a_client_leaving_the_gateway_hangs_up_on_a_stalled_remote(gateway):
     """Through the HTTP facade: the client reads the first token, then leaves while the remote is silent. The
     facade's watch thread closes the stream, which interrupts the handler's blocked read and hangs up."""
     StallingRemote.hung_up.clear()
-    server = serve(gateway)
-    try:
+    with running(gateway) as server:
         with socket.create_connection(("127.0.0.1", server.server_address[1])) as sock:
             body = json.dumps({**chat("far-stalling"), "stream": True}).encode()
             sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -672,9 +670,6 @@ def test_a_client_leaving_the_gateway_hangs_up_on_a_stalled_remote(gateway):
                 assert data, "the gateway closed before the first token"
                 received += data
         assert StallingRemote.hung_up.wait(5)     # the remote's own timeout is 60 s
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 # -- speech, where the remote offers it ------------------------------------------------------

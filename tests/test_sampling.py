@@ -7,8 +7,8 @@ less repetitive, measured on the generated tokens, over a few seeds.
 from __future__ import annotations
 
 import pytest
-
 from conftest import CHAT, chat_request
+
 from polargrid_local import LocalEngine
 
 SEEDS = (1, 2)

@@ -11,11 +11,16 @@ import textwrap
 
 import polargrid
 import pytest
-
 from conftest import CHAT, ROOT, chat_request
+
 from polargrid_local.limits import DEFAULT_LIMITS
-from polargrid_local.llm.schemas import (OutputSchema, grammar_nesting, integer_alternatives, render_regex,
-                                         schema_grammar)
+from polargrid_local.llm.schemas import (
+    OutputSchema,
+    grammar_nesting,
+    integer_alternatives,
+    render_regex,
+    schema_grammar,
+)
 
 
 def json_schema(schema, **extra):
@@ -131,10 +136,10 @@ def test_the_payloads_that_crashed_the_process_get_400_and_it_goes_on_serving():
     script = textwrap.dedent(f"""
         import http.client, json, threading, polargrid
         from polargrid_local import LocalEngine, Registry
-        from polargrid_local.server import ServerConfig, make_server
+        from polargrid_local.server import running
         engine = LocalEngine(Registry.load({str(ROOT / 'models.toml')!r}))
-        server = make_server(engine, ServerConfig(port=0))
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        serving = running(engine)
+        server = serving.__enter__()
         for name, payload in json.loads({json.dumps(json.dumps(CRASHERS))}).items():
             try:
                 engine.chat_completion(payload)

@@ -11,28 +11,19 @@ import time
 import openai
 import polargrid
 import pytest
+from conftest import CHAT, SENTENCES, word_error_rate
 from polargrid.types import EmbeddingRequest
 
-from conftest import CHAT, SENTENCES, word_error_rate
 from polargrid_local.host.gpu import NvmlProbe
 from polargrid_local.limits import Limits
-from polargrid_local.server import ServerConfig, make_server
+from polargrid_local.server import running
 from polargrid_local.server.security import RateLimiter
-
-
-def start(engine, **config):
-    server = make_server(engine, ServerConfig(port=0, **config))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    return server
 
 
 @pytest.fixture(scope="module")
 def server(engine):
-    srv = start(engine)
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with running(engine) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -218,8 +209,7 @@ def test_malformed_requests(server):
 
 
 def test_oversized_body_is_refused_unread(engine):
-    srv = start(engine, limits=Limits(max_body_bytes=1000))
-    try:
+    with running(engine, limits=Limits(max_body_bytes=1000)) as srv:
         host, port = srv.server_address[:2]
         with socket.create_connection((host, port), timeout=10) as sock:
             sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n"
@@ -234,15 +224,11 @@ def test_oversized_body_is_refused_unread(engine):
             except ConnectionResetError:  # the server closes with the unread body still queued
                 pass
         assert reply.startswith(b"HTTP/1.1 413") and b"byte limit" in reply
-    finally:
-        srv.shutdown()
-        srv.server_close()
 
 
 def test_api_keys_and_rate_limit(engine):
-    srv = start(engine, api_keys=["pg_secret_one", "pg_secret_two"], rate_limit=3)
-    srv.limiter = RateLimiter(3, clock=lambda: 90.0)  # mid-minute for ever: no window can roll over mid-test
-    try:
+    with running(engine, api_keys=["pg_secret_one", "pg_secret_two"], rate_limit=3) as srv:
+        srv.limiter = RateLimiter(3, clock=lambda: 90.0)  # mid-minute for ever: no window can roll over mid-test
         response, _ = raw(srv, "GET", "/health")
         assert response.status == 200
         response, body = raw(srv, "GET", "/v1/models")
@@ -261,9 +247,6 @@ def test_api_keys_and_rate_limit(engine):
         run(client.list_models())            # this key's third request of the minute
         with pytest.raises(polargrid.RateLimitError):
             run(client.list_models())
-    finally:
-        srv.shutdown()
-        srv.server_close()
 
 
 def test_a_client_that_disconnects_cancels_its_generation(server, engine):

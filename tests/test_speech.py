@@ -9,10 +9,10 @@ import av
 import numpy as np
 import polargrid
 import pytest
-from polargrid.types import TranscriptionResponse, TranscriptionSegment, TranslationResponse
-
 from conftest import SENTENCES, word_error_rate, words
 from espeak import wav_bytes
+from polargrid.types import TranscriptionResponse, TranscriptionSegment, TranslationResponse
+
 from polargrid_local.audio import decode_audio, encode_audio
 
 FORMATS = ["mp3", "opus", "aac", "flac", "wav", "pcm"]

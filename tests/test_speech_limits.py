@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import struct
-import threading
 import tracemalloc
 import uuid
 
@@ -13,8 +12,8 @@ import av
 import numpy as np
 import polargrid
 import pytest
-
 from conftest import SENTENCES
+
 from polargrid_local.audio import decode as decode_module
 from polargrid_local.audio import decode_audio
 from polargrid_local.limits import DEFAULT_LIMITS, Limits
@@ -194,27 +193,25 @@ def _multipart(fields: dict[str, str], audio: bytes) -> tuple[bytes, str]:
 def test_http_answers_speech_mistakes_with_400_naming_the_field(engine, speech_wav):
     import http.client
 
-    from polargrid_local.server import ServerConfig, make_server
+    from polargrid_local.server import running
 
-    server = make_server(engine, ServerConfig(port=0))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    host, port = server.server_address[:2]
+    with running(engine) as server:
+        host, port = server.server_address[:2]
 
-    def post(path, body, content_type):
-        conn = http.client.HTTPConnection(host, port, timeout=120)
-        conn.request("POST", path, body=body, headers={"Content-Type": content_type})
-        response = conn.getresponse()
-        payload = json.loads(response.read() or b"{}")
-        conn.close()
-        return response.status, payload
+        def post(path, body, content_type):
+            conn = http.client.HTTPConnection(host, port, timeout=120)
+            conn.request("POST", path, body=body, headers={"Content-Type": content_type})
+            response = conn.getresponse()
+            payload = json.loads(response.read() or b"{}")
+            conn.close()
+            return response.status, payload
 
-    nan = np.full(4000, np.nan, np.float32)
-    cases = [({"model": "whisper-1", "language": "xx"}, speech_wav, "language"),
-             ({"model": "whisper-1"}, wav(nan, tag=3, bits=32), "file"),
-             ({"model": "whisper-1"}, wav(np.zeros(1600), tag=0x1234), "file"),
-             ({"model": "whisper-1"}, wav(np.zeros(100), 500), "file"),
-             ({"model": "whisper-1", "vad_filter": "maybe"}, speech_wav, "vad_filter")]
-    try:
+        nan = np.full(4000, np.nan, np.float32)
+        cases = [({"model": "whisper-1", "language": "xx"}, speech_wav, "language"),
+                 ({"model": "whisper-1"}, wav(nan, tag=3, bits=32), "file"),
+                 ({"model": "whisper-1"}, wav(np.zeros(1600), tag=0x1234), "file"),
+                 ({"model": "whisper-1"}, wav(np.zeros(100), 500), "file"),
+                 ({"model": "whisper-1", "vad_filter": "maybe"}, speech_wav, "vad_filter")]
         for fields, audio, field in cases:
             body, content_type = _multipart(fields, audio)
             status, payload = post("/v1/audio/transcriptions", body, content_type)
@@ -224,6 +221,3 @@ def test_http_answers_speech_mistakes_with_400_naming_the_field(engine, speech_w
         assert (status, payload["error"]["param"]) == (400, "input"), payload
         body, content_type = _multipart({"model": "whisper-1", "vad_filter": "false"}, speech_wav)
         assert post("/v1/audio/transcriptions", body, content_type)[0] == 200
-    finally:
-        server.shutdown()
-        server.server_close()

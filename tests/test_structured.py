@@ -6,7 +6,6 @@ import json
 import jsonschema
 import polargrid
 import pytest
-
 from conftest import chat_request
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},

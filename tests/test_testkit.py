@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -16,9 +15,10 @@ import jsonschema
 import openai
 import polargrid
 import pytest
+from conftest import chat_request
 
 from polargrid_local import LocalEngine, PolarGrid, PolarGridSync
-from polargrid_local.server import ServerConfig, make_server
+from polargrid_local.server import running
 from polargrid_local.testing import ScriptError
 from polargrid_local.testing.schema import example_for
 
@@ -26,31 +26,19 @@ ROOT = Path(__file__).resolve().parent.parent
 FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
 
 
-@pytest.fixture(scope="module")
-def fake_engine():
-    engine = LocalEngine(fake=True)
-    yield engine
-    engine.close()
-
-
 @pytest.fixture
-def pg(fake_engine):
-    fake_engine.fake.reset()
-    yield PolarGridSync(engine=fake_engine)
-    fake_engine.fake.reset()
+def pg(fake_engine, fake):
+    return PolarGridSync(engine=fake_engine)
 
 
 @pytest.fixture(scope="module")
 def http(fake_engine):
-    server = make_server(fake_engine, ServerConfig(port=0))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with running(fake_engine) as server:
+        yield server
 
 
 def chat(content="Hello", **extra):
-    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}], **extra}
+    return chat_request(content, **{"model": "gpt-4o-mini", "max_tokens": None, "temperature": None, **extra})
 
 
 def text_of(chunks):
@@ -396,24 +384,21 @@ def test_keep_alive_in_a_transcription_form_over_http():
     import urllib.request
 
     engine = LocalEngine(fake=True)
-    server = make_server(engine, ServerConfig(port=0))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        audio = PolarGridSync(engine=engine).text_to_speech({"model": "tts-1", "input": "Hello there.",
-                                                             "voice": "alloy", "response_format": "wav"})
-        boundary = "pgboundary"
-        fields = {"model": "whisper-1", "keep_alive": "7"}
-        body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-                        for k, v in fields.items())
-        body += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
-                 "Content-Type: audio/wav\r\n\r\n").encode() + audio + f"\r\n--{boundary}--\r\n".encode()
-        request = urllib.request.Request(f"{server.url}/v1/audio/transcriptions", body,
-                                         {"Content-Type": f"multipart/form-data; boundary={boundary}"})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            assert json.load(response)["text"] == "Hello there."
-        status = {m.model: m for m in engine.get_model_status().models}
-        assert status["whisper-tiny.en"].keep_alive_s == 7.0
-    finally:
-        server.shutdown()
-        server.server_close()
-        engine.close()
+    with running(engine) as server:
+        try:
+            audio = PolarGridSync(engine=engine).text_to_speech({"model": "tts-1", "input": "Hello there.",
+                                                                 "voice": "alloy", "response_format": "wav"})
+            boundary = "pgboundary"
+            fields = {"model": "whisper-1", "keep_alive": "7"}
+            body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+                            for k, v in fields.items())
+            body += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+                     "Content-Type: audio/wav\r\n\r\n").encode() + audio + f"\r\n--{boundary}--\r\n".encode()
+            request = urllib.request.Request(f"{server.url}/v1/audio/transcriptions", body,
+                                             {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+            with urllib.request.urlopen(request, timeout=30) as response:
+                assert json.load(response)["text"] == "Hello there."
+            status = {m.model: m for m in engine.get_model_status().models}
+            assert status["whisper-tiny.en"].keep_alive_s == 7.0
+        finally:
+            engine.close()

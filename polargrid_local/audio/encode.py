@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import struct
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,8 @@ class StreamEncoder:
                           field="response_format")
         self.format, self.sample_rate = fmt, sample_rate
         self._header_sent = False
-        self._container = self._stream = None
+        self._container: Any = None   # PyAV's output container and audio stream (None for pcm and wav)
+        self._stream: Any = None
         if fmt in _CODECS:
             import av
 

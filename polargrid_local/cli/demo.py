@@ -47,6 +47,7 @@ async def _demo(models, cache_dir) -> int:
         print(f"\nspeech> {sentence!r} -> {out} ({len(audio)} bytes, {time.perf_counter() - started:.2f}s)")
         started = time.perf_counter()
         heard = await client.transcribe(out, {"model": "whisper-1", "response_format": "verbose_json"})
+        assert not isinstance(heard, str)
         print(f"transcribe> {heard.text!r} (language {heard.language}, {heard.duration:.1f}s of audio, "
               f"{time.perf_counter() - started:.2f}s)")
     return 0

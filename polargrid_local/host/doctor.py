@@ -41,7 +41,8 @@ def check_llama_build() -> list[Check]:
     except Exception as exc:
         return [Check("llama.cpp build", FAIL, f"llama-cpp-python does not import: {exc}", f"run `{FIX}`")]
     flags = cpu_flags()
-    on = {name.strip() for name, value in (p.split("=", 1) for p in _features(found.system_info)) if value.strip() == "1"}
+    on = {name.strip() for name, value in (p.split("=", 1) for p in _features(found.system_info))
+          if value.strip() == "1"}
     missing = sorted(f for f in on if f in BUILD_FEATURES and flags and BUILD_FEATURES[f] not in flags)
     checks = []
     if missing:
@@ -53,7 +54,8 @@ def check_llama_build() -> list[Check]:
                             + ("models load with use_extra_bufts=False (safe, slower)" if status == WARN
                                else "loading a model would crash the process"), f"run `{FIX}`"))
     else:
-        checks.append(Check("llama.cpp build", OK, "flags match this CPU: " + ", ".join(sorted(on & set(BUILD_FEATURES)))))
+        matched = ", ".join(sorted(on & set(BUILD_FEATURES)))
+        checks.append(Check("llama.cpp build", OK, "flags match this CPU: " + matched))
     return checks
 
 
@@ -89,7 +91,8 @@ def check_numba_cache() -> Check:
     import importlib.util
 
     kernels = importlib.util.find_spec("polargrid_local.kernels")  # numba caches beside the kernels' sources
-    beside = Path(next(iter(kernels.submodule_search_locations))) if kernels else Path(__file__).parent.parent / "kernels"
+    locations = list(kernels.submodule_search_locations or []) if kernels else []
+    beside = Path(locations[0]) if locations else Path(__file__).parent.parent / "kernels"
     path = Path(os.environ.get("NUMBA_CACHE_DIR") or beside / "__pycache__")
     probe = path
     while not probe.exists() and probe != probe.parent:  # numba creates the folder: its parent must be writable

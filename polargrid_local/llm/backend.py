@@ -8,50 +8,14 @@ import codecs
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .generation import DEFAULT_SEED, SamplingParams, StopMatcher, TextDelta
+
 logger = logging.getLogger("polargrid_local")
-
-DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp: pick a random seed
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick each next token. temperature 0 is greedy."""
-
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 40
-    min_p: float = 0.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    grammar: Any = None  # constraints.Grammar: its .gbnf is the llama.cpp grammar
-
-
-@dataclass(frozen=True)
-class TextDelta:
-    """A piece of generated text. The last one of a generation carries finish_reason and counts."""
-
-    text: str
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    index: int = 0
-
-
-@dataclass(frozen=True)
-class Started:
-    """The prompt was accepted (it fits the context); generation of choice ``index`` begins."""
-
-    prompt_tokens: int
-    index: int = 0
-
 
 def available_cpus() -> int:
     try:
@@ -89,7 +53,7 @@ class LlamaBackend:
         self.normalize = normalize
         self.chat_template = chat_template or self.llama.metadata.get("tokenizer.chat_template")
         self._vocab = self.llama._model.vocab
-        self._formatter = None
+        self._formatter: Any = None
         self.tokens_generated = 0  # lifetime count; shows that abandoned streams really stop
 
     # -- facts ---------------------------------------------------------------------------
@@ -130,7 +94,7 @@ class LlamaBackend:
 
     @property
     def template_mentions_tools(self) -> bool:
-        return bool(self.chat_template) and "tool" in self.chat_template
+        return "tool" in (self.chat_template or "")
 
     def _token_text(self, token: int) -> str:
         if token < 0:
@@ -159,7 +123,7 @@ class LlamaBackend:
         room = self.n_ctx - len(prompt_tokens)
         budget = min(max_tokens, room)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        held = _StopMatcher(stop)
+        held = StopMatcher(stop)
         history = list(prompt_tokens)
         produced = 0
         finish = "length"
@@ -216,36 +180,3 @@ class LlamaBackend:
 
     def close(self) -> None:
         self.llama.close()
-
-
-class _StopMatcher:
-    """Holds back text that might be the start of a stop sequence."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.buffer = ""
-        self.hit = False
-
-    def feed(self, piece: str) -> tuple[str, bool]:
-        if not self.stops:
-            return piece, False
-        self.buffer += piece
-        positions = [(self.buffer.find(s), s) for s in self.stops]
-        found = [(i, s) for i, s in positions if i >= 0]
-        if found:
-            index = min(i for i, _ in found)
-            visible, self.buffer, self.hit = self.buffer[:index], "", True
-            return visible, True
-        keep = 0
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(self.buffer)), 0, -1):
-                if self.buffer.endswith(stop[:n]):
-                    keep = max(keep, n)
-                    break
-        visible = self.buffer[: len(self.buffer) - keep]
-        self.buffer = self.buffer[len(visible):]
-        return visible, False
-
-    def flush(self, tail: str) -> str:
-        out, self.buffer = self.buffer + tail, ""
-        return out

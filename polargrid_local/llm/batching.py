@@ -1,6 +1,6 @@
-"""Continuous batching: every active request of a model advances in one llama.cpp decode per step.
+"""Continuous batching: every active request of a model advances in one decode per step.
 
-Each request gets a sequence id (a slot) in one shared context. A step puts one token per
+Each request gets a sequence id (a slot) in one shared context (decoder.py). A step puts one token per
 generating sequence into the batch, fills the rest with prompt chunks of sequences still
 prefilling, decodes once, and samples each sequence with its own llama.cpp sampler chain
 (penalties, grammar, top-k/p, min-p, temperature, seeded dist). A slot keeps its KV cells after
@@ -10,15 +10,13 @@ prompt) evaluates only its new tokens. Each sequence has its own KV cells (kv_un
 from __future__ import annotations
 
 import codecs
-import ctypes
 import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import invalid
-from ..runtime.channel import ResultStream
-from .backend import DEFAULT_SEED, SamplingParams, Started, TextDelta, _StopMatcher
+from .decoder import BatchEntry, Decoder, LlamaDecoder
+from .generation import SamplingParams, Started, StopMatcher, TextDelta
 
 logger = logging.getLogger("polargrid_local")
 
@@ -33,7 +31,7 @@ class PromptJob:
     params: SamplingParams
     max_tokens: int
     stops: list[str]
-    stream: ResultStream[Any]
+    stream: Any   # the request's ResultStream: this prompt's events are pushed to it
     index: int = 0
     siblings: list[int] = field(default_factory=lambda: [1])  # prompts of this request still running
     ctx: Any = None  # the request's JobContext: its queue time ends when a prompt gets a slot
@@ -49,44 +47,29 @@ class _Slot:
     produced: int = 0
     budget: int = 0
     sampler: Any = None
-    decoder: Any = None
-    stops: _StopMatcher | None = None
+    utf8: Any = None                                  # the incremental UTF-8 decoder of its text
+    stops: StopMatcher | None = None
+    awaiting: bool = False                            # its last sample had no token yet (a paced source)
+    sample_index: int = 0
 
 
 class BatchScheduler:
-    """Owns a multi-sequence llama.cpp context; runs on the model's worker thread only."""
+    """The slot lifecycle of one model's requests over a ``Decoder``; runs on the model's worker thread only.
 
-    def __init__(self, llama, *, n_parallel: int, n_ctx_per_seq: int, n_batch: int, n_threads: int,
+    The decoder is the model (llama.cpp's context, or the test kit's scripted one): this class decides what
+    goes into each batch, samples each sequence with its own sampler, matches stops, enforces budgets and
+    hands each request its events.
+    """
+
+    def __init__(self, decoder: Decoder, *, n_parallel: int, n_ctx_per_seq: int, n_batch: int,
                  prefill_chunk: int = 64) -> None:
-        import llama_cpp as L
-
-        self.L = L
-        self.llama = llama
+        self.decoder = decoder
         self.n_parallel = n_parallel
         self.n_ctx_per_seq = n_ctx_per_seq
         self.n_batch = n_batch
         self.prefill_chunk = prefill_chunk
-        params = L.llama_context_default_params()
-        params.n_ctx = n_ctx_per_seq * n_parallel
-        params.n_batch = n_batch
-        params.n_ubatch = min(n_batch, 512)
-        params.n_seq_max = n_parallel
-        params.n_threads = params.n_threads_batch = n_threads
-        # Each sequence gets its own n_ctx_per_seq cells: its attention never sees another's cache,
-        # so its numbers (and a seeded request's text) do not depend on what else is cached.
-        params.kv_unified = False
-        params.no_perf = True
-        self.ctx = L.llama_init_from_model(llama._model.model, params)
-        if not self.ctx:
-            raise RuntimeError("llama.cpp could not create the batched context (memory?)")
-        self.capacity = L.llama_n_ctx(self.ctx)
-        self.memory = L.llama_get_memory(self.ctx)
-        self.vocab = llama._model.vocab
-        self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
-        self.batch = L.llama_batch_init(max(n_batch, n_parallel), 0, 1)
         self.slots = [_Slot(i) for i in range(n_parallel)]
         self.waiting: deque[PromptJob] = deque()
-        self._piece = ctypes.create_string_buffer(256)
         self.tokens_generated = 0
         self.prompt_tokens_evaluated = 0
         self.prompt_tokens_borrowed = 0
@@ -100,6 +83,11 @@ class BatchScheduler:
     @property
     def active(self) -> int:
         return sum(1 for s in self.slots if s.job is not None)
+
+    @property
+    def queued(self) -> int:
+        """Prompts admitted but waiting for a slot."""
+        return len(self.waiting)
 
     def admit(self, job: PromptJob) -> None:
         self.waiting.append(job)
@@ -124,20 +112,21 @@ class BatchScheduler:
             common = min(_common_prefix(slot.cached, job.tokens), len(job.tokens) - 1) if reuse else 0
             if reuse:
                 common = self._borrow_prefix(slot, job.tokens, common)
-            if not self.L.llama_memory_seq_rm(self.memory, slot.seq_id, common, -1):
+            if not self.decoder.truncate(slot.seq_id, common):
                 # some caches (recurrent, sliding-window) cannot drop a tail: start the sequence afresh
-                self.L.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+                self.decoder.clear(slot.seq_id)
                 common = 0
             slot.cached = slot.cached[:common]
             try:
-                slot.sampler = self._sampler(job.params)
+                slot.sampler = self.decoder.sampler(job.params, job.tokens)
             except BaseException as exc:
                 job.stream.finish(exc)
                 continue
             slot.job, slot.pending, slot.next_token, slot.produced = job, job.tokens[common:], None, 0
+            slot.awaiting = False
             slot.budget = min(job.max_tokens, self.n_ctx_per_seq - len(job.tokens))
-            slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            slot.stops = _StopMatcher(job.stops)
+            slot.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            slot.stops = StopMatcher(job.stops)
             self._push(slot, Started(prompt_tokens=len(job.tokens), index=job.index))
 
     def _borrow_prefix(self, slot: _Slot, tokens: list[int], common: int) -> int:
@@ -150,48 +139,28 @@ class BatchScheduler:
         if shared < common + MIN_BORROW:
             return common
         # Across KV streams llama.cpp copies whole buffers only; the tail is trimmed right after.
-        self.L.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
-        self.L.llama_memory_seq_cp(self.memory, donor.seq_id, slot.seq_id, -1, -1)
+        self.decoder.clear(slot.seq_id)
+        self.decoder.copy(donor.seq_id, slot.seq_id)
         slot.cached = list(donor.cached)
         self.prompt_tokens_borrowed += shared
         return shared
 
-    def _sampler(self, p: SamplingParams):
-        L = self.L
-        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-        if p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(
-                self.n_vocab, 64, p.repetition_penalty, p.frequency_penalty, p.presence_penalty))
-        if p.grammar:
-            grammar = L.llama_sampler_init_grammar(self.vocab, p.grammar.gbnf.encode(), b"root")
-            if not grammar:
-                L.llama_sampler_free(chain)
-                raise invalid("the grammar for this request could not be parsed by llama.cpp")
-            L.llama_sampler_chain_add(chain, grammar)
-        if p.temperature <= 0:
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
-        else:
-            if p.top_k > 0:
-                L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(p.top_k))
-            if p.top_p < 1.0:
-                L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(p.top_p, 1))
-            if p.min_p > 0:
-                L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(p.min_p, 1))
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(p.temperature))
-            seed = DEFAULT_SEED if p.seed is None else p.seed & 0xFFFFFFFF
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed))
-        return chain
-
     # -- one step ------------------------------------------------------------------------
 
-    def step(self) -> None:
-        """Admit waiting requests, decode one batch, sample, and hand each request its text."""
+    def step(self) -> bool:
+        """Admit waiting requests, decode one batch, sample, and hand each request its text. False when
+        nothing could advance (every active sequence waits on a paced source)."""
         for slot in self.slots:
             if slot.job is not None and slot.job.stream.cancelled:
                 self._release(slot, finish=None)
         self._assign()
+        advanced = False
+        for slot in self.slots:   # sequences whose last sample had no token yet: ask again
+            if slot.job is not None and slot.awaiting:
+                advanced = self._sample(slot, slot.sample_index) or advanced
         generating = [s for s in self.slots if s.job is not None and s.next_token is not None]
-        entries: list[tuple[int, int, int, bool]] = [(s.seq_id, s.next_token, len(s.cached), True) for s in generating]
+        entries = [BatchEntry(s.seq_id, s.next_token, len(s.cached), True) for s in generating
+                   if s.next_token is not None]
         prefill: list[tuple[_Slot, list[int]]] = []
         waiting_first = sum(1 for s in self.slots if s.job is not None and s.pending)
         # Several prompts at once: small chunks, in order, so the first ones start streaming early
@@ -206,23 +175,20 @@ class BatchScheduler:
             chunk = slot.pending[:room]
             ends = len(chunk) == len(slot.pending)
             start = len(slot.cached)
-            entries += [(slot.seq_id, tok, start + i, ends and i == len(chunk) - 1) for i, tok in enumerate(chunk)]
+            entries += [BatchEntry(slot.seq_id, tok, start + i, ends and i == len(chunk) - 1)
+                        for i, tok in enumerate(chunk)]
             prefill.append((slot, chunk))
             room -= len(chunk)
         if not entries:
-            return
-        batch = self.batch
-        for i, (seq_id, token, pos, logits) in enumerate(entries):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
-            batch.seq_id[i][0], batch.logits[i] = seq_id, logits
-        batch.n_tokens = len(entries)
-        code = self.L.llama_decode(self.ctx, batch)
-        if code != 0:
-            self._fail_all(RuntimeError(f"llama_decode returned {code}"))
-            return
+            return advanced
+        try:
+            self.decoder.decode(entries)
+        except Exception as exc:
+            self.fail_all(exc)
+            return True
         to_sample = []
         for i, slot in enumerate(generating):
-            slot.cached.append(slot.next_token)
+            slot.cached.append(slot.next_token)  # type: ignore[arg-type]  # generating slots have one
             slot.next_token = None
             to_sample.append((slot, i))
         offset = len(generating)
@@ -236,31 +202,55 @@ class BatchScheduler:
         for slot, index in to_sample:
             if slot.job is not None:
                 self._sample(slot, index)
+        return True
 
-    def _sample(self, slot: _Slot, index: int) -> None:
-        L = self.L
-        token = L.llama_sampler_sample(slot.sampler, self.ctx, index)
-        if L.llama_vocab_is_eog(self.vocab, token):
-            self._release(slot, finish="stop")
+    def _sample(self, slot: _Slot, index: int) -> bool:
+        """Sample the slot's next tokens and hand on their text; False when the source had none yet."""
+        assert slot.job is not None
+        try:
+            tokens = self.decoder.sample(slot.sampler, index)
+        except Exception as exc:   # this sequence's failure ends its request only
+            slot.job.stream.finish(exc)
+            self._release(slot, finish=None)
+            return True
+        slot.awaiting, slot.sample_index = not tokens, index
+        if tokens:
+            self._emit(slot, tokens)
+        return bool(tokens)
+
+    def _emit(self, slot: _Slot, tokens: list[int]) -> None:
+        """The sequence's new tokens, in order: counted against its budget, matched against its stops, their
+        text handed on in one piece. The last one is decoded at the next step (the others are in the cache)."""
+        job, stops = slot.job, slot.stops
+        assert job is not None and stops is not None
+        text, finish, flush = "", None, True
+        for token in tokens:
+            if self.decoder.is_end(token):
+                finish = "stop"
+                break
+            slot.produced += 1
+            self.tokens_generated += 1
+            visible, hit = stops.feed(slot.utf8.decode(self.decoder.piece(token)))
+            text += visible
+            if hit:
+                finish, flush = "stop", False
+                break
+            if slot.produced >= slot.budget:
+                finish = "length"
+                break
+        if text:
+            self._push(slot, TextDelta(text, index=job.index))
+        if finish is not None:
+            self._release(slot, finish=finish, flush=flush)
             return
-        slot.produced += 1
-        self.tokens_generated += 1
-        n = L.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
-        text = slot.decoder.decode(self._piece.raw[:max(0, n)])
-        visible, hit = slot.stops.feed(text)
-        if visible:
-            self._push(slot, TextDelta(visible, index=slot.job.index))
-        if hit:
-            self._release(slot, finish="stop", flush=False)
-        elif slot.produced >= slot.budget:
-            self._release(slot, finish="length")
-        else:
-            slot.next_token = token
+        slot.cached.extend(tokens[:-1])
+        slot.next_token = tokens[-1]
 
     def _release(self, slot: _Slot, finish: str | None, flush: bool = True) -> None:
         job = slot.job
+        assert job is not None and slot.stops is not None
         if finish is not None:
-            tail = slot.stops.flush(slot.decoder.decode(b"", final=True)) if flush else ""
+            tail = slot.stops.flush(slot.utf8.decode(b"", final=True)) if flush else ""
             if tail:
                 self._push(slot, TextDelta(tail, index=job.index))
             self._push(slot, TextDelta("", finish_reason=finish, prompt_tokens=len(job.tokens),
@@ -269,26 +259,28 @@ class BatchScheduler:
         if job.siblings[0] <= 0 or finish is None:
             job.stream.finish()
         slot.pending = []  # a request stopped mid-prompt keeps only the tokens evaluated
-        self.L.llama_sampler_free(slot.sampler)
-        slot.job, slot.sampler, slot.next_token = None, None, None
+        self.decoder.free_sampler(slot.sampler)
+        slot.job, slot.sampler, slot.next_token, slot.awaiting = None, None, None, False
 
     def _push(self, slot: _Slot, item: Any) -> None:
+        assert slot.job is not None
         try:
             slot.job.stream.push(item)
         except Exception:  # the reader left; the next step releases the slot
             pass
 
-    def _fail_all(self, exc: BaseException) -> None:
+    def fail_all(self, exc: BaseException) -> None:
+        """End every running request with ``exc`` and forget what their sequences held (a failed step)."""
         for slot in self.slots:
             if slot.job is not None:
                 job = slot.job
                 job.stream.finish(exc)
                 self._release(slot, finish=None)
-                self.L.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+                self.decoder.clear(slot.seq_id)
                 slot.cached = []
 
     def close(self, error: BaseException | None = None) -> None:
-        """Free the context; requests still here end with ``error`` (the engine cut them short), never cleanly."""
+        """Free the model context; requests still here end with ``error`` (the engine cut them short), never cleanly."""
         if error is None:
             from ..errors import ServerError
 
@@ -300,10 +292,7 @@ class BatchScheduler:
                 self._release(slot, finish=None)
         while self.waiting:
             self.waiting.popleft().stream.finish(error)
-        if self.ctx:
-            self.L.llama_batch_free(self.batch)
-            self.L.llama_free(self.ctx)
-            self.ctx = None
+        self.decoder.close()
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -324,8 +313,9 @@ class BatchedLlamaBackend:
 
         # The high-level Llama's own context serves tokenizing only; generation has its own.
         self.base = LlamaBackend(path, n_ctx=256, n_batch=min(n_batch, 256), **llama_settings)
-        self.scheduler = BatchScheduler(self.base.llama, n_parallel=n_parallel, n_ctx_per_seq=n_ctx,
-                                        n_batch=n_batch, n_threads=self.base.n_threads)
+        decoder = LlamaDecoder(self.base.llama, n_parallel=n_parallel, n_ctx_per_seq=n_ctx, n_batch=n_batch,
+                               n_threads=self.base.n_threads)
+        self.scheduler = BatchScheduler(decoder, n_parallel=n_parallel, n_ctx_per_seq=n_ctx, n_batch=n_batch)
         self.max_queue = max_queue
         self.n_parallel = n_parallel
         self.n_ctx = n_ctx

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterable
 
 from polargrid.types import (
@@ -22,14 +21,10 @@ from polargrid.types import (
     ToolCallFunction,
 )
 
-from ..types import ChatCompletionChunk, CompletionChunk
-from .backend import Started, TextDelta
+from ..types import ChatCompletionChunk, CompletionChunk, new_id
 from .constraints import ToolPlan, parse_tool_call
+from .generation import Started, TextDelta
 from .schemas import OutputSchema
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
 class ChatChunker:
@@ -55,7 +50,8 @@ class ChatChunker:
         self.output = output
         self._content: list[str] = []
 
-    def _chunk(self, delta: ChatDelta | None, finish: str | None = None, usage: TokenUsage | None = None) -> ChatCompletionChunk:
+    def _chunk(self, delta: ChatDelta | None, finish: str | None = None,
+               usage: TokenUsage | None = None) -> ChatCompletionChunk:
         choices = [] if delta is None else [ChatCompletionChunkChoice(index=0, delta=delta, finish_reason=finish)]
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
 
@@ -68,6 +64,7 @@ class ChatChunker:
         if self._holding and text:
             self._held += text
             lead = self._held.lstrip()
+            assert self.plan is not None   # only a request with tools holds text back
             if lead and not lead.startswith("{") and not self.plan.required:
                 text, self._held, self._holding = self._held, "", False
             else:
@@ -108,6 +105,7 @@ class ChatChunker:
     def _checked_calls(self, held: str, finish: str | None) -> list[ToolCall] | None:
         """The call in the held text, its arguments validated; None (text) when max_tokens cut it short."""
         calls = parse_tool_call(held, self.tools)
+        assert self.plan is not None
         if calls:
             name = calls[0].function.name
             schema = self.plan.arguments.get(name, OutputSchema({}, "tool_choice"))
@@ -180,7 +178,8 @@ class CompletionChunker:
         if event.finish_reason:
             self.completion_tokens[event.index] = event.completion_tokens
             prompt, completion = sum(self.prompt_tokens.values()), sum(self.completion_tokens.values())
-            self.usage = TokenUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+            self.usage = TokenUsage(prompt_tokens=prompt, completion_tokens=completion,
+                                    total_tokens=prompt + completion)
             if self.include_usage and len(self.completion_tokens) == self.prompts_total:
                 out.append(self._chunk([], usage=self.usage))
         return out

@@ -104,7 +104,8 @@ def plan_tools(tools: list[ChatTool] | None, tool_choice: Any, limits: Limits = 
         if not chosen:
             raise invalid(f"tool_choice names {name!r}, which is not among the tools ({', '.join(names)})")
     elif choice not in ("auto", "required"):
-        raise invalid("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}")
+        raise invalid("tool_choice must be 'none', 'auto', 'required' or "
+                      "{'type': 'function', 'function': {'name': ...}}")
     arguments = {t.function.name: _arguments_schema(t, tools.index(t), limits) for t in chosen}
     call_schema = {"anyOf": [_call_schema(t) for t in chosen]} if len(chosen) > 1 else _call_schema(chosen[0])
     call_limits = dataclasses.replace(

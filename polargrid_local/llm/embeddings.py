@@ -9,7 +9,7 @@ import numpy as np
 from polargrid.types import EmbeddingRequest
 
 from ..errors import invalid
-from ..runtime.worker import JobContext
+from ..runtime.interfaces import Job, JobContext
 from .backend import LlamaBackend
 
 ENCODINGS = ("float", "base64")
@@ -64,8 +64,8 @@ def shorten(vectors: list[list[float]], dimensions: int) -> list[list[float]]:
     return out
 
 
-def embedding_job(plan: EmbeddingPlan, model_id: str, batch: int = 16):
-    """The function a worker runs: one vector per input in order, and the tokens read. It embeds ``batch``
+def embedding_job(plan: EmbeddingPlan, model_id: str, batch: int = 16) -> Job:
+    """What a worker runs: one vector per input in order, and the tokens read. It embeds ``batch``
     inputs per llama.cpp call, so an unload or a time limit stops a long request between calls."""
 
     def run(backend: LlamaBackend, ctx: JobContext) -> Iterator[tuple[list[list[float]], int]]:
@@ -89,4 +89,4 @@ def embedding_job(plan: EmbeddingPlan, model_id: str, batch: int = 16):
             vectors = shorten(vectors, plan.dimensions)
         yield vectors, count
 
-    return run
+    return Job(run)

@@ -10,10 +10,11 @@ from polargrid.types import ChatCompletionRequest, CompletionRequest, Message
 
 from ..errors import check_text, invalid
 from ..limits import DEFAULT_LIMITS, Limits
-from ..runtime.worker import JobContext
-from .backend import LlamaBackend, SamplingParams, Started, TextDelta
+from ..runtime.interfaces import Job, JobContext
+from .backend import LlamaBackend
 from .batching import PromptJob
 from .constraints import Grammar, ToolPlan, plan_tools, response_format_grammar
+from .generation import SamplingParams, Started, TextDelta
 from .schemas import OutputSchema
 
 DEFAULT_TOP_K = 40
@@ -192,8 +193,8 @@ def fit_prompt(tokens: list[int], backend: LlamaBackend, model_id: str, index: i
                       f"{backend.n_ctx} tokens; shorten the input", field="messages", prompt_tokens=len(tokens))
 
 
-def chat_job(plan: ChatPlan, model_id: str):
-    """The function a worker runs for one chat request."""
+def chat_job(plan: ChatPlan, model_id: str) -> Job:
+    """What a worker runs for one chat request."""
 
     def run(backend, ctx: JobContext):
         try:
@@ -206,12 +207,12 @@ def chat_job(plan: ChatPlan, model_id: str):
             return [PromptJob(tokens, plan.params, plan.max_tokens, plan.stop, ctx.stream, ctx=ctx)]
         return _plain(backend, ctx, [tokens], plan.params, plan.max_tokens, plan.stop)
 
-    run.batched = True
-    return run
+    return Job(run, batched=True)
 
 
-def completion_job(prompts: list[str], params: SamplingParams, max_tokens: int, stop: list[str], model_id: str):
-    """The function a worker runs for one completion request (one choice per prompt)."""
+def completion_job(prompts: list[str], params: SamplingParams, max_tokens: int, stop: list[str], model_id: str
+                   ) -> Job:
+    """What a worker runs for one completion request (one choice per prompt; each takes a slot)."""
 
     def run(backend, ctx: JobContext):
         encoded = [backend.tokenize(p, add_bos=True, special=False) for p in prompts]
@@ -223,9 +224,7 @@ def completion_job(prompts: list[str], params: SamplingParams, max_tokens: int, 
                     for index, tokens in enumerate(encoded)]
         return _plain(backend, ctx, encoded, params, max_tokens, stop)
 
-    run.batched = True
-    run.cost = len(prompts)  # each prompt takes a slot: it counts against the model's queue
-    return run
+    return Job(run, cost=len(prompts), batched=True)
 
 
 def _plain(backend: LlamaBackend, ctx: JobContext, encoded: list[list[int]], params: SamplingParams,

@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeGuard
 
 from ..errors import invalid
 from ..limits import DEFAULT_LIMITS, Limits
@@ -32,7 +32,7 @@ _INTEGER_DIGITS = 16          # an integer with one open bound gets at most this
 _GRAMMAR_INTEGER_LIMIT = 10 ** 18  # wider bounds are left to the check after generation
 
 
-def _number(value: Any) -> bool:
+def _number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -74,8 +74,8 @@ def check_limits(schema: Any, field: str, limits: Limits) -> None:
                     raise invalid(f"{field}: {low} {node[low]} is greater than {high} {node[high]} at "
                                   f"{_pointer(path)}; nothing can satisfy it", field=field, path=_pointer(path))
             if node.get("type") == "integer":
-                low, high = integer_bounds(node)
-                if low is not None and high is not None and low > high:
+                lowest, highest = integer_bounds(node)
+                if lowest is not None and highest is not None and lowest > highest:
                     raise invalid(f"{field}: no integer lies within the bounds at {_pointer(path)}", field=field,
                                   path=_pointer(path))
             if isinstance(node.get("properties"), dict):
@@ -137,7 +137,8 @@ Atom = tuple  # ("lit", "12") | ("cls", "3", "7") | ("any", n): n digits
 
 def integer_bounds(schema: dict[str, Any]) -> tuple[int | None, int | None]:
     """The smallest and largest integer the schema allows (None: open), from any draft's keywords."""
-    low = high = None
+    low: int | None = None
+    high: int | None = None
     minimum, maximum = schema.get("minimum"), schema.get("maximum")
     if _number(minimum):
         low = math.floor(minimum) + 1 if schema.get("exclusiveMinimum") is True else math.ceil(minimum)
@@ -157,7 +158,7 @@ def _same_length(low: str, high: str) -> Iterator[list[Atom]]:
     if low == high:
         yield [("lit", low)] if low else []
         return
-    common = next(i for i, (a, b) in enumerate(zip(low, high)) if a != b)
+    common = next(i for i, (a, b) in enumerate(zip(low, high, strict=False)) if a != b)
     head = [("lit", low[:common])] if common else []
     a, b, rest = low[common], high[common], len(low) - common - 1
     low_rest, high_rest = low[common + 1:], high[common + 1:]
@@ -215,6 +216,7 @@ def _grammar_range(schema: dict[str, Any]) -> tuple[int, int] | None:
     if low is None and high is None:
         return None
     if low is None:
+        assert high is not None
         low = -(10 ** max(_INTEGER_DIGITS, len(str(abs(high))) + 1) - 1)
     if high is None:
         high = 10 ** max(_INTEGER_DIGITS, len(str(abs(low))) + 1) - 1

@@ -24,12 +24,14 @@ from ..host import offline as offline_guard
 from ..runtime.pulled import run_at
 from ..store.registry import ModelSpec
 from .errors import error_for_status, error_in_stream, retry_after_seconds
+from .forward import Forward
 from .sse import SSEFormatError, sse_payloads
 from .worker import RemoteWorker
 
 logger = logging.getLogger("polargrid_local")
 
 FIRST_BACKOFF = 0.25   # seconds before the first retry; doubles each time
+BYTES_CHUNK = 16 * 1024  # bytes read at a time from a streamed binary answer (speech)
 PROBE_TIMEOUT = 2.0    # seconds a health probe may take
 
 
@@ -131,22 +133,31 @@ class RemoteBackend:
             time.sleep(wait)
             attempt += 1
 
-    def json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST a JSON body and read the whole JSON answer."""
-        response = self.send("POST", path, json=body)
+    def open(self, forward: Forward) -> ResponseItems:
+        """Send ``forward`` now (so a refusal is raised here, where fallback can act) and return its reply's
+        items, read later by whoever reads the request's stream."""
+        forward.where = self.where
+        if forward.form is not None:
+            form = {**forward.form, "model": self.remote.model}
+            response = self.send("POST", forward.path, data=form, files=forward.files)
+        else:
+            body = {**(forward.body or {}), "model": self.remote.model}
+            if forward.reply == "events":
+                body.update(stream=True, stream_options={"include_usage": True})
+            response = self.send("POST", forward.path, json=body)
+        if forward.reply == "events":
+            return self.payloads(response)
+        if forward.reply == "bytes":
+            return self.raw(response, BYTES_CHUNK)
+        items = ResponseItems(response)
+        items.start(self._body(response))
+        return items
+
+    def _body(self, response: httpx.Response) -> Iterator[bytes]:
         try:
-            data = response.read()
+            yield response.read()
         except httpx.HTTPError as exc:
             raise self._lost(exc) from exc
-        finally:
-            response.close()
-        try:
-            parsed = httpx.Response(200, content=data).json()
-        except ValueError:
-            raise sdk.ServerError(f"remote {self.where} answered {path} with something other than JSON", 502) from None
-        if not isinstance(parsed, dict):
-            raise sdk.ServerError(f"remote {self.where} answered {path} with JSON that is not an object", 502)
-        return parsed
 
     def payloads(self, response: httpx.Response) -> ResponseItems:
         """The JSON payloads of a streamed answer. Closing them closes the HTTP connection, which is how
@@ -155,7 +166,7 @@ class RemoteBackend:
         items.start(self._payloads(response, items))
         return items
 
-    def bytes(self, response: httpx.Response, chunk: int) -> ResponseItems:
+    def raw(self, response: httpx.Response, chunk: int) -> ResponseItems:
         """The body of a streamed answer (audio), ``chunk`` bytes at a time as they arrive."""
         items = ResponseItems(response)
         items.start(self._bytes(response, chunk))
@@ -296,6 +307,9 @@ def _reason(exc: Exception) -> str:
     return text
 
 
-def remote_factory(spec: ModelSpec, path: str, overrides: dict[str, Any]) -> RemoteBackend:
+def remote_factory(spec: ModelSpec, path: str, settings: Any) -> RemoteBackend:
     """The factories seam for ``[models.remote]`` entries: nothing loads, a client is made."""
     return RemoteBackend(spec)
+
+
+remote_factory.forwards = True  # type: ignore[attr-defined]

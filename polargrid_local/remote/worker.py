@@ -13,8 +13,10 @@ import time
 from typing import Any
 
 from ..limits import DEFAULT_LIMITS, Limits
+from ..runtime.interfaces import JobContext
 from ..runtime.pulled import PulledStream
-from ..runtime.worker import JobContext, request_deadline, unloaded_error
+from ..runtime.worker import request_deadline, unloaded_error
+from .forward import Forward
 
 
 def copy_error(error: BaseException) -> BaseException:
@@ -27,12 +29,13 @@ def copy_error(error: BaseException) -> BaseException:
 
 class RemoteWorker:
     """The pool's side of ModelWorker (queue_depth, alive, close, wait_freed); no queue, no thread. Requests
-    come in through ``read``."""
+    come in through ``submit`` (a Forward, sent at once) or ``read`` (any source of items)."""
 
     def __init__(self, name: str, backend: Any, limits: Limits = DEFAULT_LIMITS) -> None:
         self.name = name
         self.limits = limits
         self.backend = backend
+        self.region: str = getattr(backend, "region", "remote")
         self._active = 0
         self._streams: set[PulledStream[Any]] = set()
         self._lock = threading.Lock()
@@ -49,6 +52,17 @@ class RemoteWorker:
         """Requests in flight to the remote."""
         with self._lock:
             return self._active
+
+    def submit(self, work: Forward) -> tuple[PulledStream[Any], JobContext]:
+        """Send the forwarded request now (a refusal is raised here, where fallback can act); its reply is read
+        by whoever reads the returned stream. Timings start when it was sent."""
+        with self._lock:
+            if self._closed:
+                raise self._close_reason or unloaded_error(self.name)
+        sent = time.perf_counter()
+        stream, ctx = self.read(self.backend.open(work))
+        ctx.submitted_at = sent   # its queue time: until the remote answered with headers
+        return stream, ctx
 
     def read(self, source: Any) -> tuple[PulledStream[Any], JobContext]:
         """A stream of ``source``'s items (a remote response's ResponseItems), read by the stream's reader;
@@ -71,12 +85,13 @@ class RemoteWorker:
                 self._streams.add(stream)
         if closed:   # closed while the request was being opened: it must not outlive the unload
             stream.abort(copy_error(self._close_reason or unloaded_error(self.name)))
-        return stream, JobContext(stream=stream, submitted_at=now, started_at=now)  # type: ignore[arg-type]
+        return stream, JobContext(stream=stream, submitted_at=now, started_at=now)
 
     def _ended(self, stream: PulledStream[Any] | None) -> None:
         with self._lock:
             self._active -= 1
-            self._streams.discard(stream)  # type: ignore[arg-type]
+            if stream is not None:
+                self._streams.discard(stream)
             last = self._closed and self._active == 0
         if last:
             self._free_backend()

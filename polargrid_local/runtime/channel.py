@@ -172,6 +172,10 @@ class ResultStream(Generic[T]):
         """Stop reading: the producer is told to stop at its next step."""
         self._cancelled.set()
 
+    def abandon(self) -> None:
+        """close() for finalizers (it takes no lock)."""
+        self._cancelled.set()
+
     def __enter__(self) -> ResultStream[T]:
         return self
 

@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from polargrid import errors as sdk
 
-from ..remote import RemoteService
-from ..store.registry import ModelSpec
-
-if TYPE_CHECKING:
-    from ..engine import LocalEngine
+from ..store.registry import ModelSpec, Registry
 
 logger = logging.getLogger("polargrid_local")
 
@@ -36,22 +32,20 @@ def hands_on(exc: sdk.PolarGridError, spec: ModelSpec) -> bool:
 
 
 class Router:
-    """Runs a request on a model or its fallbacks; remote models go to the RemoteService."""
+    """Runs a request on a model, then on each model of its ``fallback`` list while they hand it on."""
 
-    def __init__(self, engine: LocalEngine) -> None:
-        self.engine = engine
-        self.remote = RemoteService(engine)
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
 
-    def run(self, spec: ModelSpec, local: Callable[[ModelSpec], T], remote: Callable[[ModelSpec], T]) -> T:
-        """``local(spec)`` or ``remote(spec)`` for the model, then for each fallback while they hand on."""
+    def run(self, spec: ModelSpec, attempt: Callable[[ModelSpec], T]) -> T:
+        """``attempt(spec)``, then ``attempt(fallback)`` for each fallback while they hand on."""
         first: sdk.PolarGridError | None = None
         notes: list[str] = []
         for name in (spec.id, *spec.fallback):
-            candidate = self.engine.registry.get(name)
+            candidate = self.registry.get(name)
+            assert candidate is not None, f"fallback {name!r} is not in the registry"  # the registry refuses those
             try:
-                # A fake engine (polargrid_local.testing) answers remote entries itself, offline.
-                forward = candidate.remote is not None and self.engine.fake is None
-                return remote(candidate) if forward else local(candidate)
+                return attempt(candidate)
             except sdk.PolarGridError as exc:
                 if not hands_on(exc, candidate):
                     if first is not None:

@@ -14,12 +14,10 @@ import logging
 import math
 import re
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from ..errors import invalid
-
-if TYPE_CHECKING:
-    from .pool import ModelPool
 
 logger = logging.getLogger("polargrid_local")
 
@@ -72,12 +70,15 @@ def describe(seconds: float | None) -> str:
 
 
 class Reaper:
-    """A daemon thread that asks the pool to unload models idle past their keep_alive.
+    """A daemon thread that unloads models idle past their keep_alive: ``reap()`` unloads them (and returns
+    their ids), ``next_expiry_in()`` says how long until the next one is due.
 
     It sleeps until the soonest expiry (at most ``interval``), so an unload lands within milliseconds of it."""
 
-    def __init__(self, pool: ModelPool, interval: float = 0.25) -> None:
-        self.pool = pool
+    def __init__(self, reap: Callable[[], list[str]], next_expiry_in: Callable[[], float],
+                 interval: float = 0.25) -> None:
+        self.reap = reap
+        self.next_expiry_in = next_expiry_in
         self.interval = interval
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -91,7 +92,7 @@ class Reaper:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:  # sleep to the next expiry (woken early when a request ends or sets keep_alive)
-                pause = min(self.interval, max(0.001, self.pool.next_expiry_in()))
+                pause = min(self.interval, max(0.001, self.next_expiry_in()))
             except Exception:
                 pause = self.interval
             self._wake.wait(pause)
@@ -99,7 +100,7 @@ class Reaper:
             if self._stop.is_set():
                 return
             try:
-                for model_id in self.pool.reap_idle():
+                for model_id in self.reap():
                     logger.info("unloaded %s: idle past its keep_alive", model_id)
             except Exception:  # the reaper must outlive any one failed unload
                 logger.exception("keep_alive reaper failed")

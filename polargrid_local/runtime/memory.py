@@ -157,9 +157,3 @@ def check_fits(est: Estimate, *, free_gpu: int | None, free_host: int, budget: i
     if free_host and est.host_bytes > free_host:
         return f"needs about {est.host_bytes / MB:.0f} MB of RAM ({est.describe()}); {free_host / MB:.0f} MB available"
     return None
-
-
-def settings_for(spec_engine: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(spec_engine)
-    merged.update({k: v for k, v in overrides.items() if v is not None})
-    return merged

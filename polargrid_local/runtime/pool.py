@@ -1,13 +1,12 @@
 """ModelPool: which models are loaded, loading them on first use, and unloading them for real."""
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,14 +26,14 @@ from .memory import (
     estimate_files,
     gguf_facts,
     gpu_layers_that_fit,
-    settings_for,
 )
+from .settings import LoadSettings
 from .worker import ModelWorker, unloaded_error
 
 logger = logging.getLogger("polargrid_local")
 
 LoadState = Literal["loaded", "loading", "unloaded", "failed"]
-BackendFactory = Callable[[ModelSpec, str, dict[str, Any]], Any]
+BackendFactory = Callable[[ModelSpec, str, LoadSettings], Any]
 
 
 @dataclass
@@ -48,9 +47,10 @@ class UnloadReport:
 class ModelPool:
     """Owns one ModelWorker per loaded model; backends come from injected factories, one per kind."""
 
-    def __init__(self, registry: Registry, factories: dict[str, BackendFactory], *, overrides: dict[str, Any] | None = None,
-                 nvml: NvmlProbe | None = None, memory_policy: str = "refuse", memory_budget_mb: int | None = None,
-                 keep_alive: Any = None, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(self, registry: Registry, factories: dict[str, BackendFactory], *,
+                 overrides: dict[str, Any] | None = None, nvml: NvmlProbe | None = None,
+                 memory_policy: str = "refuse", memory_budget_mb: int | None = None, keep_alive: Any = None,
+                 limits: Limits = DEFAULT_LIMITS) -> None:
         if memory_policy not in POLICIES:
             raise ValueError(f"memory_policy must be one of {', '.join(POLICIES)}")
         self.registry = registry
@@ -75,7 +75,7 @@ class ModelPool:
         if keep_alive is None:
             keep_alive = registry.settings.get("keep_alive")
         self.default_keep_alive = FOREVER if keep_alive is None else parse_keep_alive(keep_alive)
-        self.reaper = Reaper(self)
+        self.reaper = Reaper(self.reap_idle, self.next_expiry_in)
 
     def resolve(self, name: str | None, kind: str | tuple[str, ...]) -> ModelSpec:
         """The registry entry for a request's model name; NotFoundError names what exists."""
@@ -91,6 +91,16 @@ class ModelPool:
             what = "/".join(kinds)
             raise NotFoundError(f"Model {name!r} is not a known {what} model. Available: {available}")
         return spec
+
+    def forwards(self, spec: ModelSpec) -> bool:
+        """True when a remote server answers the model's requests (its factory forwards them); False when a
+        backend in this process does (a local engine, or a fake answering a remote entry offline)."""
+        return spec.remote is not None and bool(getattr(self.factories.get("remote"), "forwards", False))
+
+    def loadable(self, spec: ModelSpec) -> bool:
+        """True when loading the model needs nothing more (its files are pulled, or its factory needs none)."""
+        factory = self.factories.get("remote" if spec.remote is not None else spec.kind)
+        return spec.remote is not None or not getattr(factory, "needs_files", True) or is_pulled(self.registry, spec)
 
     def state(self, spec: ModelSpec) -> LoadState:
         with self._lock:
@@ -147,10 +157,12 @@ class ModelPool:
             path = spec.remote.base_url
         else:
             path = str(spec.path_in(self.registry.cache_dir))
-        extra = self._admit_memory(spec, path) if needs_files and spec.remote is None else {}
+        settings = self.settings_for(spec)
+        if needs_files and spec.remote is None:
+            settings = self._admit_memory(spec, path, settings.resolved(self.nvml))
         gpu_before = self.nvml.used_by_this_process()
         try:
-            backend = factory(spec, path, {**self.overrides, **extra})
+            backend = factory(spec, path, settings)
         except (NotFoundError, ServerError):
             raise
         except Exception as exc:
@@ -158,24 +170,24 @@ class ModelPool:
         self.gpu_measured[spec.id] = max(0, self.nvml.used_by_this_process() - gpu_before)
         return backend
 
-    def _admit_memory(self, spec: ModelSpec, path: str) -> dict[str, Any]:
-        """Refuse (or make room for) a load that would not fit; returns overrides for the load."""
-        from .factories import resolve_gpu_layers
+    def settings_for(self, spec: ModelSpec) -> LoadSettings:
+        """What ``spec`` loads with: the engine's overrides over its [models.engine] over the defaults."""
+        return LoadSettings.resolve(spec, self.overrides)
 
-        settings = settings_for(spec.engine, self.overrides)
-        layers = resolve_gpu_layers(settings.get("n_gpu_layers"), self.nvml)
-        parallel = int(settings.get("n_parallel") or 8) if spec.kind == "chat" else 1
+    def _estimate(self, spec: ModelSpec, path: str, settings: LoadSettings) -> Estimate:
+        if spec.kind not in ("chat", "embedding"):
+            return estimate_files(path, spec.kind)
+        return estimate(path, n_ctx=settings.n_ctx, n_parallel=settings.n_parallel if spec.kind == "chat" else 1,
+                        n_batch=settings.n_batch, n_gpu_layers=int(settings.n_gpu_layers),
+                        embedding=spec.kind == "embedding")
+
+    def _admit_memory(self, spec: ModelSpec, path: str, settings: LoadSettings) -> LoadSettings:
+        """Refuse (or make room for) a load that would not fit; returns the settings to load with."""
         try:
-            if spec.kind not in ("chat", "embedding"):
-                est = estimate_files(path, spec.kind)
-            else:
-                est = estimate(path, n_ctx=int(settings.get("n_ctx") or 2048), n_parallel=parallel,
-                               n_batch=int(settings.get("n_batch") or 512), n_gpu_layers=layers,
-                               embedding=spec.kind == "embedding")
+            est = self._estimate(spec, path, settings)
         except Exception as exc:  # an unreadable header fails the load itself, with its own message
             logger.debug("no memory estimate for %s: %s", spec.id, exc)
-            return {}
-        extra: dict[str, Any] = {}
+            return settings
         reason = self._does_not_fit(est, settings)
         if reason and self.memory_policy == "evict":
             for victim in self.least_recently_used():  # idle models, the longest idle first
@@ -192,25 +204,22 @@ class ModelPool:
             n_layer = gguf_facts(path)["n_layer"]
             fit = gpu_layers_that_fit(est, free_gpu or 0, n_layer)
             logger.info("offloading %d of %d layers of %s to fit GPU memory", fit, n_layer, spec.id)
-            est = estimate(path, n_ctx=int(settings.get("n_ctx") or 2048), n_parallel=parallel,
-                           n_batch=int(settings.get("n_batch") or 512), n_gpu_layers=fit,
-                           embedding=spec.kind == "embedding")
-            extra["n_gpu_layers"] = fit
+            settings = settings.replace(n_gpu_layers=fit)
+            est = self._estimate(spec, path, settings)
             reason = self._does_not_fit(est, settings)
         if reason:
             raise ServerError(f"Not loading {spec.id!r}: it {reason}. Unload a model, lower n_ctx or n_parallel, "
                               f"or set memory_policy='evict' or 'offload-less'.", 507)
         self.estimates[spec.id] = est
-        return extra
+        return settings
 
-    def _free_gpu(self, settings: dict[str, Any]) -> int | None:
+    def _free_gpu(self, settings: LoadSettings) -> int | None:
         devices = self.nvml.devices()
         if not devices:
             return None
-        index = int(settings.get("main_gpu") or 0)
-        return devices[min(index, len(devices) - 1)].free_bytes
+        return devices[min(settings.main_gpu, len(devices) - 1)].free_bytes
 
-    def _does_not_fit(self, est: Estimate, settings: dict[str, Any]) -> str | None:
+    def _does_not_fit(self, est: Estimate, settings: LoadSettings) -> str | None:
         budget = None
         if self.memory_budget is not None:
             budget = self.memory_budget - sum(self.estimates.get(m, Estimate(0, 0, 0, 0)).total for m in self.loaded())
@@ -270,26 +279,6 @@ class ModelPool:
         """A request for the model starts; call end() when it is done."""
         with self._lock:
             self._in_flight[spec.id] = self._in_flight.get(spec.id, 0) + 1
-
-    @contextlib.contextmanager
-    def in_use(self, spec: ModelSpec) -> Iterator[None]:
-        """A request in flight for the block's duration (keep_alive never unloads a model that is serving)."""
-        self.begin(spec)
-        try:
-            yield
-        finally:
-            self.end(spec)
-
-    def tracked(self, spec: ModelSpec, open_stream: Callable[[], Any]) -> Any:
-        """``open_stream()``, counted in flight until the stream ends or is closed."""
-        self.begin(spec)
-        try:
-            stream = open_stream()
-        except BaseException:
-            self.end(spec)
-            raise
-        stream.on_close = lambda: self.end(spec)
-        return stream
 
     def set_keep_alive(self, spec: ModelSpec, seconds: float) -> None:
         """How long the model stays loaded once idle, until it is unloaded or another request sets it."""

@@ -10,8 +10,8 @@ from polargrid import errors as sdk
 from polargrid.types import PGMetadata
 
 from ..errors import as_server_error
-from .channel import ResultStream
-from .worker import JobContext, WorkerClosed
+from .interfaces import Channel, JobContext
+from .worker import WorkerClosed
 
 T = TypeVar("T")
 
@@ -23,7 +23,7 @@ class Stream(Generic[T]):
     generation at its next token and frees the model for the next request.
     """
 
-    def __init__(self, results: ResultStream[Any], ctx: JobContext, convert: Callable[[Any], list[T]],
+    def __init__(self, results: Channel[Any], ctx: JobContext, convert: Callable[[Any], list[T]],
                  load_seconds: float = 0.0, on_finish: Callable[[Stream[T]], None] | None = None,
                  tail: Callable[[], list[T]] | None = None) -> None:
         self._results = results
@@ -39,6 +39,7 @@ class Stream(Generic[T]):
         self.content_type: str | None = None   # for byte streams (speech): the MIME type of the format
         self.on_close: Callable[[], None] | None = None  # once, when it ends or is closed (the pool's in-flight count)
         self.region = "local"                  # where the work ran: "local", or "remote:<host:port>"
+        self.folder: Callable[[list[T], PGMetadata], Any] | None = None  # (items, metadata) -> the whole response
 
     def metadata(self) -> PGMetadata:
         """Where the request ran (``region``) and the real split of its time: load, queue, inference."""
@@ -49,6 +50,12 @@ class Stream(Generic[T]):
         return PGMetadata(region=self.region, latency_ms=round(1000 * (self.load_seconds + queue + inference)),
                           model_load_time_ms=round(1000 * self.load_seconds), queue_time_ms=round(1000 * queue),
                           inference_time_ms=round(1000 * inference))
+
+    def fold(self, items: list[T]) -> Any:
+        """The whole response (the non-streaming call's answer) from every item read from this stream."""
+        if self.folder is None:
+            raise TypeError("this stream has no response to fold into")
+        return self.folder(items, self.metadata())
 
     def _fail(self, exc: BaseException) -> BaseException:
         self._finish()
@@ -136,6 +143,5 @@ class Stream(Generic[T]):
         self.close()
 
     def __del__(self) -> None:
-        abandon = getattr(self._results, "abandon", None)   # a finalizer must not block on the stream's locks
-        (abandon or self._results.close)()
+        self._results.abandon()   # a finalizer must not block on the channel's locks
         self._closed()

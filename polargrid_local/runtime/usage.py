@@ -4,7 +4,6 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
 
 from polargrid.types import ModelUsage, RegionUsage, UsagePeriod, UsageResponse, UsageStats
 
@@ -37,7 +36,8 @@ class UsageBook:
             tally = self._tallies.get(model_id)
             return tally.latency_ms // tally.requests if tally and tally.requests else 0
 
-    def report(self, engine: Any, start_date: str | None, end_date: str | None) -> UsageResponse:
+    def report(self, started: datetime, start_date: str | None, end_date: str | None) -> UsageResponse:
+        """Requests and tokens since ``started`` (the engine's start), for the SDK's get_usage."""
         for name, value in (("start_date", start_date), ("end_date", end_date)):
             if value:
                 try:
@@ -49,7 +49,7 @@ class UsageBook:
         requests = sum(t.requests for t in tallies.values())
         latency = sum(t.latency_ms for t in tallies.values())
         return UsageResponse(
-            period=UsagePeriod(start_date=start_date or engine.started.date().isoformat(),
+            period=UsagePeriod(start_date=start_date or started.date().isoformat(),
                                end_date=end_date or datetime.now(timezone.utc).date().isoformat()),
             usage=UsageStats(
                 total_requests=requests, total_tokens=sum(t.tokens for t in tallies.values()), total_cost=0.0,

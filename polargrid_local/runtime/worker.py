@@ -12,43 +12,20 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from ..errors import RateLimitError, ServerError, invalid
 from ..errors import TimeoutError as RequestTimeout
 from ..limits import DEFAULT_LIMITS, Limits
 from .channel import ResultStream, StreamCancelled
+from .interfaces import Job, JobContext, Scheduler
 
 logger = logging.getLogger("polargrid_local")
 
 B = TypeVar("B")
 
-JobFn = Callable[[Any, "JobContext"], Iterator[Any]]
-
-
-@dataclass
-class JobContext:
-    """What a running job can see: its timings and whether it should stop (reader left, unload, time limit)."""
-
-    stream: ResultStream[Any]
-    submitted_at: float
-    started_at: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def cancelled(self) -> bool:
-        return self.stream.cancelled
-
-    @property
-    def queue_seconds(self) -> float:
-        return max(0.0, self.started_at - self.submitted_at)
-
-    def mark_started(self) -> None:
-        """The job got the model (a batch slot, or the worker itself): queueing ends here."""
-        if not self.started_at:
-            self.started_at = time.perf_counter()
+IDLE_WAIT = 0.005  # seconds a worker waits for new work while its running prompts all wait on a paced source
 
 
 _NOTHING = object()
@@ -78,19 +55,20 @@ def unloaded_error(name: str, why: str = "was unloaded") -> ServerError:
 class ModelWorker(Generic[B]):
     """Owns one backend; runs submitted jobs on its own thread (generation jobs batched by the backend's scheduler).
 
-    A job is a function ``fn(backend, ctx)`` returning an iterator; each item it yields goes to the
-    caller's ResultStream. When the caller closes its stream, the engine closes the worker, or the
-    request's time is up, the job is stopped at its next item (or batch step).
+    Each item a job yields goes to the caller's ResultStream. When the caller closes its stream, the engine
+    closes the worker, or the request's time is up, the job is stopped at its next item (or batch step).
     """
+
+    region = "local"
 
     def __init__(self, name: str, backend: B, limits: Limits = DEFAULT_LIMITS) -> None:
         self.name = name
         self.backend: B | None = backend
         self.limits = limits
-        self._scheduler = getattr(backend, "scheduler", None)
+        self._scheduler: Scheduler | None = getattr(backend, "scheduler", None)
         self._n_parallel = getattr(backend, "n_parallel", None)
         self._max_queue = getattr(backend, "max_queue", None)
-        self._jobs: queue.Queue[tuple[JobFn, JobContext, int] | None] = queue.Queue()
+        self._jobs: queue.Queue[tuple[Job, JobContext] | None] = queue.Queue()
         self._lock = threading.Lock()   # submit and close: nothing is queued after close drains the queue
         self._closed = False
         self._close_reason: BaseException | None = None
@@ -115,16 +93,17 @@ class ModelWorker(Generic[B]):
         depth = self._queued_cost + self._in_hand
         scheduler = self._scheduler
         if scheduler is not None:
-            return depth + scheduler.active + len(scheduler.waiting)
+            return depth + scheduler.active + scheduler.queued
         return depth
 
-    def submit(self, fn: JobFn) -> tuple[ResultStream[Any], JobContext]:
-        """Queue a job; returns the stream its results arrive on. A batched job counts ``fn.cost`` prompts."""
-        cost = int(getattr(fn, "cost", 1))
+    def submit(self, work: Job) -> tuple[ResultStream[Any], JobContext]:
+        """Queue a job; returns the stream its results arrive on. A batched job counts ``job.cost`` prompts."""
+        job = work
+        cost = job.cost
         with self._lock:
             if self._closed:
                 raise self._close_reason or unloaded_error(self.name)
-            if getattr(fn, "batched", False) and self._max_queue is not None:
+            if job.batched and self._max_queue is not None:
                 capacity = self._n_parallel + self._max_queue
                 if cost > capacity:
                     raise invalid(f"this request has {cost} prompts, but model {self.name!r} takes at most "
@@ -136,7 +115,7 @@ class ModelWorker(Generic[B]):
             ctx = JobContext(stream=stream, submitted_at=time.perf_counter())
             self._streams.add(stream)
             self._queued_cost += cost
-            self._jobs.put((fn, ctx, cost))
+            self._jobs.put((job, ctx))
         return stream, ctx
 
     def close(self, reason: BaseException | None = None) -> None:
@@ -178,39 +157,49 @@ class ModelWorker(Generic[B]):
         finally:
             self._free_backend()
 
+    def _next_job(self, busy: bool, progressed: bool) -> tuple[Job, JobContext] | None:
+        """The next queued job: wait for one when idle, take one if there is one while decoding, and wait a
+        moment when every running prompt waits on a paced source (so the thread does not spin)."""
+        try:
+            if not busy:
+                return self._jobs.get()
+            if progressed:
+                return self._jobs.get_nowait()
+            return self._jobs.get(timeout=IDLE_WAIT)
+        except queue.Empty:
+            return _NOTHING  # type: ignore[return-value]
+
     def _serve(self) -> None:
         scheduler = self._scheduler
+        progressed = True
         while True:
-            busy = scheduler is not None and scheduler.busy
-            try:
-                item = self._jobs.get(block=not busy)
-            except queue.Empty:
-                item = _NOTHING
+            item = self._next_job(scheduler is not None and scheduler.busy, progressed)
             if item is None:
                 return
             if item is not _NOTHING:
-                fn, ctx, cost = item
+                job, ctx = item
                 with self._lock:
-                    self._queued_cost = max(0, self._queued_cost - cost)
-                    self._in_hand = cost
+                    self._queued_cost = max(0, self._queued_cost - job.cost)
+                    self._in_hand = job.cost
                 try:
                     if ctx.cancelled:
                         ctx.stream.finish()
-                    elif getattr(fn, "batched", False) and scheduler is not None:
-                        self._admit(fn, ctx, scheduler)
+                    elif job.batched and scheduler is not None:
+                        self._admit(job, ctx, scheduler)
                     else:
                         ctx.mark_started()
-                        self._drive(fn, ctx)
+                        self._drive(job, ctx)
                 finally:
                     self._in_hand = 0
                 if not self._jobs.empty():
                     continue  # admit everything that arrived before the next decode
             if scheduler is not None and scheduler.busy:
                 try:
-                    scheduler.step()
+                    progressed = scheduler.step()
                 except Exception as exc:  # a broken step must not kill the model's thread
                     logger.exception("batch step on %s failed", self.name)
-                    scheduler._fail_all(ServerError(f"generation failed: {type(exc).__name__}: {exc}", 500))
+                    scheduler.fail_all(ServerError(f"generation failed: {type(exc).__name__}: {exc}", 500))
+                    progressed = True
 
     def _free_backend(self) -> None:
         backend, self.backend = self.backend, None
@@ -227,20 +216,20 @@ class ModelWorker(Generic[B]):
             gc.collect()
             self.freed.set()
 
-    def _admit(self, fn: JobFn, ctx: JobContext, scheduler) -> None:
+    def _admit(self, job: Job, ctx: JobContext, scheduler: Scheduler) -> None:
         """A generation job: prepared here (template, tokens, checks), then decoded with the others."""
         try:
-            prompts = fn(self.backend, ctx)
+            prompts = job.run(self.backend, ctx)
         except BaseException as exc:
             ctx.stream.finish(exc)
             return
         for prompt in prompts:
             scheduler.admit(prompt)
 
-    def _drive(self, fn: JobFn, ctx: JobContext) -> None:
+    def _drive(self, job: Job, ctx: JobContext) -> None:
         results = None
         try:
-            results = fn(self.backend, ctx)
+            results = job.run(self.backend, ctx)
             for result in results:
                 ctx.stream.push(result)
             ctx.stream.finish()   # after an abort the stream already ended with its error

@@ -5,6 +5,8 @@ server promises a client (and its limits) is in limits.py and the README's "What
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -83,7 +85,7 @@ class Request:
     def __init__(self, method: str, path: str, query: dict[str, str], headers, body: bytes,
                  client: Connection | None = None, limits: Limits = DEFAULT_LIMITS) -> None:
         self.method, self.path, self.query, self.headers, self.body = method, path, query, headers, body
-        self.client = client or Connection(None)
+        self.client = client or Connection(None)  # type: ignore[arg-type]  # no socket: nothing to watch
         self.limits = limits
 
     def json(self) -> dict[str, Any]:
@@ -179,7 +181,7 @@ class PolarGridHTTPServer(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
+        host, port = str(self.server_address[0]), int(self.server_address[1])
         return f"http://{host}:{port}"
 
     def redact(self, body: bytes) -> bytes:
@@ -240,6 +242,29 @@ class PolarGridHTTPServer(ThreadingHTTPServer):
     def server_close(self) -> None:
         super().server_close()
         self.watch.shutdown()
+
+
+@contextlib.contextmanager
+def running(engine: LocalEngine, config: ServerConfig | None = None, **settings: Any
+            ) -> Iterator[PolarGridHTTPServer]:
+    """The facade serving on a thread for the block's duration (tests, benchmarks, apps that embed it):
+    ``with running(engine, port=0) as server: httpx.get(server.url + "/health")``. ``settings`` are
+    ServerConfig fields (host and port default to 127.0.0.1 and a free port); the server is shut down and
+    its socket closed on the way out. The engine stays open: it is the caller's."""
+    if config is None:
+        config = ServerConfig(**{"port": 0, **settings})
+    elif settings:
+        config = dataclasses.replace(config, **settings)
+    server = make_server(engine, config)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              name="polargrid-http", daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
 
 
 def make_server(engine: LocalEngine, config: ServerConfig | None = None) -> PolarGridHTTPServer:

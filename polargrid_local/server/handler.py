@@ -32,7 +32,7 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "polargrid-local"
 
     def setup(self) -> None:
-        self.timeout = self.server.limits.socket_timeout_s
+        self.timeout = self.server.limits.socket_timeout_s  # type: ignore[misc]  # per connection, as it should
         super().setup()
         # Headers and body go out as separate writes; without this, Nagle and delayed ACKs add ~40 ms.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -169,10 +169,11 @@ class Handler(BaseHTTPRequestHandler):
             if retry is not None:
                 raise sdk.RateLimitError(f"Too many failed API key checks from {address}; retry in {retry}s",
                                          retry_after=retry)
-            caller = server.keys.identify(self.headers.get("Authorization"))
-            if caller is None:
+            identified = server.keys.identify(self.headers.get("Authorization"))
+            if identified is None:
                 server.auth_failures.failed(address)
                 raise sdk.AuthenticationError("Invalid or missing API key: send 'Authorization: Bearer <key>'")
+            caller = identified
         if path not in OPEN_PATHS:
             retry = server.limiter.check(caller)
             if retry is not None:
@@ -215,7 +216,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         # Headers and body in one write: one segment for small answers, and a client still gets the
         # body when we close right after (a refused upload).
-        self._headers_buffer.append(b"\r\n" + (b"" if head else body))
+        self._headers_buffer.append(b"\r\n" + (b"" if head else body))  # type: ignore[attr-defined]
         self.flush_headers()
         return response.status
 

@@ -5,7 +5,7 @@ import base64
 import json
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 from urllib.parse import unquote
 
@@ -16,7 +16,6 @@ from polargrid.types import TranscriptionJobStatus
 from ..audio.encode import CONTENT_TYPES
 from ..engine import LocalEngine
 from ..errors import invalid
-from ..llm.chunks import fold_chat, fold_completion
 from .app import Request, Response, StreamingResponse, error_body, error_status, json_response
 from .watch import ClientGone
 
@@ -34,7 +33,7 @@ class Routes:
         return register
 
     def match(self, method: str, path: str):
-        allowed = []
+        allowed: list[str] = []
         for route_method, pattern, fn in self._table:
             found = pattern.match(path)
             if found:
@@ -64,7 +63,7 @@ def _take(body: dict[str, Any], name: str, kind: type, default: Any = None) -> A
     return value
 
 
-def _watched(stream, request: Request) -> Iterator[Any]:
+def _watched(stream, request: Request) -> Generator[Any, None, None]:
     """The stream's first item is read now, so a bad request fails before the 200 goes out; then the rest.
     The stream is closed when its client leaves, and closing the returned iterator closes it too; a stream
     stopped by a shutdown ends by raising the 503 (an error frame, or an incomplete byte stream)."""
@@ -78,7 +77,7 @@ def _watched(stream, request: Request) -> Iterator[Any]:
         stream.close()
         raise
 
-    def items() -> Iterator[Any]:
+    def items() -> Generator[Any, None, None]:
         try:
             if first is not _NONE:
                 yield first
@@ -135,10 +134,8 @@ def chat_completions(engine: LocalEngine, request: Request) -> Response | Stream
     if _take(body, "stream", bool, False):
         return sse(engine.chat_completion_stream(body, stream_options=options), request)
     with request.client.watch() as watch:  # the fold of the stream, stopped if the client leaves
-        stream = watch(engine.chat_completion_stream(body, stream_options={"include_usage": True}))
-        with stream:
-            chunks = list(stream)
-    return json_response(fold_chat(chunks, stream.chunker, stream.metadata()))
+        return json_response(engine.fold(watch(engine.chat_completion_stream(body,
+                                                                              stream_options={"include_usage": True}))))
 
 
 def _completion_body(request: Request) -> tuple[dict[str, Any], dict[str, Any] | None, int | None]:
@@ -154,10 +151,8 @@ def completions(engine: LocalEngine, request: Request) -> Response | StreamingRe
     if _take(body, "stream", bool, False):
         return sse(engine.completion_stream(body, stream_options=options, seed=seed), request)
     with request.client.watch() as watch:
-        stream = watch(engine.completion_stream(body, stream_options={"include_usage": True}, seed=seed))
-        with stream:
-            chunks = list(stream)
-    return json_response(fold_completion(chunks, stream.chunker, stream.metadata()))
+        return json_response(engine.fold(watch(engine.completion_stream(body, stream_options={"include_usage": True},
+                                                                        seed=seed))))
 
 
 @ROUTES.add("POST", "/v1/completions/stream")
@@ -187,12 +182,13 @@ def speech(engine: LocalEngine, request: Request) -> Response | StreamingRespons
         body.pop(extra, None)
     if streaming:
         stream = engine.text_to_speech_stream(body)
-        return StreamingResponse(_bytes(_watched(stream, request)), content_type=stream.content_type)
+        return StreamingResponse(_bytes(_watched(stream, request)),
+                                 content_type=stream.content_type or "application/octet-stream")
     fmt = str(body.get("response_format") or "mp3").lower()
     return Response(200, engine.text_to_speech(body), content_type=CONTENT_TYPES.get(fmt, "application/octet-stream"))
 
 
-def _bytes(items: Iterator[bytes]) -> Iterator[bytes]:
+def _bytes(items: Generator[bytes, None, None]) -> Iterator[bytes]:
     """A byte stream whose client left just ends (there is nobody to tell)."""
     try:
         yield from items
@@ -307,6 +303,8 @@ def translations(engine: LocalEngine, request: Request) -> Response:
 
 class _Named(bytes):
     """Upload bytes that remember their file name (jobs report it)."""
+
+    name: str
 
     def __new__(cls, data: bytes, name: str):
         obj = super().__new__(cls, data)

@@ -189,9 +189,9 @@ class ConnectionWatch:
             return
         ready = poller.poll(1000 * self.tick)
         for fd, events in ready:
-            conn = watched.get(fd)
-            if conn is not None and _departed(conn.sock, events):
-                conn.stop(GONE)
+            found = watched.get(fd)
+            if found is not None and _departed(found.sock, events):
+                found.stop(GONE)
         if ready:
             self._stopped.wait(self.tick)  # a client with pipelined bytes stays readable: do not spin
 

@@ -21,7 +21,7 @@ class TranscriptionWord(BaseModel):
 class VerboseTranscriptionResponse(SDKVerbose):
     """The SDK's verbose_json shape; ``task`` may also be 'translate', and ``words`` holds word timings."""
 
-    task: Literal["transcribe", "translate"]  # type: ignore[assignment]
+    task: Literal["transcribe", "translate"]
     words: list[TranscriptionWord] | None = None
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from polargrid import errors as sdk
 from polargrid.types import (
@@ -21,9 +22,6 @@ from polargrid.types import (
 from ..audio.decode import AudioInput
 from ..errors import as_server_error, invalid
 
-if TYPE_CHECKING:
-    from .service import SpeechService
-
 MAX_JOBS = 1000
 
 
@@ -32,10 +30,14 @@ def _now() -> str:
 
 
 class TranscriptionJobs:
-    """Jobs run on their own threads against the STT worker; the newest MAX_JOBS are kept."""
+    """Jobs run on their own threads against the STT worker; the newest MAX_JOBS are kept.
 
-    def __init__(self, speech: SpeechService) -> None:
-        self.speech = speech
+    ``check(request)`` refuses a bad request (or a full queue) before a job is accepted; ``transcribe(data,
+    request, on_progress=...)`` does the work and returns a verbose transcription."""
+
+    def __init__(self, check: Callable[[dict[str, Any]], None], transcribe: Callable[..., Any]) -> None:
+        self.check = check
+        self.transcribe = transcribe
         self._jobs: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -45,8 +47,7 @@ class TranscriptionJobs:
         data = _read(file)
         request = {"model": model, "language": language, "prompt": prompt, "response_format": "verbose_json",
                    "temperature": temperature}
-        self.speech.parse_request(dict(request, response_format=response_format), "transcribe")  # reject bad input now
-        self.speech.guard_queue(self.speech.stt_model(model, "transcribe", language))
+        self.check(dict(request, response_format=response_format))  # bad input and full queues are refused now
         job_id = f"job_{uuid.uuid4().hex[:20]}"
         name = Path(getattr(file, "name", "") or (str(file) if isinstance(file, (str, Path)) else "audio")).name
         metadata = AsyncTranscriptionMetadata(filename=name, file_size_mb=round(len(data) / 1e6, 3),
@@ -70,7 +71,7 @@ class TranscriptionJobs:
     def _run(self, job: dict[str, Any], data: bytes, request: dict[str, Any]) -> None:
         self._update(job, status=TranscriptionJobStatus.PROCESSING, started_at=_now())
         try:
-            result = self.speech.transcribe(data, request, on_progress=lambda p: self._update(job, progress=p))
+            result = self.transcribe(data, request, on_progress=lambda p: self._update(job, progress=p))
         except BaseException as exc:  # recorded on the job, as a remote job would
             error = exc if isinstance(exc, sdk.PolarGridError) else as_server_error(exc, "transcription")
             self._update(job, status=TranscriptionJobStatus.FAILED, error=error.message,
@@ -94,7 +95,8 @@ class TranscriptionJobs:
             job_id=job_id, status=job["status"], created_at=job["created_at"], updated_at=job["updated_at"],
             started_at=job.get("started_at"), completed_at=job.get("completed_at"),
             progress=round(job["progress"], 3), metadata=job["metadata"], has_result=done, error=job.get("error"),
-            error_code=job.get("error_code"), poll_interval_ms=250, result_url=f"/v1/audio/transcriptions?job_id={job_id}")
+            error_code=job.get("error_code"), poll_interval_ms=250,
+            result_url=f"/v1/audio/transcriptions?job_id={job_id}")
 
     def result(self, job_id: str) -> TranscriptionJobResult:
         job = self._get(job_id)

@@ -1,27 +1,23 @@
-"""Speech requests for LocalEngine: validation, model choice, decoding outside the worker, responses."""
+"""Speech requests for LocalEngine: validation, model choice, decoding outside the worker, calls."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import dataclasses
+from collections.abc import Callable
+from typing import Any
 
-import numpy as np
 from polargrid.types import TranscriptionRequest, TranscriptionStreamDelta, TranscriptionStreamDone, TranslationRequest
 
-from ..audio.decode import AudioInput, decode_audio
-from ..audio.encode import CONTENT_TYPES, fix_wav_sizes
+from ..audio.decode import AudioInput
 from ..errors import RateLimitError, coerce, invalid
 from ..limits import DEFAULT_LIMITS, Limits
-from ..remote.audio import RemoteAudio
+from ..runtime.fallback import Router
+from ..runtime.pool import ModelPool
 from ..runtime.stream import Stream
 from ..store.registry import ModelSpec
-from .formats import RESPONSE_FORMATS, TranscriptionWord, build_response, segment_of
-from .stt import SttInfo, SttOptions
-from .tts import parse_speech_request, speech_job
-
-if TYPE_CHECKING:
-    from ..engine import LocalEngine
-
-
-MIN_SAMPLES = 400   # one log-mel window at 16 kHz (25 ms): the feature kernel needs at least this much
+from .calls import Audio, DetectionCall, SpeechCall, TranscriptionCall, decode_speech
+from .formats import RESPONSE_FORMATS
+from .stt import SttInfo
+from .tts import parse_speech_request
 
 
 def _value(v: Any) -> str:
@@ -29,20 +25,20 @@ def _value(v: Any) -> str:
 
 
 class SpeechService:
-    """Text-to-speech and speech-to-text on the engine's model pool."""
+    """Text-to-speech and speech-to-text: validation, model choice (language routing, fallbacks), calls opened
+    through ``open(spec, call)`` (the engine's one way to run a request on a model)."""
 
-    def __init__(self, engine: LocalEngine) -> None:
-        self.engine = engine
-        self.remote = RemoteAudio(engine)
-
-    @property
-    def limits(self) -> Limits:
-        return getattr(self.engine, "limits", None) or DEFAULT_LIMITS
+    def __init__(self, pool: ModelPool, open: Callable[[ModelSpec, Any], Stream[Any]], router: Router,
+                 limits: Limits = DEFAULT_LIMITS) -> None:
+        self.pool = pool
+        self.open = open
+        self.router = router
+        self.limits = limits
 
     def guard_queue(self, spec: ModelSpec) -> None:
         """RateLimitError (429) once the model has max_speech_queue requests waiting or running."""
         limit = self.limits.max_speech_queue
-        depth = self.engine.pool.queue_depth(spec)
+        depth = self.pool.queue_depth(spec)
         if depth >= limit:
             raise RateLimitError(f"Speech model {spec.id!r} has {depth} requests queued (the limit is {limit}, "
                                  "Limits.max_speech_queue); retry shortly", retry_after=2)
@@ -57,35 +53,29 @@ class SpeechService:
         fmt = _value(request.response_format).lower()
         if stream_default_format and not explicit:
             fmt = stream_default_format
-        return self.engine.router.run(self.engine.pool.resolve(request.model, "tts"),
-                                      lambda spec: self._speech_stream(spec, request, fmt),
-                                      lambda spec: self.remote.speech_stream(spec, request, fmt))
+        call = SpeechCall(request, fmt)
+        return self.router.run(self.pool.resolve(request.model, "tts"), lambda spec: self._open(spec, call))
 
-    def _speech_stream(self, spec: ModelSpec, request: Any, fmt: str) -> Stream[bytes]:
-        self.guard_queue(spec)
-        stream = self.engine.open_stream(spec, speech_job(request, fmt), "speech",
-                                         on_finish=lambda _s: self.engine.usage.record(spec.id, len(request.input)))
-        stream.content_type = CONTENT_TYPES[fmt]
-        return stream
+    def _open(self, spec: ModelSpec, call: Any) -> Stream[Any]:
+        if not self.pool.forwards(spec):
+            self.guard_queue(spec)
+        return self.open(spec, call)
 
     def speech(self, request: Any) -> bytes:
-        """The whole clip: the fold of the stream (a wav header then gets its real sizes)."""
+        """The whole clip: the fold of the stream."""
         with self.speech_stream(request) as stream:
-            data = b"".join(stream)
-        if stream.content_type == CONTENT_TYPES["wav"]:
-            data = fix_wav_sizes(data)
-        return data
+            return stream.fold(list(stream))
 
     # -- speech to text ------------------------------------------------------------------
 
     def stt_model(self, name: str | None, task: str, language: str | None) -> ModelSpec:
         """The STT model for a request: an English-only model hands translation and other languages to its
         multilingual fallback (models.toml)."""
-        spec = self.engine.pool.resolve(name or None, "stt")
+        spec = self.pool.resolve(name or None, "stt")
         needs_multilingual = task == "translate" or (language not in (None, "", "en"))
         if needs_multilingual and spec.engine.get("english_only"):
             fallback = spec.engine.get("multilingual_fallback")
-            fallback_spec = self.engine.registry.get(fallback) if fallback else None
+            fallback_spec = self.pool.registry.get(fallback) if fallback else None
             if fallback_spec is None:
                 what = "translation" if task == "translate" else f"language {language!r}"
                 raise invalid(f"Model {spec.id!r} is English-only and cannot do {what}; "
@@ -117,50 +107,38 @@ class SpeechService:
             raise invalid("prompt must not contain NUL characters", field="prompt")
         return request, fmt, words, parse_vad_filter(vad)
 
+    def check_transcription(self, request: dict[str, Any]) -> None:
+        """Refuse a transcription job now (bad fields, or its model's queue is full), before it is accepted."""
+        self.parse_request(request, "transcribe")
+        self.guard_queue(self.stt_model(request.get("model"), "transcribe", request.get("language")))
+
     def _model_for(self, request: Any, task: str) -> ModelSpec:
         language = (getattr(request, "language", None) or "").lower() or None
         return self.stt_model(_value(request.model) if request.model else None, task, language)
 
-    def _open(self, spec: ModelSpec, file: AudioInput, request: Any, task: str, words: bool, vad: bool | None,
-              convert=lambda item: [item], tail=None):
-        """Decode here (off the model's thread), route by language, then queue the transcription on the model's worker."""
-        language = (getattr(request, "language", None) or "").lower() or None
+    def _open_transcription(self, spec: ModelSpec, call: TranscriptionCall) -> Stream[Any]:
+        """Forwarded as is to a remote; for a model here, decoded first (off the model's thread) and routed by
+        the language it speaks."""
+        if self.pool.forwards(spec):
+            return self.open(spec, call)
         self.guard_queue(spec)
-        limits = self.limits
-        decoded = decode_audio(file, 16000, limits=limits)
-        audio = decoded.samples
-        if audio.size < MIN_SAMPLES:  # a clip shorter than one analysis window is silence-padded, not a 500
-            audio = np.pad(audio, (0, MIN_SAMPLES - audio.size))
-        if task == "transcribe" and language is None:
+        audio = call.audio or decode_speech(call.file, self.limits)
+        language = (getattr(call.request, "language", None) or "").lower() or None
+        if call.task == "transcribe" and language is None:
             spec, language = self._route_by_language(spec, audio)
-        duration = decoded.duration
-        options = SttOptions(task=task, language=language, prompt=request.prompt, temperature=request.temperature,
-                             word_timestamps=words, vad_filter=vad,
-                             time_budget_s=limits.transcription_seconds_base
-                             + limits.transcription_seconds_per_audio_second * duration,
-                             token_budget=int(limits.transcription_tokens_base
-                                              + limits.transcription_tokens_per_audio_second * duration),
-                             batch_size=int(spec.engine.get("batch_size", 8)))
+        call = dataclasses.replace(call, audio=audio, language=language,
+                                   batch_size=int(spec.engine.get("batch_size", 8)))
+        return self.open(spec, call)
 
-        def job(backend, ctx):
-            yield from backend.transcribe(audio, options, ctx)
-
-        stream = self.engine.open_stream(spec, job, "transcription", convert, tail=tail)
-        return spec, stream, duration
-
-    def _route_by_language(self, spec: ModelSpec, audio) -> tuple[ModelSpec, str | None]:
+    def _route_by_language(self, spec: ModelSpec, audio: Audio) -> tuple[ModelSpec, str | None]:
         """An English-only model with a multilingual fallback (whisper-1) serves only English speech: the
         fallback detects the language of the first 30 s; other languages are transcribed by the fallback."""
         fallback = spec.engine.get("multilingual_fallback") if spec.engine.get("english_only") else None
-        fallback_spec = self.engine.registry.get(fallback) if fallback else None
-        if fallback_spec is None:
+        fallback_spec = self.pool.registry.get(fallback) if fallback else None
+        if fallback_spec is None or self.pool.forwards(fallback_spec):
             return spec, None
         self.guard_queue(fallback_spec)
-
-        def detect(backend, _ctx):
-            yield backend.detect_language(audio)
-
-        with self.engine.open_stream(fallback_spec, detect, "language detection") as stream:
+        with self.open(fallback_spec, DetectionCall(audio)) as stream:
             language, _probability = next(stream)
         return (spec if language == "en" else fallback_spec), language
 
@@ -169,32 +147,23 @@ class SpeechService:
         """Transcribe (or translate) a whole file into the requested response format. ``on_open`` gets the
         stream being folded as soon as it is open (the HTTP facade closes it when its client leaves)."""
         request, fmt, words, vad = self.parse_request(request, task)
-        return self.engine.router.run(
-            self._model_for(request, task),
-            lambda spec: self._transcribe(spec, file, request, fmt, words, vad, task, on_progress, on_open),
-            lambda spec: self.remote.transcribe(spec, file, request, fmt, words, task))
+        call = TranscriptionCall(file, request, fmt, words, vad, task, self.limits)
+        return self.router.run(self._model_for(request, task),
+                               lambda spec: self._transcribe(spec, call, on_progress, on_open))
 
-    def _transcribe(self, spec: ModelSpec, file: AudioInput, request: Any, fmt: str, words: bool,
-                    vad: bool | None, task: str, on_progress, on_open):
-        spec, stream, duration = self._open(spec, file, request, task, words, vad)
+    def _transcribe(self, spec: ModelSpec, call: TranscriptionCall, on_progress, on_open):
+        stream = self._open_transcription(spec, call)
         if on_open is not None:
             on_open(stream)
-        info: SttInfo | None = None
-        segments, word_list = [], []
+        items, duration = [], 0.0
         with stream:
             for item in stream:
+                items.append(item)
                 if isinstance(item, SttInfo):
-                    info = item
-                    continue
-                segments.append(segment_of(item))
-                word_list += [TranscriptionWord(word=w.word, start=round(w.start, 3), end=round(w.end, 3))
-                              for w in (item.words or [])]
-                if on_progress is not None and duration:
+                    duration = item.duration
+                elif on_progress is not None and duration and getattr(item, "end", None) is not None:
                     on_progress(min(1.0, item.end / duration))
-        self.engine.usage.record(spec.id, sum(len(s.tokens) for s in segments))
-        language = info.language if info else (request.language or "en")
-        return build_response(fmt, task, language, info.duration if info else duration, segments,
-                              word_list if words else None)
+        return stream.fold(items)
 
     def transcribe_stream(self, file: AudioInput, request: Any) -> Stream[Any]:
         """Delta events as segments are decoded, then one done event with the whole text."""
@@ -213,13 +182,14 @@ class SpeechService:
             return [TranscriptionStreamDone(type="transcript.text.done", text=state["text"],
                                             duration=round(state["duration"], 3), language=state["language"])]
 
+        call = TranscriptionCall(file, request, "json", False, vad, "transcribe", self.limits, convert=convert,
+                                 tail=done)
         spec = self._model_for(request, "transcribe")
-        if spec.remote is not None:
-            raise invalid(f"streamed transcription is not forwarded to remote models; call transcribe() on "
-                          f"{spec.id!r}, or stream from a local model", field="stream")
-        _spec, stream, duration = self._open(spec, file, request, "transcribe", False, vad, convert, done)
-        state["duration"] = duration
-        return stream
+        if not self.pool.forwards(spec):
+            audio = decode_speech(file, self.limits)
+            call = dataclasses.replace(call, audio=audio)
+            state["duration"] = audio.duration
+        return self._open_transcription(spec, call)
 
 
 def check_language(language: str | None) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime.worker import JobContext
+from ..runtime.interfaces import JobContext
 
 logger = logging.getLogger("polargrid_local")
 

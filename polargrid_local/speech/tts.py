@@ -9,7 +9,7 @@ from polargrid.types import TextToSpeechRequest
 
 from ..audio.encode import FORMATS, StreamEncoder
 from ..errors import check_text, invalid
-from ..runtime.worker import JobContext
+from ..runtime.interfaces import Job, JobContext
 
 MAX_INPUT = 4096
 
@@ -17,7 +17,7 @@ MAX_INPUT = 4096
 class SpeechRequest(TextToSpeechRequest):
     """The SDK's TextToSpeechRequest, with any registry model name allowed (the SDK lists only its own)."""
 
-    model: str  # type: ignore[assignment]
+    model: str
     input: str
     speed: float = 1.0
 
@@ -29,7 +29,7 @@ class PiperBackend:
                  use_cuda: bool = False) -> None:
         from piper import PiperVoice
 
-        self.voice = PiperVoice.load(path, use_cuda=use_cuda)
+        self.voice: Any = PiperVoice.load(path, use_cuda=use_cuda)
         self.sample_rate = self.voice.config.sample_rate
         self.output_sample_rate = output_sample_rate
         self.voices = {k.lower(): int(v) for k, v in (voices or {"default": 0}).items()}
@@ -91,7 +91,7 @@ def _value(v: Any) -> str:
     return str(getattr(v, "value", v))
 
 
-def speech_job(request: SpeechRequest, fmt: str):
+def speech_job(request: SpeechRequest, fmt: str) -> Job:
     """The worker job: yields encoded bytes as each sentence is ready."""
     voice_name = _value(request.voice)
 
@@ -110,4 +110,4 @@ def speech_job(request: SpeechRequest, fmt: str):
         if tail:
             yield tail
 
-    return run
+    return Job(run)

@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -155,7 +156,7 @@ def _add_vocab(writer, tokenizer: dict, source: Path, vocab_size: int, type_voca
         quiet.setLevel(level)
 
 
-def _pooling(source: Path) -> int:
+def _pooling(source: Path) -> Any:
     """The sentence-transformers pooling of the checkpoint (mean when it does not say)."""
     import gguf
 

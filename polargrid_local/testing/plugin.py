@@ -122,17 +122,10 @@ def polargrid(polargrid_engine, _polargrid_script):
 
 @pytest.fixture(scope="session")
 def _polargrid_http(polargrid_engine):
-    import threading
+    from polargrid_local.server import running
 
-    from polargrid_local.server import ServerConfig, make_server
-
-    server = make_server(polargrid_engine, ServerConfig(host="127.0.0.1", port=0))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="polargrid-test-server",
-                              daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with running(polargrid_engine) as server:
+        yield server
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ from typing import Any
 import jsonschema
 
 try:  # Python 3.11+
-    import re._parser as sre_parse  # type: ignore[import-not-found]
+    import re._parser as sre_parse
 except ImportError:  # pragma: no cover
-    import sre_parse  # type: ignore[no-redef]
+    import sre_parse
 
 _FORMATS = {"date-time": "2024-01-01T00:00:00Z", "date": "2024-01-01", "time": "00:00:00Z",
             "email": "user@example.com", "uri": "https://example.com/", "hostname": "example.com",
@@ -75,7 +75,8 @@ def _instance(schema: Any, root: dict[str, Any], name: str, depth: int) -> Any:
         kind = next((k for k in kind if k != "null"), "null")
     if kind is None:
         kind = "object" if "properties" in schema else "array" if "items" in schema else "string"
-    return _BY_TYPE[kind](schema, root, name, depth)
+    generate: Any = _BY_TYPE[kind]
+    return generate(schema, root, name, depth)
 
 
 def _object(schema: dict[str, Any], root: dict[str, Any], name: str, depth: int) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Sequence
 
 BOS, EOS = 1, 2
 _SPECIAL = re.compile(r"(<\|[a-z_]+\|>)")
@@ -46,7 +47,12 @@ class FakeTokenizer:
                 ids.append(token)
             return ids
 
-    def detokenize(self, tokens: list[int]) -> str:
+    def text_of(self, token: int) -> str:
+        """What one id stands for ("" for BOS and EOS)."""
+        with self._lock:
+            return "" if token in (BOS, EOS) else self._texts[token]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
         with self._lock:
             return "".join(self._texts[t] for t in tokens if t not in (BOS, EOS))
 

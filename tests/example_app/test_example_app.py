@@ -11,7 +11,6 @@ import io
 import av
 import polargrid
 import pytest
-
 from summary_app import brief, brief_streaming
 
 ARTICLE = ("The city council met on Tuesday and voted to build a new library near the river. "
