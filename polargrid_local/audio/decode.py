@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import PolarGridError, invalid
 from ..limits import DEFAULT_LIMITS, Limits
+from ..runtime.compute import on_lane
 
 AudioInput = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 
@@ -118,7 +119,7 @@ def decode_audio(source: AudioInput, sample_rate: int = 16000, *, limits: Limits
                 if mono.dtype.kind == "f" and not np.isfinite(mono).all():
                     raise invalid(f"{name} contains samples that are not finite numbers (NaN or Inf); "
                                   "float audio must hold finite samples", field="file")
-                output.add(resampler.process(mono))
+                output.add(on_lane(resampler.process, mono))
         except PolarGridError:
             raise
         except Exception as exc:
@@ -127,7 +128,7 @@ def decode_audio(source: AudioInput, sample_rate: int = 16000, *, limits: Limits
             # A truncated file: keep what decoded cleanly, as ffmpeg does.
         if resampler is None:
             raise invalid(f"{name} contains no audio samples", field="file")
-        output.add(resampler.flush())
+        output.add(on_lane(resampler.flush))
     samples = output.samples()
     if samples.size == 0:
         raise invalid(f"{name} contains no audio samples", field="file")

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
 from ..errors import invalid
+from ..runtime.compute import on_lane
 from .generation import DEFAULT_SEED, SamplingParams
 
 
@@ -91,7 +92,7 @@ class LlamaDecoder:
             batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
             batch.seq_id[i][0], batch.logits[i] = seq_id, logits
         batch.n_tokens = len(entries)
-        code = self.L.llama_decode(self.ctx, batch)
+        code = on_lane(self.L.llama_decode, self.ctx, batch)
         if code != 0:
             raise RuntimeError(f"llama_decode returned {code}")
 

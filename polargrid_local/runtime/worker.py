@@ -19,6 +19,7 @@ from ..errors import RateLimitError, ServerError, invalid
 from ..errors import TimeoutError as RequestTimeout
 from ..limits import DEFAULT_LIMITS, Limits
 from .channel import ResultStream, StreamCancelled
+from .compute import set_native_name
 from .interfaces import Job, JobContext, Scheduler
 
 logger = logging.getLogger("polargrid_local")
@@ -149,6 +150,7 @@ class ModelWorker(Generic[B]):
     # -- the thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
+        set_native_name(f"pg-{self.name}")
         try:
             self._serve()
         except BaseException as exc:  # a bug here must not strand callers: end them, then free the model

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ..runtime.compute import OnLane, on_lane
 from ..runtime.interfaces import JobContext
 
 logger = logging.getLogger("polargrid_local")
@@ -25,7 +26,7 @@ def _kernel_feature_extractor(base):
                 self.nb_max_frames = self.n_samples // self.hop_length
             from ..kernels import log_mel_spectrogram  # numba: loaded with the first STT model
 
-            return log_mel_spectrogram(waveform, self.mel_filters.shape[0], padding)
+            return on_lane(log_mel_spectrogram, waveform, self.mel_filters.shape[0], padding)
 
     extractor = KernelFeatureExtractor.__new__(KernelFeatureExtractor)
     extractor.__dict__.update(base.__dict__)
@@ -67,6 +68,8 @@ class WhisperBackend:
 
         self.model = WhisperModel(path, device=device, compute_type=compute_type, cpu_threads=cpu_threads)
         self.model.feature_extractor = _kernel_feature_extractor(self.model.feature_extractor)
+        # CTranslate2's calls (each a window of audio) take turns with the other models' work on the compute lane
+        self.model.model = OnLane(self.model.model, ("encode", "generate", "detect_language", "align"))
         self.english_only = english_only or not self.model.model.is_multilingual
         self.sample_rate = self.model.feature_extractor.sampling_rate
         self._batched = None
