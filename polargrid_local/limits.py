@@ -66,7 +66,9 @@ class Limits:
     keep_alive_timeout_s: float = 15.0        # an idle connection is closed after this long without a request
     socket_timeout_s: float = 60.0            # any single read or write that stalls this long ends the connection
     max_connections: int = 64                 # open connections; past it a new one gets 503 and is closed
-    auth_failures_per_minute: int = 10        # failed API-key checks per client address (429 past it)
+    max_connections_per_address: int = 32     # open connections from one address (IPv6: one /64); 503 past it
+    auth_failures_per_minute: int = 10        # failed API-key checks per client address (IPv6: /64) (429 past it)
+    auth_failures_global_per_minute: int = 100  # failed API-key checks from all addresses together (429 past it)
     drain_timeout_s: float = 10.0             # on SIGTERM: how long in-flight requests may finish before exit
 
 
