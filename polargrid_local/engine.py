@@ -41,6 +41,7 @@ from .llm.requests import (
     plan_chat,
     sampling_for,
 )
+from .runtime.at_exit import close_at_exit, forget
 from .runtime.factories import default_factories
 from .runtime.fallback import Router
 from .runtime.keep_alive import split_keep_alive
@@ -90,6 +91,7 @@ class LocalEngine:
         self.speech = SpeechService(self)
         self.jobs = TranscriptionJobs(self.speech)
         self.router = Router(self)
+        close_at_exit(self)   # an app that never calls close() (or exits mid-stream) still exits cleanly
         for name in [*self.registry.settings.get("preload", []), *preload]:
             self.load_model({"model_name": name})
 
@@ -310,6 +312,7 @@ class LocalEngine:
         if not self._closed.is_set():
             self._closed.set()
             self.pool.close()
+            forget(self)
 
 
 def _shortened(reply: EmbeddingResponse, dimensions: int | None) -> EmbeddingResponse:
