@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from polargrid.types import TranscriptionRequest, TranscriptionStreamDelta, TranscriptionStreamDone, TranslationRequest
 
-from ..audio.decode import AudioInput, decode_audio
+from ..audio.decode import AudioInput, AudioReader
 from ..audio.encode import CONTENT_TYPES, fix_wav_sizes
 from ..errors import RateLimitError, coerce, invalid
 from ..limits import DEFAULT_LIMITS, Limits
@@ -14,6 +14,7 @@ from ..remote.audio import RemoteAudio
 from ..runtime.stream import Stream
 from ..store.registry import ModelSpec
 from .formats import RESPONSE_FORMATS, TranscriptionWord, build_response, segment_of
+from .long_audio import transcription_job
 from .stt import SttInfo, SttOptions
 from .tts import parse_speech_request, speech_job
 
@@ -123,29 +124,31 @@ class SpeechService:
 
     def _open(self, spec: ModelSpec, file: AudioInput, request: Any, task: str, words: bool, vad: bool | None,
               convert=lambda item: [item], tail=None):
-        """Decode here (off the model's thread), route by language, then queue the transcription on the model's worker."""
+        """Decode the start here (off the model's thread), route by language, then queue the transcription on the
+        model's worker; audio longer than one window decodes the rest there, as it is transcribed."""
         language = (getattr(request, "language", None) or "").lower() or None
         self.guard_queue(spec)
         limits = self.limits
-        decoded = decode_audio(file, 16000, limits=limits)
-        audio = decoded.samples
+        reader = AudioReader(file, 16000, limits=limits)   # long audio: the rest decodes as it is transcribed
+        audio, rest = reader.head(limits.transcription_window_s)
+        duration = audio.size / 16000 if rest is None else max(reader.declared_seconds or 0.0, audio.size / 16000)
         if audio.size < MIN_SAMPLES:  # a clip shorter than one analysis window is silence-padded, not a 500
             audio = np.pad(audio, (0, MIN_SAMPLES - audio.size))
         if task == "transcribe" and language is None:
             spec, language = self._route_by_language(spec, audio)
-        duration = decoded.duration
         options = SttOptions(task=task, language=language, prompt=request.prompt, temperature=request.temperature,
                              word_timestamps=words, vad_filter=vad,
                              time_budget_s=limits.transcription_seconds_base
                              + limits.transcription_seconds_per_audio_second * duration,
                              token_budget=int(limits.transcription_tokens_base
                                               + limits.transcription_tokens_per_audio_second * duration),
-                             batch_size=int(spec.engine.get("batch_size", 8)))
+                             batch_size=int(spec.engine.get("batch_size", 8)), budget_audio_s=duration,
+                             time_per_audio_s=limits.transcription_seconds_per_audio_second,
+                             tokens_per_audio_s=limits.transcription_tokens_per_audio_second,
+                             window_s=limits.transcription_window_s)
 
-        def job(backend, ctx):
-            yield from backend.transcribe(audio, options, ctx)
-
-        stream = self.engine.open_stream(spec, job, "transcription", convert, tail=tail)
+        stream = self.engine.open_stream(spec, transcription_job(audio, rest, options), "transcription", convert,
+                                         tail=tail)
         return spec, stream, duration
 
     def _route_by_language(self, spec: ModelSpec, audio) -> tuple[ModelSpec, str | None]:
