@@ -4,44 +4,18 @@ The windows here are made short (Limits.transcription_window_s) so that minutes 
 """
 from __future__ import annotations
 
-import io
 import tracemalloc
-import wave
 
-import av
 import numpy as np
 import polargrid
 import pytest
 
 from conftest import SENTENCES, word_error_rate
+from test_speech import _wav16 as wav16
+from test_speech_limits import flac_silence
 from polargrid_local.audio import decode_audio
 from polargrid_local.limits import Limits
 from polargrid_local.speech.long_audio import find_cut, windows
-
-
-def wav16(samples: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(16000)
-        out.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    return buffer.getvalue()
-
-
-def flac_silence(seconds: int) -> bytes:
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="flac") as out:
-        stream = out.add_stream("flac", rate=16000, layout="mono")
-        zeros = np.zeros((1, 16000 * 10), np.int16)
-        for tenth in range(seconds // 10):
-            frame = av.AudioFrame.from_ndarray(zeros, format="s16", layout="mono")
-            frame.sample_rate, frame.pts = 16000, tenth * 16000 * 10
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-    return buffer.getvalue()
 
 
 @pytest.fixture
@@ -79,7 +53,7 @@ def test_memory_of_a_transcription_stays_flat_with_the_duration(client, window):
     """Before the fix, the whole decoded file (and VAD over all of it) was held at once: 4x the audio, 4x the
     memory. Now one window is: 8 minutes of silence cost what 2 minutes cost."""
     window(30)
-    short, long = flac_silence(120), flac_silence(480)
+    short, long = flac_silence(2), flac_silence(8)
     assert client.transcribe(short, {"model": "whisper-1"}).text == ""   # warm: models loaded, kernels compiled
     peaks = {}
     for name, data in (("2 min", short), ("8 min", long)):
