@@ -35,6 +35,7 @@ from .llm.calls import ChatCall, CompletionCall, EmbeddingCall
 from .llm.embeddings import plan_embeddings, split_options
 from .llm.requests import completion_prompts, embedding_inputs
 from .remote.probes import Reachability
+from .runtime.at_exit import close_at_exit, forget
 from .runtime.factories import default_factories
 from .runtime.fallback import Router
 from .runtime.interfaces import Call
@@ -88,6 +89,7 @@ class LocalEngine:
                            self._runtime)
         self.speech = SpeechService(self.pool, self.open, self.router, self.limits)
         self.jobs = TranscriptionJobs(self.speech.check_transcription, self.speech.transcribe)
+        close_at_exit(self)   # an app that never calls close() (or exits mid-stream) still exits cleanly
         for name in [*self.registry.settings.get("preload", []), *preload]:
             self.load_model({"model_name": name})
 
@@ -311,6 +313,7 @@ class LocalEngine:
         if not self._closed.is_set():
             self._closed.set()
             self.pool.close()
+            forget(self)
 
 
 def _include_usage(stream_options: dict[str, Any] | None) -> bool:

@@ -130,7 +130,9 @@ HTTP_LIMIT_FLAGS = {
     "keep_alive_timeout_s": (float, "seconds an idle connection stays open"),
     "socket_timeout_s": (float, "seconds a single read or write may stall"),
     "max_connections": (int, "open connections; past it a new one gets 503"),
+    "max_connections_per_address": (int, "open connections from one address (IPv6: one /64); past it 503"),
     "auth_failures_per_minute": (int, "failed API key checks per client address per minute before 429"),
+    "auth_failures_global_per_minute": (int, "failed API key checks from all addresses per minute before 429"),
     "drain_timeout_s": (float, "on SIGTERM, seconds in-flight requests may run before they are stopped"),
 }
 

@@ -24,7 +24,7 @@ from ..errors import check_text, invalid
 from ..limits import DEFAULT_LIMITS, Limits
 from .framing import HttpRefusal
 from .multipart import Part, parse_multipart
-from .security import AuthFailures, KeyCheck, RateLimiter
+from .security import AuthFailures, ConnectionsPerAddress, KeyCheck, RateLimiter, address_group
 from .watch import Connection, ConnectionWatch
 
 logger = logging.getLogger("polargrid_local.server")
@@ -167,7 +167,9 @@ class PolarGridHTTPServer(ThreadingHTTPServer):
         self.limits: Limits = config.limits or getattr(engine, "limits", None) or DEFAULT_LIMITS
         self.keys = KeyCheck(config.api_keys)
         self.limiter = RateLimiter(config.rate_limit)
-        self.auth_failures = AuthFailures(self.limits.auth_failures_per_minute)
+        self.auth_failures = AuthFailures(self.limits.auth_failures_per_minute,
+                                          self.limits.auth_failures_global_per_minute)
+        self.per_address = ConnectionsPerAddress(self.limits.max_connections_per_address)
         cache_dir = getattr(getattr(engine, "registry", None), "cache_dir", None)
         # The cache path as it appears in a JSON body (escaped) and raw; never shown over HTTP.
         self._private = sorted({json.dumps(str(cache_dir))[1:-1].encode(), str(cache_dir).encode("utf-8",
@@ -176,13 +178,15 @@ class PolarGridHTTPServer(ThreadingHTTPServer):
         self._counts = threading.Lock()
         self.open_connections = 0
         self.in_flight = 0
+        if ":" in config.host:   # an IPv6 address to listen on
+            self.address_family = socket.AF_INET6
         super().__init__((config.host, config.port), Handler)
         self.watch = ConnectionWatch()
 
     @property
     def url(self) -> str:
         host, port = str(self.server_address[0]), int(self.server_address[1])
-        return f"http://{host}:{port}"
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def redact(self, body: bytes) -> bytes:
         """Errors and status over HTTP never show where the models live on this host."""
@@ -194,29 +198,35 @@ class PolarGridHTTPServer(ThreadingHTTPServer):
     # -- connections: a cap, counted here, and 503 past it ---------------------------------
 
     def process_request(self, request, client_address) -> None:
+        group = address_group(client_address[0])
         with self._counts:
-            admitted = self.open_connections < self.limits.max_connections and not self.draining.is_set()
+            room = self.open_connections < self.limits.max_connections and not self.draining.is_set()
+            address_full = room and not self.per_address.admit(group)   # this address holds its share already
+            admitted = room and not address_full
             if admitted:
                 self.open_connections += 1
         if not admitted:
             self.refuse(request, "the server is shutting down" if self.draining.is_set() else
+                        f"this address has {self.limits.max_connections_per_address} connections open, the limit "
+                        "per address (max_connections_per_address); close one or retry shortly" if address_full else
                         f"the server is at its limit of {self.limits.max_connections} connections; retry shortly")
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._closed_one()
+            self._closed_one(client_address)
             raise
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._closed_one()
+            self._closed_one(client_address)
 
-    def _closed_one(self) -> None:
+    def _closed_one(self, client_address) -> None:
         with self._counts:
             self.open_connections -= 1
+            self.per_address.release(address_group(client_address[0]))
 
     def refuse(self, sock: socket.socket, message: str) -> None:
         """503 on the accepting thread, without a handler thread, then a short lingering close."""

