@@ -16,9 +16,13 @@ from polargrid_local.runtime.worker import WORKER_NAME
 EMBED = "all-minilm-l6-v2"
 
 
-def _thread_names() -> list[str]:
+def _native_thread_names() -> list[str]:
+    """The OS names of the threads Python did not start (OpenMP's, onnxruntime's, CTranslate2's...)."""
+    python = {t.native_id for t in threading.enumerate()}
     names = []
     for task in os.listdir("/proc/self/task"):
+        if int(task) in python:
+            continue
         try:
             with open(f"/proc/self/task/{task}/comm", encoding="utf-8") as f:
                 names.append(f.read().strip())
@@ -35,11 +39,14 @@ def _work(engine, speech_wav) -> None:
 
 
 def test_llama_cpp_and_the_numba_kernels_run_only_on_the_compute_lane(registry, speech_wav, monkeypatch):
+    import importlib
+
     import llama_cpp
     import llama_cpp.llama_cpp as low
 
     from polargrid_local import kernels
-    from polargrid_local.kernels import resample as resample_module
+
+    resample_module = importlib.import_module("polargrid_local.kernels.resample")
 
     lane = compute_lane()
     assert isinstance(lane, ComputeLane), "the lane is off (POLARGRID_LOCAL_COMPUTE_LANE=0?)"
@@ -54,8 +61,14 @@ def test_llama_cpp_and_the_numba_kernels_run_only_on_the_compute_lane(registry, 
     monkeypatch.setattr(llama_cpp, "llama_decode", recorded("llama_decode", llama_cpp.llama_decode))
     monkeypatch.setattr(low, "llama_decode", recorded("llama_decode", low.llama_decode))
     monkeypatch.setattr(kernels, "log_mel_spectrogram", recorded("log_mel", kernels.log_mel_spectrogram))
-    monkeypatch.setattr(resample_module.Resampler, "process",
-                        recorded("resample", resample_module.Resampler.process))
+    parallel_process = resample_module.Resampler.process
+
+    def process(self, chunk):   # the kernel with a thread team (speech's); decoding runs a serial one
+        if self._polyphase is resample_module._polyphase:
+            seen["resample"].add(threading.get_ident())
+        return parallel_process(self, chunk)
+
+    monkeypatch.setattr(resample_module.Resampler, "process", process)
     engine = LocalEngine(registry)
     plain = LocalEngine(registry, n_parallel=1)   # one request at a time: llama-cpp-python's own generate loop
     try:
@@ -68,18 +81,39 @@ def test_llama_cpp_and_the_numba_kernels_run_only_on_the_compute_lane(registry, 
     assert seen == {name: {lane.ident} for name in seen}, "some computation ran off the lane"
 
 
+def test_decoding_audio_starts_no_thread_team_and_waits_for_no_model(speech_wav):
+    """Audio is decoded (and resampled) before a request is queued, on the caller's thread: its kernel runs
+    serially there, so it neither waits behind a model's work on the lane nor starts a team of its own."""
+    from polargrid_local.audio.decode import decode_audio
+    from polargrid_local.runtime.compute import set_native_name
+
+    decoded, checked = threading.Event(), threading.Event()
+
+    def decode():
+        set_native_name("pg-decoder")
+        decode_audio(speech_wav, 16000)   # our 24 kHz speech: resampled to 16 kHz
+        decoded.set()
+        checked.wait(30)   # alive while the threads are counted (a thread team ends with the thread)
+
+    thread = threading.Thread(target=decode)
+    thread.start()
+    assert decoded.wait(60)
+    names = _native_thread_names()
+    checked.set()
+    thread.join()
+    assert "pg-decoder" not in names
+
+
 def test_the_process_holds_one_openmp_team_not_one_per_model(registry, speech_wav):
-    """OpenMP's threads take the OS name of the thread that starts them. With every model computing on the
-    lane, no model worker starts any: each worker is one thread, and OpenMP's threads are the lane's."""
-    before = _thread_names().count(WORKER_NAME)   # other engines' workers, in this test session
+    """A native thread takes the OS name of the thread that starts it. With every model computing on the lane,
+    no model worker starts OpenMP threads of its own: the only OpenMP team is the lane's."""
     engine = LocalEngine(registry, n_threads=2)
     try:
         _work(engine, speech_wav)
         engine.completion({"model": CHAT, "prompt": "1, 2, 3,", "max_tokens": 4})
-        names = _thread_names()
-        workers = len(engine.pool.loaded())
-        assert workers >= 4
-        assert names.count(WORKER_NAME) - before == workers, (names.count(WORKER_NAME), before, workers)
-        assert names.count(LANE_NAME) >= 2, "the lane's team: the lane and at least one OpenMP thread"
+        names = _native_thread_names()
+        assert len(engine.pool.loaded()) >= 4
+        assert names.count(WORKER_NAME) == 0, "a model's worker thread started a thread team of its own"
+        assert names.count(LANE_NAME) >= 1, "the lane's team"
     finally:
         engine.close()

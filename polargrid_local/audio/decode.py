@@ -19,7 +19,6 @@ import numpy as np
 
 from ..errors import PolarGridError, invalid
 from ..limits import DEFAULT_LIMITS, Limits
-from ..runtime.compute import on_lane
 
 AudioInput = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 
@@ -142,7 +141,7 @@ class AudioReader:
                     if mono.dtype.kind == "f" and not np.isfinite(mono).all():
                         raise invalid(f"{self.name} contains samples that are not finite numbers (NaN or Inf); "
                                       "float audio must hold finite samples", field="file")
-                    yield from self._checked(on_lane(resampler.process, mono), limit)
+                    yield from self._checked(resampler.process(mono), limit)
             except PolarGridError:
                 raise
             except Exception as exc:
@@ -151,7 +150,7 @@ class AudioReader:
                 # A truncated file: keep what decoded cleanly, as ffmpeg does.
             if resampler is None:
                 raise invalid(f"{self.name} contains no audio samples", field="file")
-            yield from self._checked(on_lane(resampler.flush), limit)
+            yield from self._checked(resampler.flush(), limit)
             if not self.decoded:
                 raise invalid(f"{self.name} contains no audio samples", field="file")
         finally:
@@ -237,7 +236,7 @@ class _SwrResampler:
 def _resampler(orig: int, target: int):
     from ..kernels.resample import Resampler  # numba: loaded with the first audio decoded
 
-    ours = Resampler(orig, target)
+    ours = Resampler(orig, target, parallel=False)   # the caller's thread alone: no team, no lane to wait for
     return ours if ours.up == ours.down or ours.table is not None else _SwrResampler(orig, target)
 
 
