@@ -208,8 +208,8 @@ def gateway(tmp_path_factory, registry, upstream):
                       for name in ("drip-head", "drip-body", "html", "redirect")
                       for kind in ("chat", "embedding", "stt", "tts"))
     entries += "".join(entry(name, url(name), **BOUNDS) for name in (
-        "long-line", "long-event", "endless-stream", "many-chunks", "flood-error", "done-only", "empty-stream",
-        "bad-usage"))
+        "long-line", "long-event", "endless-stream", "many-chunks", "done-only", "empty-stream", "bad-usage"))
+    entries += entry("flood-error", url("flood-error"), timeout=30)
     entries += "".join(entry(name, url(name), "embedding", **BOUNDS) for name in (
         "flood-json", "flood-json-undeclared", "nan-vector", "nan-vector-base64"))
     entries += entry("flood-audio", url("flood-audio"), "tts", **BOUNDS)
@@ -303,7 +303,7 @@ def test_an_upload_the_remote_never_reads_ends_at_the_request_deadline(gateway):
 # -- 2. bounds on what a remote sends back ---------------------------------------------------------
 
 @pytest.mark.parametrize(("model", "kind", "stream", "setting"), [
-    ("flood-json", "embedding", False, "max_response_bytes"),
+    ("flood-json", "embedding", False, "max_response_bytes) (Content-Length"),   # refused before reading
     ("flood-json-undeclared", "embedding", False, "max_response_bytes"),
     ("long-line", "chat", False, "max_sse_line_bytes"),
     ("long-line", "chat", True, "max_sse_line_bytes"),
@@ -329,10 +329,15 @@ def test_chunks_are_bounded_only_when_collected(gateway):
 
 
 def test_an_error_body_is_read_only_so_far(gateway, upstream):
-    """A 500 with 64 MiB of message: the remote's status is passed on with the start of its message."""
-    peak, outcome = peak_mib(ask, gateway, "flood-error", "chat")
+    """A 500 with 64 MiB of message (no time limit in the way: 30 s per read, the default request limit): the
+    remote's status is passed on with the start of its message, and only the start is read."""
+    patient = LocalEngine(gateway.registry)
+    try:
+        peak, outcome = peak_mib(ask, patient, "flood-error", "chat")
+    finally:
+        patient.close()
     assert isinstance(outcome, sdk.ServerError) and outcome.status_code == 500, outcome
-    assert len(str(outcome)) < 700 and peak < 24
+    assert len(str(outcome)) < 700 and peak < 24, f"{peak:.0f} MiB held for an error message"
 
 
 # -- 6. only a 2xx of the expected type is an answer --------------------------------------------
