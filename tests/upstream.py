@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import socket
 import threading
 import time
 from collections import Counter
@@ -176,12 +175,3 @@ class Upstream:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-def silent_until_hangup(handler: Handler, seconds: float = 60) -> bool:
-    """Keep the connection open without writing until the gateway hangs up; True if it did."""
-    handler.connection.settimeout(seconds)
-    try:
-        return handler.connection.recv(1) == b""
-    except (OSError, socket.timeout):
-        return False

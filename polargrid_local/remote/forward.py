@@ -143,8 +143,10 @@ class EmbeddingsReply:
     def feed(self, body: bytes) -> list[tuple[list[list[float]], TokenUsage]]:
         data = json_object(body, self.forward)
         try:
-            items = sorted(data["data"], key=_index)
-            vectors = [_vector(item["embedding"]) for item in items]
+            items = data.get("data")
+            if not isinstance(items, list) or not items or not all(isinstance(item, dict) for item in items):
+                raise ValueError("its data is not a list of embedding objects")
+            vectors = [_vector(item["embedding"]) for item in sorted(items, key=_index)]
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise sdk.ServerError(f"remote {self.forward.where} answered embeddings without vectors: {exc}",
                                   502) from exc
