@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import time
 import tracemalloc
 import uuid
@@ -26,21 +25,14 @@ from dataclasses import dataclass, field
 
 import pytest
 from conftest import MODELS_FILE
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from test_hostile_http import PROFILE, fuzz_settings  # the same profiles: "ci" bounded, "fuzz" for make fuzz
 from upstream import Handler, Upstream, chunk_for, event, good_answer
 
 from polargrid_local import LocalEngine, Registry
 from polargrid_local.limits import Limits
 from polargrid_local.server import running
-
-_COMMON = dict(deadline=None, derandomize=False, print_blob=True,
-               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-                                      HealthCheck.data_too_large])
-settings.register_profile("ci", max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", 50)), **_COMMON)
-settings.register_profile("fuzz", max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", 1000)), **_COMMON)
-PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
-fuzz_settings = settings(settings.get_profile(PROFILE))
 
 REQUEST_LIMIT = 3.0    # the gateway's request_timeout_s
 TIMEOUT = 30           # seconds a client socket waits: past it the example fails as a hang

@@ -216,6 +216,7 @@ def gateway(tmp_path_factory, registry, upstream):
     entries += entry("never-reads", url("never-reads"), "stt")
     entries += entry("redirect-fallback", url("redirect"), fallback=(CHAT,))
     entries += entry("html-fallback", url("html"), fallback=(CHAT,))
+    entries += entry("done-only-fallback", url("done-only"), fallback=(CHAT,))
     entries += "".join(entry(name, url(name), api_key_env=KEY_ENV)
                        for name in ("echo-key", "echo-key-stream", "echo-key-malformed"))
     entries += entry("503-retried", url("503-retried"), "embedding", max_retries=1)
@@ -360,11 +361,11 @@ def test_a_stream_without_events_is_a_502(gateway, model):
 
 
 def test_a_broken_remote_hands_over_to_its_fallback(gateway):
-    """The 502 is what lets fallback run: a local SmolLM2 answers instead (under the default request limit:
+    """The 502 is what lets fallback run (an empty stream is found out before the stream is handed over): a local SmolLM2 answers instead (under the default request limit:
     a local generation on a busy 2-core machine can take longer than the 3 s the other tests use)."""
     patient = LocalEngine(gateway.registry)
     try:
-        for model in ("redirect-fallback", "html-fallback"):
+        for model in ("redirect-fallback", "html-fallback", "done-only-fallback"):
             reply = ask(patient, model, "chat")
             assert reply.pg_metadata.region == "local" and reply.choices[0].message.content
     finally:

@@ -199,10 +199,24 @@ class RemoteBackend:
         items = ResponseItems(response)
         try:
             items.start(self._reply(response, forward.reply, items))
+            if forward.reply == "events":
+                self._first_event(items, deadline)
         except BaseException:
             items.close()
             raise
         return items
+
+    def _first_event(self, items: ResponseItems, deadline: Deadline | None) -> None:
+        """Read a stream's first event now, so that a stream that fails before it (no events at all, an error
+        event, a malformed or oversized one) is refused here, where fallback can act."""
+        ends = deadline[0] if deadline is not None else None
+        try:
+            with within(ends):
+                items.peek()
+        except sdk.TimeoutError as exc:
+            if deadline is not None and time.monotonic() >= deadline[0] - 0.05:
+                raise deadline[1]() from exc
+            raise
 
     def _reply(self, response: httpx.Response, reply: str, items: ResponseItems) -> Iterator[Any]:
         declared, bound = response.headers.get("Content-Length", ""), self.remote.max_response_bytes
@@ -323,6 +337,7 @@ class ResponseItems:
         self.rest: Iterator[bytes] | None = None  # the body's lines left after the last event
         self.complete = False                    # the event stream ended normally ([DONE] or its end)
         self._items: Iterator[Any] = iter(())
+        self._peeked: list[Any] = []
         self._lock = threading.Lock()
         self._released = False
         response.stream = _ReleaseGuard(response.stream, self._mark_released)  # type: ignore[arg-type]
@@ -330,11 +345,16 @@ class ResponseItems:
     def start(self, items: Iterator[Any]) -> None:
         self._items = items
 
+    def peek(self) -> None:
+        """Read the first item now; iterating gives it first."""
+        with contextlib.suppress(StopIteration):
+            self._peeked.append(next(self._items))
+
     def __iter__(self) -> ResponseItems:
         return self
 
     def __next__(self) -> Any:
-        return next(self._items)
+        return self._peeked.pop() if self._peeked else next(self._items)
 
     def _mark_released(self) -> None:
         with self._lock:
