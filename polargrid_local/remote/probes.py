@@ -28,14 +28,13 @@ class Reachability:
 
     A call finds the last probe's answer; when that is older than PROBE_TTL (or there is none) it starts a
     probe on a daemon thread unless one is already running for that server, and returns what it has.
-    ``wait(spec, timeout)`` is for callers that would rather have a fresh answer (the CLI, tests).
     ``probe(spec)`` makes the answer (``RemoteBackend.probe`` unless injected).
     """
 
     def __init__(self, probe: Callable[[ModelSpec], str] | None = None) -> None:
         self._probe = probe or _probe_once
         self._answers: dict[str, tuple[float, str]] = {}
-        self._running: dict[str, threading.Event] = {}
+        self._running: set[str] = set()
         self._lock = threading.Lock()
         self._closed = False
 
@@ -47,19 +46,9 @@ class Reachability:
             answer = self._answers.get(key)
             fresh = answer is not None and time.monotonic() - answer[0] < PROBE_TTL
             if not fresh and key not in self._running and not self._closed:
-                done = self._running[key] = threading.Event()
-                threading.Thread(target=self._run, args=(key, spec, done), name="polargrid-probe",
-                                 daemon=True).start()
+                self._running.add(key)
+                threading.Thread(target=self._run, args=(key, spec), name="polargrid-probe", daemon=True).start()
         return answer[1] if answer is not None else UNKNOWN
-
-    def wait(self, spec: ModelSpec, timeout: float) -> str:
-        """The answer after the probe in flight (or one started now) ends, or as it stands after ``timeout``."""
-        self(spec)
-        with self._lock:
-            running = self._running.get(self._key(spec))
-        if running is not None:
-            running.wait(timeout)
-        return self(spec)
 
     def close(self) -> None:
         """Start no more probes (those running end by themselves, within PROBE_TIMEOUT)."""
@@ -71,7 +60,7 @@ class Reachability:
         assert spec.remote is not None, f"{spec.id} is not a remote model"
         return spec.remote.base_url
 
-    def _run(self, key: str, spec: ModelSpec, done: threading.Event) -> None:
+    def _run(self, key: str, spec: ModelSpec) -> None:
         try:
             state = self._probe(spec)
         except Exception:   # a probe that fails is a remote that is down, never a failed health answer
@@ -79,8 +68,7 @@ class Reachability:
             state = "down"
         with self._lock:
             self._answers[key] = (time.monotonic(), state)
-            del self._running[key]
-        done.set()
+            self._running.discard(key)
 
 
 def _probe_once(spec: ModelSpec) -> str:
