@@ -361,8 +361,9 @@ def test_a_stream_without_events_is_a_502(gateway, model):
 
 
 def test_a_broken_remote_hands_over_to_its_fallback(gateway):
-    """The 502 is what lets fallback run (an empty stream is found out before the stream is handed over): a local SmolLM2 answers instead (under the default request limit:
-    a local generation on a busy 2-core machine can take longer than the 3 s the other tests use)."""
+    """The 502 is what lets fallback run (an empty stream is found out before the stream is handed over): a
+    local SmolLM2 answers instead (under the default request limit: a local generation on a busy 2-core
+    machine can take longer than the 3 s the other tests use)."""
     patient = LocalEngine(gateway.registry)
     try:
         for model in ("redirect-fallback", "html-fallback", "done-only-fallback"):

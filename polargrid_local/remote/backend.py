@@ -1,4 +1,6 @@
-"""RemoteBackend: one remote model's HTTP client: retries within a deadline, errors mapped, the offline guard.
+"""RemoteBackend: one remote model's HTTP client: retries within the request's deadline, errors mapped (keys
+scrubbed), only a 2xx of the expected content type taken as an answer, answers read within the model's
+bounds, the offline guard.
 
 This is the only code in polargrid_local that opens connections outside loopback at run time,
 and only for models that models.toml declares remote.

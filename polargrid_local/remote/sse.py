@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -36,9 +35,13 @@ def finite_json(data: str | bytes) -> Any:
     them (a vector is a 502) and one that can do without (usage) does without. Nesting deeper than Python's
     stack is a ValueError, as malformed JSON is."""
     try:
-        return json.loads(data, parse_constant=_no_number, parse_float=_finite_or_none)
+        return _DECODER.decode(data if isinstance(data, str) else data.decode("utf-8"))
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_number, parse_float=_finite_or_none)   # made once: json.loads
+#                                                                     would make one per call with these hooks
 
 
 def counted(chunks: Iterable[bytes], bound: int) -> Iterator[bytes]:
@@ -51,31 +54,27 @@ def counted(chunks: Iterable[bytes], bound: int) -> Iterator[bytes]:
         yield chunk
 
 
-_LINE_END = re.compile(rb"\r\n|\r|\n")
-
-
 def lines(chunks: Iterable[bytes], max_line: int) -> Iterator[bytes]:
     """The lines of a byte stream (ended by CRLF, LF or CR, as the SSE spec allows), without their ends.
     A line longer than ``max_line`` bytes is refused as it arrives, before it is whole."""
     too_long = BoundExceeded("an event-stream line", max_line, "max_sse_line_bytes")
     pending = b""
     for chunk in chunks:
-        data = pending + chunk
-        start = 0
-        for end in _LINE_END.finditer(data):
-            if end.group() == b"\r" and end.end() == len(data):
-                break    # a CR that ends this chunk may be the first half of a CRLF
-            if end.start() - start > max_line:
+        parts = (pending + chunk if pending else chunk).splitlines(keepends=True)
+        # The last part waits for more: it has no line end yet, or ends in a CR whose LF may come next.
+        pending = parts.pop() if parts and parts[-1][-1:] != b"\n" else b""
+        for part in parts:
+            line = part.rstrip(b"\r\n")   # one line end: splitlines ends each part at the first
+            if len(line) > max_line:
                 raise too_long
-            yield data[start:end.start()]
-            start = end.end()
-        pending = data[start:]
+            yield line
         if len(pending) > max_line + 1:   # + 1: a CR waiting for its LF
             raise too_long
-    if len(pending.rstrip(b"\r")) > max_line:
-        raise too_long
     if pending:
-        yield pending.rstrip(b"\r")
+        line = pending.rstrip(b"\r\n")
+        if len(line) > max_line:
+            raise too_long
+        yield line
 
 
 def sse_payloads(stream_lines: Iterable[bytes], max_event: int) -> Iterator[dict[str, Any]]:
