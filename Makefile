@@ -51,9 +51,9 @@ demo: models
 test: models wheelhouse
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The hostile-input suites with many more Hypothesis examples than CI runs.
+# The hostile-input suites (hostile clients, a hostile upstream) with many more Hypothesis examples than CI runs.
 fuzz: models
-	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests/test_hostile_http.py -s $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests/test_hostile_http.py tests/test_hostile_upstream.py -s $(PYTEST_ARGS)
 
 bench: models
 	$(PY) -m pip install --quiet -e ".[test,bench]"

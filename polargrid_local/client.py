@@ -333,7 +333,7 @@ class PolarGrid(_LocalClient):
         """The whole response: the stream read without blocking the loop, then folded."""
         stream = await asyncio.to_thread(open_stream, *args, **kwargs)
         with stream:
-            return stream.fold([item async for item in stream])
+            return stream.fold(await stream.acollect())
 
     async def chat_completion_stream(self, request: ChatCompletionRequest | dict[str, Any], *,
                                      stream_options: dict[str, Any] | None = None

@@ -160,7 +160,7 @@ class LocalEngine:
     def fold(stream: Stream[Any]) -> Any:
         """Read a whole stream and fold it into its response (the non-streaming calls)."""
         with stream:
-            return stream.fold(list(stream))
+            return stream.fold(stream.collect())
 
     # -- text ----------------------------------------------------------------------------
 
@@ -312,6 +312,7 @@ class LocalEngine:
         """Unload every model and stop their workers."""
         if not self._closed.is_set():
             self._closed.set()
+            self._probes.close()
             self.pool.close()
             forget(self)
 

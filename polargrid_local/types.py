@@ -55,7 +55,8 @@ class LoadedModel(BaseModel):
 
 
 class RemoteInfo(BaseModel):
-    """Where a remote model runs and whether it answers ('up', 'down', or 'offline' under the offline guard)."""
+    """Where a remote model runs and whether it answers: 'up', 'down', 'offline' (under the offline guard), or
+    'unknown' until the first background probe of its server has ended."""
 
     base_url: str
     model: str
@@ -81,6 +82,7 @@ class ModelStatusResponse(sdk.ModelStatusResponse):
 
 
 class HealthResponse(sdk.HealthResponse):
-    """The SDK's health answer, plus each remote model as 'up', 'down' or 'offline' (none of them fails it)."""
+    """The SDK's health answer, plus each remote model as 'up', 'down', 'offline' or 'unknown' (none of them
+    fails it; each is the last background probe's answer, so health never waits on a remote)."""
 
     remotes: dict[str, str] = {}

@@ -111,10 +111,19 @@ class Request:
         return parse_multipart(self.body, content_type)
 
 
+def json_bytes(payload: Any) -> bytes:
+    """``payload`` as strict JSON: a NaN or Infinity (which no JSON parser need accept) is a 500 that says so,
+    never an answer the client cannot read."""
+    try:
+        return json.dumps(payload, allow_nan=False).encode()
+    except ValueError as exc:
+        raise sdk.ServerError(f"internal error: the answer could not be written as JSON ({exc})", 500) from None
+
+
 def json_response(payload: Any, status: int = 200) -> Response:
     if hasattr(payload, "model_dump"):
         payload = payload.model_dump(mode="json")
-    return Response(status, json.dumps(payload).encode())
+    return Response(status, json_bytes(payload))
 
 
 _STATUS = ((sdk.ValidationError, 400, "invalid_request_error"), (sdk.AuthenticationError, 401, "authentication_error"),

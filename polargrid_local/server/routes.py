@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import math
 import re
 from collections.abc import Callable, Generator, Iterator
@@ -16,7 +15,7 @@ from polargrid.types import TranscriptionJobStatus
 from ..audio.encode import CONTENT_TYPES
 from ..engine import LocalEngine
 from ..errors import invalid
-from .app import Request, Response, StreamingResponse, error_body, error_status, json_response
+from .app import Request, Response, StreamingResponse, error_body, error_status, json_bytes, json_response
 from .watch import ClientGone
 
 
@@ -93,7 +92,7 @@ def _watched(stream, request: Request) -> Generator[Any, None, None]:
 def _frame(payload: Any) -> bytes:
     if hasattr(payload, "model_dump"):
         payload = payload.model_dump(mode="json", exclude_none=True)
-    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+    return b"data: " + json_bytes(payload) + b"\n\n"
 
 
 def sse(stream, request: Request) -> StreamingResponse:

@@ -16,7 +16,7 @@ from polargrid.types import TranscriptionResponse, TranslationResponse
 from ..audio.decode import AudioInput, AudioReader
 from ..audio.encode import CONTENT_TYPES, fix_wav_sizes
 from ..limits import Limits
-from ..remote.forward import Forward, forwarded_fields
+from ..remote.forward import Forward, forwarded_fields, json_object
 from ..runtime.interfaces import Job, Prepared
 from .formats import TranscriptionWord, VerboseTranscriptionResponse, build_response, segment_of
 from .long_audio import transcription_job
@@ -164,8 +164,12 @@ class TranscriptionCall:
         if self.words:
             form["timestamp_granularities[]"] = ["word"]
         path = "audio/translations" if self.task == "translate" else "audio/transcriptions"
-        forward = Forward(path, form=form, files={"file": (name, io.BytesIO(data))}, reply="body")
+        forward = Forward(path, form=form, files={"file": (name, io.BytesIO(data))}, reply="body",
+                          expects=("text/",) if self.fmt in TEXT_FORMATS else ("application/json",))
         return Prepared(forward, _RemoteTranscript(self.fmt, self.task, forward), _first)
+
+
+TEXT_FORMATS = ("text", "srt", "vtt")   # transcripts answered as text/plain, not JSON
 
 
 class _RemoteTranscript:
@@ -175,13 +179,14 @@ class _RemoteTranscript:
         self.fmt, self.task, self.forward = fmt, task, forward
 
     def feed(self, body: bytes) -> list[Any]:
-        if self.fmt in ("text", "srt", "vtt"):
+        if self.fmt in TEXT_FORMATS:
             return [body.decode("utf-8", "replace")]
+        data = json_object(body, self.forward)   # no NaN or Infinity to pass on
         try:
             if self.fmt == "verbose_json":
-                return [VerboseTranscriptionResponse.model_validate_json(body)]
+                return [VerboseTranscriptionResponse.model_validate(data)]
             cls = TranslationResponse if self.task == "translate" else TranscriptionResponse
-            return [cls.model_validate_json(body)]
+            return [cls.model_validate(data)]
         except pydantic.ValidationError as exc:
             raise sdk.ServerError(f"remote {self.forward.where} sent a transcript that is not OpenAI-compatible: "
                                   f"{exc.errors()[0].get('msg')}", 502) from exc
