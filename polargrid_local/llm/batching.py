@@ -16,6 +16,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ..errors import invalid
 from ..runtime.channel import ResultStream
 from .backend import DEFAULT_SEED, SamplingParams, Started, TextDelta, _StopMatcher
@@ -37,6 +39,16 @@ class PromptJob:
     index: int = 0
     siblings: list[int] = field(default_factory=lambda: [1])  # prompts of this request still running
     ctx: Any = None  # the request's JobContext: its queue time ends when a prompt gets a slot
+    probe: list[int] | None = None  # score these tokens as the prompt's next token (Probed) instead of generating
+
+
+@dataclass(frozen=True)
+class Probed:
+    """A probe job's answer: the log-probability of each probe token as the next token after its prompt."""
+
+    logprobs: list[float]
+    prompt_tokens: int
+    index: int = 0
 
 
 @dataclass
@@ -239,6 +251,9 @@ class BatchScheduler:
 
     def _sample(self, slot: _Slot, index: int) -> None:
         L = self.L
+        if slot.job.probe is not None:
+            self._probe(slot, index)
+            return
         token = L.llama_sampler_sample(slot.sampler, self.ctx, index)
         if L.llama_vocab_is_eog(self.vocab, token):
             self._release(slot, finish="stop")
@@ -257,9 +272,18 @@ class BatchScheduler:
         else:
             slot.next_token = token
 
+    def _probe(self, slot: _Slot, index: int) -> None:
+        """The prompt's next-token distribution, read at its probe tokens; the slot is free at once."""
+        logits = np.ctypeslib.as_array(self.L.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
+        top = float(logits.max())
+        log_total = top + float(np.log(np.exp(logits - top).sum()))
+        job = slot.job
+        self._push(slot, Probed([float(logits[t]) - log_total for t in job.probe], len(job.tokens), job.index))
+        self._release(slot, finish="probed")
+
     def _release(self, slot: _Slot, finish: str | None, flush: bool = True) -> None:
         job = slot.job
-        if finish is not None:
+        if finish is not None and job.probe is None:
             tail = slot.stops.flush(slot.decoder.decode(b"", final=True)) if flush else ""
             if tail:
                 self._push(slot, TextDelta(tail, index=job.index))

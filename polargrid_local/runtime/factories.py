@@ -54,6 +54,16 @@ def embedding_factory(spec: ModelSpec, path: str, overrides: dict[str, Any]):
                         tokenizer=Path(path).parent / tokenizer if tokenizer else None, **settings)
 
 
+def rerank_factory(spec: ModelSpec, path: str, overrides: dict[str, Any]):
+    """A cross-encoder GGUF scored by llama.cpp's rank pooling (llm/cross_encoder.py)."""
+    from ..llm.cross_encoder import CrossEncoderBackend
+
+    ensure_safe_llama()
+    settings = llama_settings(spec, overrides)
+    settings.pop("chat_template", None)
+    return CrossEncoderBackend(path, **settings)
+
+
 def stt_factory(spec: ModelSpec, path: str, overrides: dict[str, Any]):
     from ..llm.backend import available_cpus
     from ..speech.stt import WhisperBackend
@@ -88,4 +98,4 @@ def default_factories() -> dict[str, Any]:
     from ..remote import remote_factory
 
     return {"chat": chat_factory, "embedding": embedding_factory, "stt": stt_factory, "tts": tts_factory,
-            "remote": remote_factory}
+            "rerank": rerank_factory, "remote": remote_factory}

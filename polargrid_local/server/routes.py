@@ -376,3 +376,7 @@ def status(engine: LocalEngine, request: Request) -> Response:
 @ROUTES.add("GET", "/v1/usage")
 def usage(engine: LocalEngine, request: Request) -> Response:
     return json_response(engine.get_usage(request.query.get("start_date"), request.query.get("end_date")))
+
+
+# Routes beyond the SDK's (Responses, rerank, metrics, the playground) register themselves on ROUTES.
+from . import extras  # noqa: E402,F401
