@@ -41,6 +41,7 @@ from .llm.requests import (
     plan_chat,
     sampling_for,
 )
+from .runtime.events import EngineEvents, FirstToken
 from .runtime.factories import default_factories
 from .runtime.fallback import Router
 from .runtime.keep_alive import split_keep_alive
@@ -85,6 +86,7 @@ class LocalEngine:
                               memory_policy=policy, memory_budget_mb=memory_budget_mb, keep_alive=keep_alive,
                               limits=self.limits)
         self.usage = UsageBook()
+        self.events = EngineEvents()   # what /metrics listens to (runtime/events.py)
         self.started = datetime.now(timezone.utc)
         self._closed = threading.Event()
         self.speech = SpeechService(self)
@@ -223,11 +225,14 @@ class LocalEngine:
         return request
 
     def _open(self, spec, job, chunker, what: str) -> Stream[Any]:
+        timer = FirstToken(chunker.feed)
+
         def finished(stream: Stream[Any]) -> None:
             usage = chunker.usage
             self.usage.record(spec.id, usage.total_tokens if usage else 0, stream.metadata().latency_ms or 0)
+            self.events.generation(spec.id, usage, timer.seconds)
 
-        stream = self.open_stream(spec, job, what, chunker.feed, on_finish=finished)
+        stream = self.open_stream(spec, job, what, timer, on_finish=finished)
         stream.chunker = chunker
         return stream
 

@@ -29,6 +29,7 @@ logger = logging.getLogger("polargrid_local.server")
 
 DEFAULT_PORT = 55111
 OPEN_PATHS = ("/health",)
+OPEN_PREFIXES = ("/playground/",)   # the playground's static files (the page asks for the key itself)
 CACHE_PLACEHOLDER = "<model cache>"
 
 
@@ -42,6 +43,7 @@ class ServerConfig:
     rate_limit: int | None = None          # requests per minute per key (per client address without keys)
     limits: Limits | None = None
     malloc_arenas: int | None = 2          # cap glibc's malloc arenas in this process (None: leave them); malloc.py
+    metrics_open: bool = False             # /metrics without an API key (for a scraper on a trusted network)
 
 
 @dataclass
@@ -81,10 +83,11 @@ class Request:
     """What a route sees: method, path, query, headers, the (bounded) body, and its client's connection."""
 
     def __init__(self, method: str, path: str, query: dict[str, str], headers, body: bytes,
-                 client: Connection | None = None, limits: Limits = DEFAULT_LIMITS) -> None:
+                 client: Connection | None = None, limits: Limits = DEFAULT_LIMITS, server: Any = None) -> None:
         self.method, self.path, self.query, self.headers, self.body = method, path, query, headers, body
         self.client = client or Connection(None)
         self.limits = limits
+        self.server = server
 
     def json(self) -> dict[str, Any]:
         """The body as a JSON object: strict UTF-8 and RFC 8259 (no NaN), every string valid Unicode, nesting
@@ -174,8 +177,16 @@ class PolarGridHTTPServer(ThreadingHTTPServer):
         self._counts = threading.Lock()
         self.open_connections = 0
         self.in_flight = 0
+        self.open_paths = {*OPEN_PATHS, "/", *(("/metrics",) if config.metrics_open else ())}
         super().__init__((config.host, config.port), Handler)
         self.watch = ConnectionWatch()
+        from .metrics import ServerMetrics
+
+        self.metrics = ServerMetrics(self)
+
+    def is_open(self, path: str) -> bool:
+        """Paths served without an API key: /health, the playground page, and /metrics with metrics_open."""
+        return path in self.open_paths or path.startswith(OPEN_PREFIXES)
 
     @property
     def url(self) -> str:
@@ -240,6 +251,7 @@ class PolarGridHTTPServer(ThreadingHTTPServer):
     def server_close(self) -> None:
         super().server_close()
         self.watch.shutdown()
+        self.metrics.close()
 
 
 def make_server(engine: LocalEngine, config: ServerConfig | None = None) -> PolarGridHTTPServer:

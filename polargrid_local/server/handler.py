@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from polargrid import errors as sdk
 
-from .app import OPEN_PATHS, PolarGridHTTPServer, Request, Response, StreamingResponse, error_body, error_response
+from .app import PolarGridHTTPServer, Request, Response, StreamingResponse, error_body, error_response
 from .framing import HttpRefusal, body_length, check_headers, check_request_line
 from .watch import BODY, HEAD, IDLE, ClientGone
 
@@ -149,7 +149,9 @@ class Handler(BaseHTTPRequestHandler):
             status = self._send(response, head=method == "HEAD")
         finally:
             self.server.request_ended()
-            logger.info("%s %s %d %.1fms", method, url.path, status, 1000 * (time.perf_counter() - started))
+            seconds = time.perf_counter() - started
+            self.server.metrics.request(method, url.path, status, seconds)
+            logger.info("%s %s %d %.1fms", method, url.path, status, 1000 * seconds)
 
     def _handle(self, method: str, path: str, query: dict[str, str]) -> Response | StreamingResponse:
         server = self.server
@@ -164,7 +166,7 @@ class Handler(BaseHTTPRequestHandler):
             raise sdk.NotFoundError(f"No route {method} {path}")
         address = self.client_address[0]
         caller = address
-        if path not in OPEN_PATHS and server.keys.enabled:
+        if not server.is_open(path) and server.keys.enabled:
             retry = server.auth_failures.retry_after(address)
             if retry is not None:
                 raise sdk.RateLimitError(f"Too many failed API key checks from {address}; retry in {retry}s",
@@ -173,12 +175,12 @@ class Handler(BaseHTTPRequestHandler):
             if caller is None:
                 server.auth_failures.failed(address)
                 raise sdk.AuthenticationError("Invalid or missing API key: send 'Authorization: Bearer <key>'")
-        if path not in OPEN_PATHS:
+        if not server.is_open(path):
             retry = server.limiter.check(caller)
             if retry is not None:
                 raise sdk.RateLimitError(f"Rate limit of {server.limiter.per_minute} requests per minute "
                                          f"exceeded; retry in {retry}s", retry_after=retry)
-        request = Request(method, path, query, self.headers, self._read_body(), self.client, server.limits)
+        request = Request(method, path, query, self.headers, self._read_body(), self.client, server.limits, server)
         return route(server.engine, request, **params)
 
     def _read_body(self) -> bytes:
