@@ -386,4 +386,4 @@ def usage(engine: LocalEngine, request: Request) -> Response:
 
 
 # Routes beyond the SDK's (Responses, rerank, metrics, the playground) register themselves on ROUTES.
-from . import extras, metrics  # noqa: E402,F401
+from . import extras, metrics, playground  # noqa: E402,F401
