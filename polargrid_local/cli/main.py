@@ -116,8 +116,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           rate_limit=args.rate_limit, limits=limits, metrics_open=args.metrics_open)
 
     def ready(server) -> None:
-        print(f"polargrid-local serving on {server.url} ({'API keys required' if keys else 'no API key required'})",
-              file=sys.stderr, flush=True)
+        print(f"polargrid-local serving on {server.url} ({'API keys required' if keys else 'no API key required'}); "
+              f"playground: {server.url}/", file=sys.stderr, flush=True)
 
     return serve(engine, config, on_ready=ready)
 

@@ -275,10 +275,8 @@ class BatchScheduler:
     def _probe(self, slot: _Slot, index: int) -> None:
         """The prompt's next-token distribution, read at its probe tokens; the slot is free at once."""
         logits = np.ctypeslib.as_array(self.L.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
-        top = float(logits.max())
-        log_total = top + float(np.log(np.exp(logits - top).sum()))
         job = slot.job
-        self._push(slot, Probed([float(logits[t]) - log_total for t in job.probe], len(job.tokens), job.index))
+        self._push(slot, Probed(log_probs(logits, job.probe), len(job.tokens), job.index))
         self._release(slot, finish="probed")
 
     def _release(self, slot: _Slot, finish: str | None, flush: bool = True) -> None:
@@ -328,6 +326,13 @@ class BatchScheduler:
             self.L.llama_batch_free(self.batch)
             self.L.llama_free(self.ctx)
             self.ctx = None
+
+
+def log_probs(logits: np.ndarray, tokens: list[int]) -> list[float]:
+    """The log-probability of each of ``tokens`` under the softmax of one row of logits."""
+    top = float(logits.max())
+    log_total = top + float(np.log(np.exp(logits - top).sum()))
+    return [float(logits[t]) - log_total for t in tokens]
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from ..errors import NotFoundError, check_text, invalid
 from ..runtime.worker import JobContext
 from .backend import SamplingParams
-from .batching import Probed, PromptJob
+from .batching import Probed, PromptJob, log_probs
 from .requests import fit_prompt
 
 RERANK_ALIASES = ("rerank-1", "rerank")
@@ -224,9 +224,7 @@ def _plain_probes(backend: Any, ctx: JobContext, prompts: list[list[int]], probe
         llama.reset()
         llama.eval(tokens)
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llama._ctx.ctx, -1), shape=(n_vocab,))
-        top = float(logits.max())
-        log_total = top + float(np.log(np.exp(logits - top).sum()))
-        yield Probed([float(logits[t]) - log_total for t in probe], len(tokens), index)
+        yield Probed(log_probs(logits, probe), len(tokens), index)
     llama.reset()  # its cache no longer matches what generation expects
 
 
