@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+from .errors import ServerError
 from .llm.rerank import RerankResponse, rerank
 from .llm.responses import ResponseEvent, ResponseObject, ResponseStream, fold_response, open_response
 
@@ -44,6 +45,8 @@ class AsyncExtras:
         with stream:
             async for _ in stream:
                 pass
+        if stream.response is None:
+            raise ServerError("the response stream ended without a final response", 500)
         return stream.response
 
     async def responses_stream(self, request: dict[str, Any]) -> AsyncIterator[ResponseEvent]:

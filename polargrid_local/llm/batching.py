@@ -251,7 +251,7 @@ class BatchScheduler:
 
     def _sample(self, slot: _Slot, index: int) -> None:
         L = self.L
-        if slot.job.probe is not None:
+        if slot.job is not None and slot.job.probe is not None:
             self._probe(slot, index)
             return
         token = L.llama_sampler_sample(slot.sampler, self.ctx, index)
@@ -276,6 +276,7 @@ class BatchScheduler:
         """The prompt's next-token distribution, read at its probe tokens; the slot is free at once."""
         logits = np.ctypeslib.as_array(self.L.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
         job = slot.job
+        assert job is not None and job.probe is not None
         self._push(slot, Probed(log_probs(logits, job.probe), len(job.tokens), job.index))
         self._release(slot, finish="probed")
 

@@ -98,7 +98,7 @@ def rerank(engine: Any, request: dict[str, Any]) -> RerankResponse:
     if spec.kind == "embedding":
         method, (scores, tokens) = "cosine", cosine_scores(engine, spec.id, query, documents)
     elif spec.kind == "rerank":
-        method, (scores, tokens) = "cross-encoder", _run(engine, spec, cross_encoder_job(query, documents, spec.id))
+        method, (scores, tokens) = "cross-encoder", _run(engine, spec, CrossEncoderJob(query, documents))
     else:
         method, (scores, tokens) = "judge", judge_scores(engine, spec, query, documents)
     order = sorted(range(len(documents)), key=lambda i: (-scores[i], i))[:top_n]
@@ -124,7 +124,7 @@ def _spec(engine: Any, name: str | None) -> Any:
     return spec
 
 
-def _run(engine: Any, spec: Any, job: Any) -> tuple[list[float], int]:
+def _run(engine: Any, spec: Any, job: JudgeJob | CrossEncoderJob) -> tuple[list[float], int]:
     """One scoring job on the model's worker: a score per document and the prompt tokens read."""
     if spec.remote is not None:
         raise invalid(f"model {spec.id!r} is remote; rerank scores with local models only", field="model")
@@ -150,7 +150,7 @@ def judge_scores(engine: Any, spec: Any, query: str, documents: list[str]) -> tu
     scores: list[float] = []
     tokens = 0
     for start in range(0, len(documents), step):
-        part, count = _run(engine, spec, judge_job(query, documents[start:start + step], spec.id))
+        part, count = _run(engine, spec, JudgeJob(query, documents[start:start + step], spec.id))
         scores += part
         tokens += count
     return scores, tokens
@@ -183,21 +183,32 @@ def _first_tokens(backend: Any, words: tuple[str, ...]) -> list[int]:
     return out
 
 
-def judge_job(query: str, documents: list[str], model_id: str):
-    """The function a chat model's worker runs: one probe prompt per document, batched by its scheduler."""
+class JudgeJob:
+    """What a chat model's worker runs for one group of documents: a probe prompt each, batched by its scheduler.
 
-    def run(backend: Any, ctx: JobContext):
+    ``yes_count`` (how many of each Probed's log-probabilities are for yes-tokens; the rest are for no-tokens) is
+    set on the worker before any result is pushed, and read by the caller as the results arrive.
+    """
+
+    batched = True
+
+    def __init__(self, query: str, documents: list[str], model_id: str) -> None:
+        self.query, self.documents, self.model_id = query, documents, model_id
+        self.cost = len(documents)   # prompts: what the job counts against the model's queue
+        self.yes_count = 0
+
+    def __call__(self, backend: Any, ctx: JobContext) -> Any:
         if not hasattr(backend, "render_chat") or not hasattr(backend, "tokenize"):
-            raise invalid(f"model {model_id!r} cannot judge relevance (it gives no next-token probabilities)",
+            raise invalid(f"model {self.model_id!r} cannot judge relevance (it gives no next-token probabilities)",
                           field="model")
         yes = _first_tokens(backend, YES)
         no = [t for t in _first_tokens(backend, NO) if t not in yes]
-        run.yes_count = len(yes)  # set before any result is pushed; the reader splits each Probed with it
+        self.yes_count = len(yes)
         prompts = []
-        for document in documents:
-            prompt = backend.render_chat(judge_messages(query, document))
+        for document in self.documents:
+            prompt = backend.render_chat(judge_messages(self.query, document))
             tokens = backend.tokenize(prompt, add_bos=backend.add_bos_for_template(prompt))
-            fit_prompt(tokens, backend, model_id)
+            fit_prompt(tokens, backend, self.model_id)
             prompts.append(tokens)
         probe = yes + no
         if hasattr(backend, "scheduler"):
@@ -205,11 +216,6 @@ def judge_job(query: str, documents: list[str], model_id: str):
             return [PromptJob(tokens, GREEDY, 1, [], ctx.stream, index, siblings, ctx=ctx, probe=probe)
                     for index, tokens in enumerate(prompts)]
         return _plain_probes(backend, ctx, prompts, probe)
-
-    run.batched = True
-    run.cost = len(documents)
-    run.yes_count = len(YES)
-    return run
 
 
 def _plain_probes(backend: Any, ctx: JobContext, prompts: list[list[int]], probe: list[int]) -> Iterator[Probed]:
@@ -236,13 +242,17 @@ def cosine_scores(engine: Any, model: str, query: str, documents: list[str]) -> 
     return [float(s) for s in vectors[1:] @ vectors[0]], reply.usage.prompt_tokens
 
 
-def cross_encoder_job(query: str, documents: list[str], model_id: str):
-    """The function a rerank model's worker runs: (index, score, tokens) per document."""
+class CrossEncoderJob:
+    """What a rerank model's worker runs: (index, score, tokens) per document."""
 
-    def run(backend: Any, ctx: JobContext):
-        for index, (score, count) in enumerate(backend.score(query, documents, cancelled=lambda: ctx.cancelled)):
+    batched = False
+    yes_count = 0
+
+    def __init__(self, query: str, documents: list[str]) -> None:
+        self.query, self.documents = query, documents
+        self.cost = len(documents)
+
+    def __call__(self, backend: Any, ctx: JobContext) -> Iterator[tuple[int, float, int]]:
+        scores = backend.score(self.query, self.documents, cancelled=lambda: ctx.cancelled)
+        for index, (score, count) in enumerate(scores):
             yield index, score, count
-
-    run.cost = len(documents)
-    run.yes_count = 0
-    return run

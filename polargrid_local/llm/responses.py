@@ -143,7 +143,7 @@ def _messages(items: Any) -> list[dict[str, Any]]:
             raise invalid(f"{where} must be an object", field=where)
         kind = item.get("type", "message")
         if kind == "message":
-            role = ROLES.get(item.get("role"))
+            role = ROLES.get(str(item.get("role")))
             if role is None:
                 raise invalid(f"{where}.role must be one of {', '.join(ROLES)}", field=f"{where}.role")
             out.append({"role": role, "content": _text(item.get("content"), where)})

@@ -77,7 +77,8 @@ class FirstToken:
         self.first_at: float | None = None
 
     def __call__(self, event: Any) -> list[Any]:
-        if self.first_at is None and getattr(event, "text", ""):
+        text = getattr(event, "text", None)
+        if self.first_at is None and text:
             self.first_at = time.perf_counter()
         return self.convert(event)
 

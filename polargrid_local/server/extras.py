@@ -5,7 +5,8 @@ The metrics route is in metrics.py and the playground's in playground.py; all re
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from typing import cast
 
 from polargrid import errors as sdk
 
@@ -34,7 +35,7 @@ def responses(engine: LocalEngine, request: Request) -> Response | StreamingResp
 
 def _frames(stream: ResponseStream, request: Request) -> Iterator[bytes]:
     """Server-sent events; a failure after the first event becomes ``error`` and ``response.failed`` events."""
-    items = _watched(stream, request)
+    items = cast(Generator[ResponseEvent, None, None], _watched(stream, request))
 
     def frames() -> Iterator[bytes]:
         try:
