@@ -15,7 +15,8 @@ on the same requests in the same run (each method's model warmed first), and the
 
     python benchmarks/bench_rerank.py [--quick] [--repeats 3] [--out results.json]
 
-The full run takes about 2 minutes on 2 idle cores (--quick: 8 queries, one timing pass, ~30 s).
+On the 2-core development machine shared with other jobs (load ~12), --quick (8 queries, one timing pass) took
+5 minutes and the full set with --repeats 1 about 20; the default --repeats 3 adds two more timing passes.
 """
 from __future__ import annotations
 

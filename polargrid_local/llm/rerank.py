@@ -2,8 +2,8 @@
 
 The request's ``model`` picks the method:
 
-- a chat model, or the alias ``rerank-1`` (the default chat model, unless ``[defaults] rerank`` names a
-  ``rerank`` entry): the model judges each document. Its prompt asks whether the document answers the
+- a chat model, or the alias ``rerank-1`` (the default chat model, unless ``[defaults] rerank`` names another
+  chat, embedding or rerank model): the model judges each document. Its prompt asks whether the document answers the
   query; the score is P(yes) / (P(yes) + P(no)) for its next token, read from one forward pass over the
   prompt (no token is generated). The documents' prompts run as one batch on the model's scheduler and
   share the query's prefix in the KV cache.
