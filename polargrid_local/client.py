@@ -54,6 +54,7 @@ from polargrid.types import (
 )
 
 from .audio.decode import AudioInput
+from .client_extras import AsyncExtras, SyncExtras
 from .engine import LocalEngine
 from .host.offline import enable as enable_offline_guard
 from .limits import Limits
@@ -161,7 +162,7 @@ class _LocalClient:
         self._session_id = str(uuid.uuid4())
 
 
-class PolarGridSync(_LocalClient):
+class PolarGridSync(SyncExtras, _LocalClient):
     """The synchronous client. Streams are real iterators: chunks arrive as they are generated."""
 
     def __enter__(self) -> PolarGridSync:
@@ -294,7 +295,7 @@ class PolarGridSync(_LocalClient):
         return self.engine.get_usage(start_date, end_date)
 
 
-class PolarGrid(_LocalClient):
+class PolarGrid(AsyncExtras, _LocalClient):
     """The async client: the same calls as polargrid.PolarGrid, a thin bridge over LocalEngine."""
 
     @classmethod

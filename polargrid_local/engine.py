@@ -34,8 +34,10 @@ from .limits import DEFAULT_LIMITS, Limits
 from .llm.calls import ChatCall, CompletionCall, EmbeddingCall
 from .llm.embeddings import plan_embeddings, split_options
 from .llm.requests import completion_prompts, embedding_inputs
+from .llm.rerank import Reranker, RerankResponse
 from .remote.probes import Reachability
 from .runtime.at_exit import close_at_exit, forget
+from .runtime.events import EngineEvents, FirstToken
 from .runtime.factories import default_factories
 from .runtime.fallback import Router
 from .runtime.interfaces import Call
@@ -81,6 +83,7 @@ class LocalEngine:
                               memory_policy=policy, memory_budget_mb=memory_budget_mb, keep_alive=keep_alive,
                               limits=self._limits)
         self.usage = UsageBook()
+        self.events = EngineEvents()   # what /metrics listens to (runtime/events.py)
         self.started = datetime.now(timezone.utc)
         self._closed = threading.Event()
         self.router = Router(self.registry)
@@ -89,6 +92,7 @@ class LocalEngine:
                            self._runtime)
         self.speech = SpeechService(self.pool, self.open, self.router, self.limits)
         self.jobs = TranscriptionJobs(self.speech.check_transcription, self.speech.transcribe)
+        self.reranker = Reranker(self.registry, lambda: self.limits, self.open, self.embeddings)
         close_at_exit(self)   # an app that never calls close() (or exits mid-stream) still exits cleanly
         for name in [*self.registry.settings.get("preload", []), *preload]:
             self.load_model({"model_name": name})
@@ -123,11 +127,16 @@ class LocalEngine:
             self.pool.end(spec)
             raise
 
+        generation = call.what in ("chat", "completion") and not self.pool.forwards(spec)
+        convert = FirstToken(prepared.reader.feed) if generation else prepared.reader.feed
+
         def finished(stream: Stream[Any]) -> None:
             if prepared.counted:
                 self.usage.record(spec.id, prepared.tokens(), stream.metadata().latency_ms or 0)
+            if isinstance(convert, FirstToken):   # what /metrics hears of a local generation
+                self.events.generation(spec.id, prepared.reader.usage, convert.seconds)
 
-        stream = Stream(channel, ctx, prepared.reader.feed, load_seconds, on_finish=finished, tail=prepared.tail)
+        stream = Stream(channel, ctx, convert, load_seconds, on_finish=finished, tail=prepared.tail)
         stream.chunker = prepared.reader
         stream.folder = prepared.fold
         stream.region = worker.region
@@ -223,6 +232,10 @@ class LocalEngine:
         plan = plan_embeddings(embedding_inputs(request, self.limits), options)
         call = EmbeddingCall(request, plan, self.limits.embedding_batch)
         return self.fold(self._run(request.model, "embedding", call, keep_alive))
+
+    def rerank(self, request: dict[str, Any]) -> RerankResponse:
+        """Documents ordered by relevance to a query (Cohere's and Jina's shape; a local extra): see llm/rerank.py."""
+        return self.reranker.rerank(request)
 
     # -- speech: see speech/service.py and speech/jobs.py ------------------------------------
 

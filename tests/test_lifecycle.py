@@ -51,15 +51,11 @@ def test_a_huge_negative_keep_alive_is_forever(value):
 
 
 def test_a_huge_keep_alive_is_a_400_over_http_and_in_process(engine):
-    from polargrid_local.server import ServerConfig, make_server
+    from polargrid_local.server import running
 
     with pytest.raises(polargrid.ValidationError, match="keep_alive"):
         engine.embeddings({"model": EMBED, "input": "x", "keep_alive": 10 ** 400})
-    server = make_server(engine, ServerConfig(host="127.0.0.1", port=0))
-    import threading
-
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with running(engine) as server:
         for path, body in (("/v1/embeddings", {"model": EMBED, "input": "x"}),
                            ("/v1/chat/completions", {"model": CHAT, "messages": [{"role": "user", "content": "x"}]})):
             data = json.dumps({**body, "keep_alive": 10 ** 400}).encode()
@@ -68,9 +64,6 @@ def test_a_huge_keep_alive_is_a_400_over_http_and_in_process(engine):
                 urllib.request.urlopen(request, timeout=60)
             assert info.value.code == 400, path
             assert json.loads(info.value.read())["error"]["param"] == "keep_alive"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_keep_alive_zero_in_a_request_unloads_when_done_and_status_shows_it(registry):

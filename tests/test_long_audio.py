@@ -9,10 +9,10 @@ import tracemalloc
 import numpy as np
 import polargrid
 import pytest
-
 from conftest import SENTENCES, word_error_rate
 from test_speech import _wav16 as wav16
 from test_speech_limits import flac_silence
+
 from polargrid_local.audio import decode_audio
 from polargrid_local.limits import Limits
 from polargrid_local.speech.long_audio import find_cut, windows

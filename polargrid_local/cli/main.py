@@ -113,11 +113,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     http_limits = {name: getattr(args, name) for name in HTTP_LIMIT_FLAGS if getattr(args, name) is not None}
     limits = dataclasses.replace(getattr(engine, "limits", None) or DEFAULT_LIMITS, **http_limits)
     config = ServerConfig(host=args.host, port=args.port, api_keys=[k.strip() for k in keys],
-                          rate_limit=args.rate_limit, limits=limits)
+                          rate_limit=args.rate_limit, limits=limits, metrics_open=args.metrics_open)
 
     def ready(server) -> None:
-        print(f"polargrid-local serving on {server.url} ({'API keys required' if keys else 'no API key required'})",
-              file=sys.stderr, flush=True)
+        print(f"polargrid-local serving on {server.url} ({'API keys required' if keys else 'no API key required'}); "
+              f"playground: {server.url}/", file=sys.stderr, flush=True)
 
     return serve(engine, config, on_ready=ready)
 
@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=55111)
     p.add_argument("--api-key", action="append", help=f"require this Bearer key (repeatable; also ${API_KEYS_ENV})")
     p.add_argument("--rate-limit", type=int, help="requests per minute per key (or per client without keys)")
+    p.add_argument("--metrics-open", action="store_true", help="serve /metrics without an API key (for a scraper)")
     for name, (kind, text) in HTTP_LIMIT_FLAGS.items():
         flag = "--" + name.replace("_", "-")
         p.add_argument(flag, dest=name, type=kind, help=f"{text} (default {getattr(DEFAULT_LIMITS, name)})")

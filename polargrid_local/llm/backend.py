@@ -38,7 +38,7 @@ class LlamaBackend:
         threads = n_threads or available_cpus()
         kwargs: dict[str, Any] = {}
         if pooling:
-            kwargs["pooling_type"] = {"none": 0, "mean": 1, "cls": 2, "last": 3}[pooling]
+            kwargs["pooling_type"] = {"none": 0, "mean": 1, "cls": 2, "last": 3, "rank": 4}[pooling]
         if tokenizer:
             from .hf_tokenizer import HFTokenizer
 

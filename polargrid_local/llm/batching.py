@@ -35,6 +35,16 @@ class PromptJob:
     index: int = 0
     siblings: list[int] = field(default_factory=lambda: [1])  # prompts of this request still running
     ctx: Any = None  # the request's JobContext: its queue time ends when a prompt gets a slot
+    probe: list[int] | None = None  # score these tokens as the prompt's next token (Probed) instead of generating
+
+
+@dataclass(frozen=True)
+class Probed:
+    """A probe job's answer: the log-probability of each probe token as the next token after its prompt."""
+
+    logprobs: list[float]
+    prompt_tokens: int
+    index: int = 0
 
 
 @dataclass
@@ -207,6 +217,9 @@ class BatchScheduler:
     def _sample(self, slot: _Slot, index: int) -> bool:
         """Sample the slot's next tokens and hand on their text; False when the source had none yet."""
         assert slot.job is not None
+        if slot.job.probe is not None:
+            self._probe(slot, index)
+            return True
         try:
             tokens = self.decoder.sample(slot.sampler, index)
         except Exception as exc:   # this sequence's failure ends its request only
@@ -246,10 +259,17 @@ class BatchScheduler:
         slot.cached.extend(tokens[:-1])
         slot.next_token = tokens[-1]
 
+    def _probe(self, slot: _Slot, index: int) -> None:
+        """The prompt's next-token distribution, read at its probe tokens; the slot is free at once."""
+        job = slot.job
+        assert job is not None and job.probe is not None
+        self._push(slot, Probed(self.decoder.logprobs(index, job.probe), len(job.tokens), job.index))
+        self._release(slot, finish="probed")
+
     def _release(self, slot: _Slot, finish: str | None, flush: bool = True) -> None:
         job = slot.job
         assert job is not None and slot.stops is not None
-        if finish is not None:
+        if finish is not None and job.probe is None:
             tail = slot.stops.flush(slot.utf8.decode(b"", final=True)) if flush else ""
             if tail:
                 self._push(slot, TextDelta(tail, index=job.index))

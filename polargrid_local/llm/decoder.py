@@ -10,6 +10,8 @@ import ctypes
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
+import numpy as np
+
 from ..errors import invalid
 from ..runtime.compute import on_lane
 from .generation import DEFAULT_SEED, SamplingParams
@@ -40,6 +42,9 @@ class Decoder(Protocol):
 
     def free_sampler(self, sampler: Any) -> None:
         """Release a sampler."""
+
+    def logprobs(self, index: int, tokens: Sequence[int]) -> list[float]:
+        """The log-probability of each of ``tokens`` as the next token, from the logits at ``index``."""
 
     def is_end(self, token: int) -> bool:
         """True for end-of-generation tokens."""
@@ -128,6 +133,10 @@ class LlamaDecoder:
     def free_sampler(self, sampler: Any) -> None:
         self.L.llama_sampler_free(sampler)
 
+    def logprobs(self, index: int, tokens: Sequence[int]) -> list[float]:
+        logits = np.ctypeslib.as_array(self.L.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
+        return log_probs(logits, tokens)
+
     def is_end(self, token: int) -> bool:
         return bool(self.L.llama_vocab_is_eog(self.vocab, token))
 
@@ -149,3 +158,10 @@ class LlamaDecoder:
             self.L.llama_batch_free(self.batch)
             self.L.llama_free(self.ctx)
             self.ctx = None
+
+
+def log_probs(logits: np.ndarray, tokens: Sequence[int]) -> list[float]:
+    """The log-probability of each of ``tokens`` under the softmax of one row of logits."""
+    top = float(logits.max())
+    log_total = top + float(np.log(np.exp(logits - top).sum()))
+    return [float(logits[t]) - log_total for t in tokens]

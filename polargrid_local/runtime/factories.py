@@ -40,6 +40,16 @@ def embedding_factory(spec: ModelSpec, path: str, settings: LoadSettings):
                         tokenizer=Path(path).parent / tokenizer if tokenizer else None, **kwargs)
 
 
+def rerank_factory(spec: ModelSpec, path: str, settings: LoadSettings):
+    """A cross-encoder GGUF scored by llama.cpp's rank pooling (llm/cross_encoder.py)."""
+    from ..llm.cross_encoder import CrossEncoderBackend
+
+    ensure_safe_llama()
+    kwargs = settings.llama()
+    kwargs.pop("chat_template", None)
+    return CrossEncoderBackend(path, **kwargs)
+
+
 def stt_factory(spec: ModelSpec, path: str, settings: LoadSettings):
     from ..llm.backend import available_cpus
     from ..speech.stt import WhisperBackend
@@ -72,7 +82,7 @@ def default_factories() -> dict[str, Any]:
     from ..remote.backend import remote_factory
 
     return {"chat": chat_factory, "embedding": embedding_factory, "stt": stt_factory, "tts": tts_factory,
-            "remote": remote_factory}
+            "rerank": rerank_factory, "remote": remote_factory}
 
 
 def llama_runtime() -> str:

@@ -31,6 +31,7 @@ logger = logging.getLogger("polargrid_local.server")
 
 DEFAULT_PORT = 55111
 OPEN_PATHS = ("/health",)
+OPEN_PREFIXES = ("/playground/",)   # the playground's static files (the page asks for the key itself)
 CACHE_PLACEHOLDER = "<model cache>"
 
 
@@ -44,6 +45,7 @@ class ServerConfig:
     rate_limit: int | None = None          # requests per minute per key (per client address without keys)
     limits: Limits | None = None
     malloc_arenas: int | None = 2          # cap glibc's malloc arenas in this process (None: leave them); malloc.py
+    metrics_open: bool = False             # /metrics without an API key (for a scraper on a trusted network)
 
 
 @dataclass
@@ -83,10 +85,11 @@ class Request:
     """What a route sees: method, path, query, headers, the (bounded) body, and its client's connection."""
 
     def __init__(self, method: str, path: str, query: dict[str, str], headers, body: bytes,
-                 client: Connection | None = None, limits: Limits = DEFAULT_LIMITS) -> None:
+                 client: Connection | None = None, limits: Limits = DEFAULT_LIMITS, server: Any = None) -> None:
         self.method, self.path, self.query, self.headers, self.body = method, path, query, headers, body
         self.client = client or Connection(None)  # type: ignore[arg-type]  # no socket: nothing to watch
         self.limits = limits
+        self.server = server
 
     def json(self) -> dict[str, Any]:
         """The body as a JSON object: strict UTF-8 and RFC 8259 (no NaN), every string valid Unicode, nesting
@@ -189,8 +192,16 @@ class PolarGridHTTPServer(ThreadingHTTPServer):
         self.in_flight = 0
         if ":" in config.host:   # an IPv6 address to listen on
             self.address_family = socket.AF_INET6
+        self.open_paths = {*OPEN_PATHS, "/", *(("/metrics",) if config.metrics_open else ())}
         super().__init__((config.host, config.port), Handler)
         self.watch = ConnectionWatch()
+        from .metrics import ServerMetrics
+
+        self.metrics = ServerMetrics(self)
+
+    def is_open(self, path: str) -> bool:
+        """Paths served without an API key: /health, the playground page, and /metrics with metrics_open."""
+        return path in self.open_paths or path.startswith(OPEN_PREFIXES)
 
     @property
     def url(self) -> str:
@@ -261,6 +272,7 @@ class PolarGridHTTPServer(ThreadingHTTPServer):
     def server_close(self) -> None:
         super().server_close()
         self.watch.shutdown()
+        self.metrics.close()
 
 
 @contextlib.contextmanager
@@ -290,6 +302,7 @@ def make_server(engine: LocalEngine, config: ServerConfig | None = None) -> Pola
     """A ready server (not yet serving): call ``serve_forever()``, or run it on a thread; ``serve()`` runs one
     in the foreground with a graceful drain on SIGTERM."""
     from ..host.malloc import limit_arenas
+    from . import extras, metrics, playground  # noqa: F401  (the routes beyond the SDK's register on ROUTES)
     from .routes import ROUTES
 
     config = config or ServerConfig()

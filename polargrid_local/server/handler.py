@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from polargrid import errors as sdk
 
-from .app import OPEN_PATHS, PolarGridHTTPServer, Request, Response, StreamingResponse, error_body, error_response
+from .app import PolarGridHTTPServer, Request, Response, StreamingResponse, error_body, error_response
 from .framing import HttpRefusal, body_length, check_headers, check_request_line
 from .security import address_group
 from .watch import BODY, HEAD, IDLE, ClientGone
@@ -150,7 +150,9 @@ class Handler(BaseHTTPRequestHandler):
             status = self._send(response, head=method == "HEAD")
         finally:
             self.server.request_ended()
-            logger.info("%s %s %d %.1fms", method, url.path, status, 1000 * (time.perf_counter() - started))
+            seconds = time.perf_counter() - started
+            self.server.metrics.request(method, url.path, status, seconds)
+            logger.info("%s %s %d %.1fms", method, url.path, status, 1000 * seconds)
 
     def _handle(self, method: str, path: str, query: dict[str, str]) -> Response | StreamingResponse:
         server = self.server
@@ -165,7 +167,7 @@ class Handler(BaseHTTPRequestHandler):
             raise sdk.NotFoundError(f"No route {method} {path}")
         address = address_group(self.client_address[0])   # an IPv6 client counts by its /64
         caller = address
-        if path not in OPEN_PATHS and server.keys.enabled:
+        if not server.is_open(path) and server.keys.enabled:
             refused = server.auth_failures.check(address)
             if refused is not None:
                 retry, scope = refused
@@ -178,12 +180,12 @@ class Handler(BaseHTTPRequestHandler):
                 server.auth_failures.failed(address)
                 raise sdk.AuthenticationError("Invalid or missing API key: send 'Authorization: Bearer <key>'")
             caller = identified
-        if path not in OPEN_PATHS:
+        if not server.is_open(path):
             wait = server.limiter.check(caller)
             if wait is not None:
                 raise sdk.RateLimitError(f"Rate limit of {server.limiter.per_minute} requests per minute "
                                          f"exceeded; retry in {wait}s", retry_after=wait)
-        request = Request(method, path, query, self.headers, self._read_body(), self.client, server.limits)
+        request = Request(method, path, query, self.headers, self._read_body(), self.client, server.limits, server)
         return route(server.engine, request, **params)
 
     def _read_body(self) -> bytes:

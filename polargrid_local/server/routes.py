@@ -41,6 +41,13 @@ class Routes:
                 allowed.append(route_method)
         return None, {}, sorted(set(allowed))
 
+    def label(self, method: str, path: str) -> str:
+        """The pattern of the route that serves this request ("unmatched" if none): a bounded metrics label."""
+        for route_method, pattern, _ in self._table:
+            if pattern.match(path) and (route_method == method or (method == "HEAD" and route_method == "GET")):
+                return pattern.pattern[1:-1]
+        return "unmatched"
+
 
 ROUTES = Routes()
 _NONE = object()

@@ -14,8 +14,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-ModelKind = Literal["chat", "embedding", "stt", "tts"]
-KINDS: tuple[str, ...] = ("chat", "embedding", "stt", "tts")
+ModelKind = Literal["chat", "embedding", "stt", "tts", "rerank"]
+KINDS: tuple[str, ...] = ("chat", "embedding", "stt", "tts", "rerank")
 
 MODELS_FILE_ENV = "POLARGRID_LOCAL_MODELS"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent

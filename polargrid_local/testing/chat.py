@@ -86,6 +86,10 @@ class ScriptedDecoder:
     def free_sampler(self, sampler: Any) -> None:
         pass
 
+    def logprobs(self, index: int, tokens: Sequence[int]) -> list[float]:
+        """A fake model has no opinion: every token equally likely."""
+        return [-math.log(max(1, len(tokens)))] * len(tokens)
+
     def is_end(self, token: int) -> bool:
         return token == EOS
 
