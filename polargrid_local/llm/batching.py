@@ -13,10 +13,14 @@ import codecs
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .decoder import BatchEntry, Decoder, LlamaDecoder
 from .generation import SamplingParams, Started, StopMatcher, TextDelta
+
+if TYPE_CHECKING:
+    from .prompt_cache import PromptCache
 
 logger = logging.getLogger("polargrid_local")
 
@@ -35,6 +39,7 @@ class PromptJob:
     index: int = 0
     siblings: list[int] = field(default_factory=lambda: [1])  # prompts of this request still running
     ctx: Any = None  # the request's JobContext: its queue time ends when a prompt gets a slot
+    pin: Any = None  # cache_prompt: a Future resolved with the prompt cache entry once it is saved, pinned
 
 
 @dataclass
@@ -62,8 +67,9 @@ class BatchScheduler:
     """
 
     def __init__(self, decoder: Decoder, *, n_parallel: int, n_ctx_per_seq: int, n_batch: int,
-                 prefill_chunk: int = 64) -> None:
+                 prefill_chunk: int = 64, prompt_cache: PromptCache | None = None) -> None:
         self.decoder = decoder
+        self.prompt_cache = prompt_cache
         self.n_parallel = n_parallel
         self.n_ctx_per_seq = n_ctx_per_seq
         self.n_batch = n_batch
@@ -112,6 +118,9 @@ class BatchScheduler:
             common = min(_common_prefix(slot.cached, job.tokens), len(job.tokens) - 1) if reuse else 0
             if reuse:
                 common = self._borrow_prefix(slot, job.tokens, common)
+            source = "memory"
+            if reuse and self.prompt_cache is not None:
+                common, source = self._restore_prefix(slot, job.tokens, common)
             if not self.decoder.truncate(slot.seq_id, common):
                 # some caches (recurrent, sliding-window) cannot drop a tail: start the sequence afresh
                 self.decoder.clear(slot.seq_id)
@@ -127,7 +136,8 @@ class BatchScheduler:
             slot.budget = min(job.max_tokens, self.n_ctx_per_seq - len(job.tokens))
             slot.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
             slot.stops = StopMatcher(job.stops)
-            self._push(slot, Started(prompt_tokens=len(job.tokens), index=job.index))
+            self._push(slot, Started(prompt_tokens=len(job.tokens), index=job.index, cached_tokens=common,
+                                     cache=source if common else None))
 
     def _borrow_prefix(self, slot: _Slot, tokens: list[int], common: int) -> int:
         """Copy another slot's cache when it shares a longer prefix (a common system prompt)."""
@@ -144,6 +154,27 @@ class BatchScheduler:
         slot.cached = list(donor.cached)
         self.prompt_tokens_borrowed += shared
         return shared
+
+    def _restore_prefix(self, slot: _Slot, tokens: list[int], common: int) -> tuple[int, str]:
+        """Load the prompt's longest prefix saved on disk when it beats the ``common`` tokens held in memory."""
+        assert self.prompt_cache is not None
+        restored = self.prompt_cache.restore(self.decoder, slot.seq_id, tokens, common)
+        if restored is None:
+            return common, "memory"
+        slot.cached = restored
+        return min(_common_prefix(restored, tokens), len(tokens) - 1), "disk"
+
+    def _remember_prompts(self, prefilled: list[tuple[_Slot, PromptJob]]) -> None:
+        """Hand the state of prompts processed this step to the prompt cache (after their first token)."""
+        for slot, job in prefilled:
+            # the sequence holds exactly the prompt until the first sampled token is decoded at the next step
+            if self.prompt_cache is not None and slot.cached == job.tokens:
+                self.prompt_cache.remember(self.decoder, slot.seq_id, job.tokens, job.pin)
+            elif job.pin is not None and not job.pin.done():
+                from ..errors import invalid
+
+                job.pin.set_exception(invalid("this model has no prompt cache (prompt_cache is off, or it serves "
+                                              "one request at a time)"))
 
     # -- one step ------------------------------------------------------------------------
 
@@ -192,6 +223,7 @@ class BatchScheduler:
             slot.next_token = None
             to_sample.append((slot, i))
         offset = len(generating)
+        prefilled = [(slot, slot.job) for slot, chunk in prefill if len(chunk) == len(slot.pending)]
         for slot, chunk in prefill:
             slot.cached.extend(chunk)
             slot.pending = slot.pending[len(chunk):]
@@ -202,6 +234,8 @@ class BatchScheduler:
         for slot, index in to_sample:
             if slot.job is not None:
                 self._sample(slot, index)
+        if prefilled:
+            self._remember_prompts(prefilled)  # type: ignore[arg-type]  # slots in prefill have a job
         return True
 
     def _sample(self, slot: _Slot, index: int) -> bool:
@@ -308,14 +342,21 @@ class BatchedLlamaBackend:
     template; BatchScheduler for generation."""
 
     def __init__(self, path: str, *, n_ctx: int = 2048, n_parallel: int = 8, max_queue: int = 64,
-                 n_batch: int = 512, **llama_settings: Any) -> None:
+                 n_batch: int = 512, prompt_cache: Any = None, model_id: str = "", model_sha256: str | None = None,
+                 **llama_settings: Any) -> None:
+        """``prompt_cache``: a PromptCacheConfig (prompt_cache.py), or None for no cache on disk."""
         from .backend import LlamaBackend
+        from .prompt_cache import open_prompt_cache
 
         # The high-level Llama's own context serves tokenizing only; generation has its own.
         self.base = LlamaBackend(path, n_ctx=256, n_batch=min(n_batch, 256), **llama_settings)
         decoder = LlamaDecoder(self.base.llama, n_parallel=n_parallel, n_ctx_per_seq=n_ctx, n_batch=n_batch,
                                n_threads=self.base.n_threads)
-        self.scheduler = BatchScheduler(decoder, n_parallel=n_parallel, n_ctx_per_seq=n_ctx, n_batch=n_batch)
+        kv, state = decoder.state_layout()
+        self.prompt_cache = open_prompt_cache(prompt_cache, model_id or Path(path).stem, path, model_sha256, n_ctx,
+                                              {**kv, "on_gpu": self.base.n_gpu_layers != 0}, state)
+        self.scheduler = BatchScheduler(decoder, n_parallel=n_parallel, n_ctx_per_seq=n_ctx, n_batch=n_batch,
+                                        prompt_cache=self.prompt_cache)
         self.max_queue = max_queue
         self.n_parallel = n_parallel
         self.n_ctx = n_ctx
@@ -334,3 +375,5 @@ class BatchedLlamaBackend:
     def close(self) -> None:
         self.scheduler.close()
         self.base.close()
+        if self.prompt_cache is not None:
+            self.prompt_cache.close()

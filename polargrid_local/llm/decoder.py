@@ -55,6 +55,12 @@ class Decoder(Protocol):
     def copy(self, source: int, target: int) -> None:
         """Give ``target`` a copy of ``source``'s cells (``target`` must be empty)."""
 
+    def save_sequence(self, seq_id: int) -> Any:
+        """A copy of the sequence's cells (a buffer, for the prompt cache); None when there is nothing to copy."""
+
+    def load_sequence(self, seq_id: int, data: Any) -> bool:
+        """Give the empty sequence the cells ``save_sequence`` copied; False when the data does not fit."""
+
     def close(self) -> None:
         """Free the context."""
 
@@ -76,6 +82,7 @@ class LlamaDecoder:
         # so its numbers (and a seeded request's text) do not depend on what else is cached.
         params.kv_unified = False
         params.no_perf = True
+        self.params = params
         self.ctx = L.llama_init_from_model(llama._model.model, params)
         if not self.ctx:
             raise RuntimeError("llama.cpp could not create the batched context (memory?)")
@@ -142,6 +149,33 @@ class LlamaDecoder:
 
     def copy(self, source: int, target: int) -> None:
         self.L.llama_memory_seq_cp(self.memory, source, target, -1, -1)
+
+    def save_sequence(self, seq_id: int) -> Any:
+        size = self.L.llama_state_seq_get_size(self.ctx, seq_id)
+        if not size:
+            return None
+        import numpy as np
+
+        buffer = np.empty(size, dtype=np.uint8)   # not zeroed: llama.cpp writes every byte it reports
+        written = self.L.llama_state_seq_get_data(self.ctx, buffer.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
+                                                  size, seq_id)
+        return buffer[:written] if written else None
+
+    def load_sequence(self, seq_id: int, data: Any) -> bool:
+        view = memoryview(data).cast("B")
+        if not view.nbytes:
+            return False
+        source = (ctypes.c_uint8 * view.nbytes).from_buffer(view) if not view.readonly else \
+            (ctypes.c_uint8 * view.nbytes).from_buffer_copy(view)
+        return self.L.llama_state_seq_set_data(self.ctx, source, view.nbytes, seq_id) == view.nbytes
+
+    def state_layout(self) -> tuple[dict[str, Any], str]:
+        """What a saved sequence must share with this context besides the model: the KV cache's types and
+        layout, and the llama.cpp build's state format."""
+        p = self.params
+        kv = {"type_k": int(p.type_k), "type_v": int(p.type_v), "flash_attn_type": int(p.flash_attn_type),
+              "offload_kqv": bool(p.offload_kqv), "swa_full": bool(p.swa_full), "kv_unified": bool(p.kv_unified)}
+        return kv, f"llama-cpp-python {self.L.__version__}, sequence state v{self.L.LLAMA_STATE_SEQ_VERSION}"
 
     def close(self) -> None:
         if self.ctx:

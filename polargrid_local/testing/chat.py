@@ -101,6 +101,12 @@ class ScriptedDecoder:
     def copy(self, source: int, target: int) -> None:
         pass
 
+    def save_sequence(self, seq_id: int) -> Any:
+        return None   # no cells to save: the fake has no prompt cache
+
+    def load_sequence(self, seq_id: int, data: Any) -> bool:
+        return False
+
     def close(self) -> None:
         pass
 
