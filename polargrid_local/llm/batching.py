@@ -118,9 +118,9 @@ class BatchScheduler:
             common = min(_common_prefix(slot.cached, job.tokens), len(job.tokens) - 1) if reuse else 0
             if reuse:
                 common = self._borrow_prefix(slot, job.tokens, common)
-            source = "memory"
+            source, saved_logits = "memory", None
             if reuse and self.prompt_cache is not None:
-                common, source = self._restore_prefix(slot, job.tokens, common)
+                common, source, saved_logits = self._restore_prefix(slot, job.tokens, common)
             if not self.decoder.truncate(slot.seq_id, common):
                 # some caches (recurrent, sliding-window) cannot drop a tail: start the sequence afresh
                 self.decoder.clear(slot.seq_id)
@@ -138,6 +138,8 @@ class BatchScheduler:
             slot.stops = StopMatcher(job.stops)
             self._push(slot, Started(prompt_tokens=len(job.tokens), index=job.index, cached_tokens=common,
                                      cache=source if common else None))
+            if saved_logits is not None and common == len(job.tokens):
+                self._sample_saved(slot, saved_logits)
 
     def _borrow_prefix(self, slot: _Slot, tokens: list[int], common: int) -> int:
         """Copy another slot's cache when it shares a longer prefix (a common system prompt)."""
@@ -155,21 +157,36 @@ class BatchScheduler:
         self.prompt_tokens_borrowed += shared
         return shared
 
-    def _restore_prefix(self, slot: _Slot, tokens: list[int], common: int) -> tuple[int, str]:
-        """Load the prompt's longest prefix saved on disk when it beats the ``common`` tokens held in memory."""
+    def _restore_prefix(self, slot: _Slot, tokens: list[int], common: int) -> tuple[int, str, Any]:
+        """Load the prompt's longest prefix saved on disk when it beats the ``common`` tokens held in memory:
+        (tokens now cached, where from, the saved logits of the last prompt token when the whole prompt was)."""
         assert self.prompt_cache is not None
         restored = self.prompt_cache.restore(self.decoder, slot.seq_id, tokens, common)
         if restored is None:
-            return common, "memory"
-        slot.cached = restored
-        return min(_common_prefix(restored, tokens), len(tokens) - 1), "disk"
+            return common, "memory", None
+        slot.cached = restored.tokens
+        if restored.logits is not None:
+            return len(tokens), "disk", restored.logits
+        return min(_common_prefix(restored.tokens, tokens), len(tokens) - 1), "disk", None
 
-    def _remember_prompts(self, prefilled: list[tuple[_Slot, PromptJob]]) -> None:
+    def _sample_saved(self, slot: _Slot, logits: Any) -> None:
+        """The whole prompt came from disk: its first token is sampled from the saved logits of its last token
+        (bit for bit what processing the prompt gave), with nothing to decode first."""
+        assert slot.job is not None
+        try:
+            tokens = self.decoder.sample_logits(slot.sampler, logits)
+        except Exception as exc:
+            slot.job.stream.finish(exc)
+            self._release(slot, finish=None)
+            return
+        self._emit(slot, tokens)
+
+    def _remember_prompts(self, prefilled: list[tuple[_Slot, PromptJob, int]]) -> None:
         """Hand the state of prompts processed this step to the prompt cache (after their first token)."""
-        for slot, job in prefilled:
+        for slot, job, index in prefilled:
             # the sequence holds exactly the prompt until the first sampled token is decoded at the next step
             if self.prompt_cache is not None and slot.cached == job.tokens:
-                self.prompt_cache.remember(self.decoder, slot.seq_id, job.tokens, job.pin)
+                self.prompt_cache.remember(self.decoder, slot.seq_id, job.tokens, job.pin, index)
             elif job.pin is not None and not job.pin.done():
                 from ..errors import invalid
 
@@ -223,7 +240,6 @@ class BatchScheduler:
             slot.next_token = None
             to_sample.append((slot, i))
         offset = len(generating)
-        prefilled = [(slot, slot.job) for slot, chunk in prefill if len(chunk) == len(slot.pending)]
         for slot, chunk in prefill:
             slot.cached.extend(chunk)
             slot.pending = slot.pending[len(chunk):]
@@ -231,6 +247,7 @@ class BatchScheduler:
             offset += len(chunk)
             if not slot.pending:
                 to_sample.append((slot, offset - 1))
+        prefilled = [(slot, slot.job, index) for slot, index in to_sample[len(generating):]]
         for slot, index in to_sample:
             if slot.job is not None:
                 self._sample(slot, index)

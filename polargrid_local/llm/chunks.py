@@ -162,11 +162,11 @@ def fold_chat(chunks: Iterable[ChatCompletionChunk], usage_of: ChatChunker, meta
 
 
 def with_cache(metadata: PGMetadata | None, reader: object) -> PGMetadata | None:
-    """The stream's metadata, plus where its prompt's cached part came from (a local reader knows)."""
-    cache = getattr(reader, "cache", None)
-    if metadata is None or cache is None:
+    """The stream's metadata, plus where its prompt's cached part came from (a local reader knows; a remote's
+    relay does not)."""
+    if metadata is None or not hasattr(reader, "cache"):
         return metadata
-    return LocalMetadata(**metadata.model_dump(), prompt_cache=cache)
+    return LocalMetadata(**metadata.model_dump(), prompt_cache=reader.cache)
 
 
 class CompletionChunker:

@@ -61,6 +61,12 @@ class Decoder(Protocol):
     def load_sequence(self, seq_id: int, data: Any) -> bool:
         """Give the empty sequence the cells ``save_sequence`` copied; False when the data does not fit."""
 
+    def logits(self, index: int) -> Any:
+        """A copy of the logits at ``index`` of the last batch (float32), or None."""
+
+    def sample_logits(self, sampler: Any, logits: Any) -> list[int]:
+        """The next token sampled from saved ``logits`` (as ``sample`` would from the same logits in the batch)."""
+
     def close(self) -> None:
         """Free the context."""
 
@@ -169,12 +175,39 @@ class LlamaDecoder:
             (ctypes.c_uint8 * view.nbytes).from_buffer_copy(view)
         return self.L.llama_state_seq_set_data(self.ctx, source, view.nbytes, seq_id) == view.nbytes
 
+    def logits(self, index: int) -> Any:
+        import numpy as np
+
+        row = self.L.llama_get_logits_ith(self.ctx, index)
+        return np.ctypeslib.as_array(row, shape=(self.n_vocab,)).astype(np.float32, copy=True) if row else None
+
+    def sample_logits(self, sampler: Any, logits: Any) -> list[int]:
+        import numpy as np
+
+        L = self.L
+        values = np.frombuffer(logits, dtype=np.float32)
+        if values.shape != (self.n_vocab,):
+            raise RuntimeError(f"saved logits of {values.size} tokens for a vocabulary of {self.n_vocab}")
+        candidates = np.zeros(self.n_vocab, dtype=[("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+        candidates["id"] = np.arange(self.n_vocab, dtype=np.int32)
+        candidates["logit"] = values
+        array = L.llama_token_data_array(data=candidates.ctypes.data_as(L.llama_token_data_p), size=self.n_vocab,
+                                         selected=-1, sorted=False)
+        L.llama_sampler_apply(sampler, ctypes.byref(array))   # what llama_sampler_sample does with a batch's row
+        if not 0 <= array.selected < array.size:
+            raise RuntimeError("the sampler selected no token")
+        token = int(array.data[array.selected].id)
+        L.llama_sampler_accept(sampler, token)
+        return [token]
+
     def state_layout(self) -> tuple[dict[str, Any], str]:
         """What a saved sequence must share with this context besides the model: the KV cache's types and
-        layout, and the llama.cpp build's state format."""
+        layout (llama.cpp writes one entry per sequence stream, so the number of sequences too), and the
+        llama.cpp build's state format."""
         p = self.params
-        kv = {"type_k": int(p.type_k), "type_v": int(p.type_v), "flash_attn_type": int(p.flash_attn_type),
-              "offload_kqv": bool(p.offload_kqv), "swa_full": bool(p.swa_full), "kv_unified": bool(p.kv_unified)}
+        kv = {"n_seq_max": int(p.n_seq_max), "type_k": int(p.type_k), "type_v": int(p.type_v),
+              "flash_attn_type": int(p.flash_attn_type), "offload_kqv": bool(p.offload_kqv),
+              "swa_full": bool(p.swa_full), "kv_unified": bool(p.kv_unified)}
         return kv, f"llama-cpp-python {self.L.__version__}, sequence state v{self.L.LLAMA_STATE_SEQ_VERSION}"
 
     def close(self) -> None:

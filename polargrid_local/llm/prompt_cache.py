@@ -121,34 +121,34 @@ class _Saver:
     """One background thread per process: checksums and writes states the worker threads took out."""
 
     def __init__(self) -> None:
-        self._queue: queue.Queue[tuple[PromptCache, list[int], Any, Future[Entry] | None]] = queue.Queue()
+        self._queue: queue.Queue[tuple[PromptCache, list[int], list[Any], Future[Entry] | None]] = queue.Queue()
         self._lock = threading.Condition()
         self.pending_bytes = 0
         self.pending = 0
         self._thread: threading.Thread | None = None
 
-    def submit(self, cache: PromptCache, tokens: list[int], payload: Any, pin: Future[Entry] | None) -> None:
+    def submit(self, cache: PromptCache, tokens: list[int], parts: list[Any], pin: Future[Entry] | None) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="polargrid-prompt-saver", daemon=True)
                 self._thread.start()
-            self.pending_bytes += memoryview(payload).nbytes
+            self.pending_bytes += _nbytes(parts)
             self.pending += 1
             cache.pending += 1
-        self._queue.put((cache, tokens, payload, pin))
+        self._queue.put((cache, tokens, parts, pin))
 
     def _run(self) -> None:
         while True:
-            cache, tokens, payload, pin = self._queue.get()
+            cache, tokens, parts, pin = self._queue.get()
             try:
-                cache.write(tokens, payload, pin)
+                cache.write(tokens, parts, pin)
             except BaseException as exc:  # never let one save stop the thread
                 logger.exception("prompt cache: saving failed")
                 if pin is not None and not pin.done():
                     pin.set_exception(exc)
             finally:
                 with self._lock:
-                    self.pending_bytes -= memoryview(payload).nbytes
+                    self.pending_bytes -= _nbytes(parts)
                     self.pending -= 1
                     cache.pending -= 1
                     self._lock.notify_all()
@@ -159,11 +159,24 @@ class _Saver:
             return self._lock.wait_for(lambda: (cache.pending if cache is not None else self.pending) == 0, timeout)
 
 
+def _nbytes(parts: list[Any]) -> int:
+    return sum(memoryview(part).nbytes for part in parts)
+
+
 SAVER = _Saver()
 atexit.register(lambda: SAVER.wait(None, 5.0))
 
 
 # -- one model's cache ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Restored:
+    """What a restore left in a sequence: the tokens its cells hold, and the saved logits of the last one when
+    the entry is exactly the prompt asked for (the first token is sampled from them, as a cold run would)."""
+
+    tokens: list[int]
+    logits: Any = None
+
 
 class PromptCache:
     """A model's saved prompt prefixes: restore into a sequence, remember a processed prompt."""
@@ -173,10 +186,11 @@ class PromptCache:
         self.stats = stats_for(model)
         self.pending = 0   # states handed to the saver, not yet written (guarded by the saver's lock)
 
-    def restore(self, decoder: Any, seq_id: int, tokens: Sequence[int], have: int) -> list[int] | None:
+    def restore(self, decoder: Any, seq_id: int, tokens: Sequence[int], have: int) -> Restored | None:
         """Load the longest saved prefix of ``tokens`` into the sequence when it is at least a block longer than
-        the ``have`` tokens it holds in memory. Returns the tokens the sequence now holds, or None when it was
-        left as it was (nothing better saved, or the file was bad and is removed)."""
+        the ``have`` tokens it holds in memory. Returns what the sequence now holds (and, when the entry is
+        exactly this prompt, the saved logits of its last token), or None when the sequence was left as it was
+        (nothing better saved, or the file was bad and is removed)."""
         if len(tokens) < BLOCK:
             return None
         self.stats.add("lookups")
@@ -192,22 +206,26 @@ class PromptCache:
             self.stats.add("misses")
             return None
         header, payload = loaded
+        state_bytes = header.payload_bytes - header.logits_bytes
         decoder.clear(seq_id)
-        if not decoder.load_sequence(seq_id, payload):
+        if not decoder.load_sequence(seq_id, payload[:state_bytes]):
             decoder.clear(seq_id)
             logger.warning("prompt cache: llama.cpp refused %s; removed", entry.path)
             self.store.remove([entry])
             self.stats.add("bad_files")
             self.stats.add("misses")
-            return []
+            return Restored([], None)
+        exact = bool(header.logits_bytes) and header.tokens == list(tokens)
         self.stats.add("disk_hits")
-        self.stats.add("restored_tokens", min(shared, len(tokens) - 1))
-        return header.tokens
+        self.stats.add("restored_tokens", len(tokens) if exact else min(shared, len(tokens) - 1))
+        return Restored(header.tokens, payload[state_bytes:] if exact else None)
 
-    def remember(self, decoder: Any, seq_id: int, cells: list[int], pin: Future[Entry] | None = None) -> None:
-        """Save the state of a sequence holding exactly ``cells`` (a prompt just processed) unless it is
-        short or a saved entry already holds all but a block of it; ``pin`` (from cache_prompt) saves it
-        pinned, whatever its length, and is resolved with the entry once it is on disk."""
+    def remember(self, decoder: Any, seq_id: int, cells: list[int], pin: Future[Entry] | None = None,
+                 index: int | None = None) -> None:
+        """Save the state of a sequence holding exactly ``cells`` (a prompt just processed; its last token's
+        logits at ``index`` of the last batch) unless it is short or a saved entry already holds all but a
+        block of it; ``pin`` (from cache_prompt) saves it pinned, whatever its length, and is resolved with
+        the entry once it is on disk."""
         from ..errors import invalid
 
         if pin is None and len(cells) < max(self.min_tokens, BLOCK):
@@ -227,12 +245,13 @@ class PromptCache:
         if pin is None and SAVER.pending_bytes > MAX_PENDING_BYTES:
             self.stats.add("save_skipped")
             return
-        payload = decoder.save_sequence(seq_id)
-        if payload is None:
+        state = decoder.save_sequence(seq_id)
+        if state is None:
             if pin is not None:
                 pin.set_exception(RuntimeError("the model's state could not be read"))
             return
-        SAVER.submit(self, list(cells), payload, pin)
+        logits = decoder.logits(index) if index is not None else None
+        SAVER.submit(self, list(cells), [state] if logits is None else [state, logits], pin)
 
     def _pin(self, entry: Entry, pin: Future[Entry]) -> None:
         try:
@@ -240,11 +259,15 @@ class PromptCache:
         except NotSaved as exc:
             pin.set_exception(_not_saved(exc))
 
-    def write(self, tokens: list[int], payload: Any, pin: Future[Entry] | None) -> None:
-        """On the saver thread: checksum and write one state."""
+    def write(self, tokens: list[int], parts: list[Any], pin: Future[Entry] | None) -> None:
+        """On the saver thread: checksum and write one state (and its logits, the last part when there are two)."""
+        checksum = 0
+        for part in parts:
+            checksum = zlib.crc32(part, checksum)
+        logits_bytes = memoryview(parts[-1]).nbytes if len(parts) > 1 else 0
         try:
-            entry = self.store.save(self.layout, self.model, tokens, payload, pinned=pin is not None,
-                                    checksum=zlib.crc32(payload))
+            entry = self.store.save(self.layout, self.model, tokens, parts, pinned=pin is not None,
+                                    checksum=checksum, logits_bytes=logits_bytes)
         except NotSaved as exc:
             self.stats.add("save_failures")
             logger.warning("prompt cache: a %d-token prompt of %s was not saved: %s", len(tokens), self.model, exc)

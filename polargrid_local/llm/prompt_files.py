@@ -1,12 +1,14 @@
 """The prompt cache's files: what identifies a saved KV state, how a file is laid out, and how it is checked.
 
-A file holds the KV cells of one sequence after a prompt was processed (llama.cpp's per-sequence state),
-behind a header that says exactly what it fits: the model file's sha256, the cells per sequence, the KV
+A file holds the KV cells of one sequence after a prompt was processed (llama.cpp's per-sequence state)
+and the logits of the prompt's last token (so the same prompt again gets exactly the first token a cold run
+would sample), behind a header that says exactly what it fits: the model file's sha256, the cells per sequence, the KV
 cache's type and layout, llama.cpp's state version, the prompt's tokens with their chained block hashes,
 and a checksum of the payload. Anything that does not match is ``BadFile``: the caller removes it and
 processes the prompt instead.
 
-    MAGIC | header length (u32, little-endian) | header (JSON) | payload (llama_state_seq_get_data's bytes)
+    MAGIC | header length (u32, little-endian) | header (JSON) | payload: llama_state_seq_get_data's bytes,
+    then logits_bytes of float32 logits
 """
 from __future__ import annotations
 
@@ -79,13 +81,15 @@ class Header:
     payload_bytes: int
     payload_crc32: int
     created: float
+    logits_bytes: int = 0
 
 
 def encode(layout: Layout, model: str, tokens: Sequence[int], payload_bytes: int, payload_crc32: int,
-           created: float) -> bytes:
-    """The bytes that go before the payload."""
+           created: float, logits_bytes: int = 0) -> bytes:
+    """The bytes that go before the payload (whose last ``logits_bytes`` are the last token's logits)."""
     header = {**layout.facts(), "model": model, "tokens": list(tokens), "blocks": block_hashes(tokens),
-              "payload_bytes": payload_bytes, "payload_crc32": payload_crc32, "created": created}
+              "payload_bytes": payload_bytes, "logits_bytes": logits_bytes, "payload_crc32": payload_crc32,
+              "created": created}
     body = json.dumps(header, separators=(",", ":")).encode()
     return MAGIC + struct.pack("<I", len(body)) + body
 
@@ -104,12 +108,15 @@ def decode_header(head: bytes | memoryview, file_size: int, layout: Layout | Non
         raw = json.loads(bytes(head[start:start + length]))
         facts = {k: raw[k] for k in ("format", "block", "model_sha256", "n_ctx_per_seq", "kv", "llama_state")}
         header = Header(facts, str(raw.get("model", "")), [int(t) for t in raw["tokens"]], list(raw["blocks"]),
-                        int(raw["payload_bytes"]), int(raw["payload_crc32"]), float(raw.get("created", 0)))
+                        int(raw["payload_bytes"]), int(raw["payload_crc32"]), float(raw.get("created", 0)),
+                        int(raw.get("logits_bytes", 0)))
     except (ValueError, KeyError, TypeError) as exc:
         raise BadFile(f"unreadable header: {exc}") from None
     if layout is not None and facts != layout.facts():
         different = sorted(k for k in facts if facts[k] != layout.facts()[k])
         raise BadFile(f"made for another model or other settings ({', '.join(different)})")
+    if not 0 <= header.logits_bytes <= header.payload_bytes or header.logits_bytes % 4:
+        raise BadFile("its logits do not fit its payload")
     if header.blocks != block_hashes(header.tokens, int(facts["block"])):
         raise BadFile("its block hashes do not match its tokens")
     if file_size != start + length + header.payload_bytes:

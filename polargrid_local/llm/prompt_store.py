@@ -203,12 +203,15 @@ class PromptStore:
     # -- saving -------------------------------------------------------------------------------
 
     def save(self, layout: Layout, model: str, tokens: Sequence[int], payload: Any, *, pinned: bool = False,
-             checksum: int) -> Entry:
-        """Write the state of ``tokens`` (``payload``, its CRC-32 ``checksum``) as one whole file, within the
-        budget. Raises NotSaved; leaves no partial file behind whatever fails."""
+             checksum: int, logits_bytes: int = 0) -> Entry:
+        """Write the state of ``tokens`` (``payload``: a buffer, or a list of buffers written one after another;
+        ``checksum``: their CRC-32; the last ``logits_bytes`` are logits) as one whole file, within the budget.
+        Raises NotSaved; leaves no partial file behind whatever fails."""
         folder = self.root / layout.folder
-        head = encode(layout, model, tokens, len(payload), checksum, time.time())
-        size = len(head) + len(payload)
+        parts = list(payload) if isinstance(payload, (list, tuple)) else [payload]
+        payload_bytes = sum(memoryview(part).nbytes for part in parts)
+        head = encode(layout, model, tokens, payload_bytes, checksum, time.time(), logits_bytes)
+        size = len(head) + payload_bytes
         if size > self.max_bytes:
             raise NotSaved(f"{size} bytes is more than the whole budget of {self.max_bytes}")
         final = folder / (entry_key(tokens) + (PINNED_SUFFIX if pinned else SUFFIX))
@@ -220,7 +223,7 @@ class PromptStore:
                 self._make_room(size)
                 fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 _reserve(fd, size)   # counted by every other writer from now on; the disk's blocks taken now
-            for piece in (head, payload):
+            for piece in (head, *parts):
                 _write_all(fd, piece, self.write_bytes)
             os.fsync(fd)
             inode = os.fstat(fd).st_ino

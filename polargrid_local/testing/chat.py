@@ -107,6 +107,12 @@ class ScriptedDecoder:
     def load_sequence(self, seq_id: int, data: Any) -> bool:
         return False
 
+    def logits(self, index: int) -> Any:
+        return None
+
+    def sample_logits(self, sampler: Any, logits: Any) -> list[int]:
+        raise NotImplementedError("the fake chat model has no logits")
+
     def close(self) -> None:
         pass
 
