@@ -187,6 +187,16 @@ class PromptCache:
         self.pending = 0   # states handed to the saver, not yet written (guarded by the saver's lock)
 
     def restore(self, decoder: Any, seq_id: int, tokens: Sequence[int], have: int) -> Restored | None:
+        """``_restore``, which never fails a request: whatever goes wrong, the prompt is processed instead."""
+        try:
+            return self._restore(decoder, seq_id, tokens, have)
+        except Exception:
+            logger.exception("prompt cache: restoring a prefix of %s failed; processing the prompt", self.model)
+            self.stats.add("misses")
+            decoder.clear(seq_id)
+            return Restored([], None)
+
+    def _restore(self, decoder: Any, seq_id: int, tokens: Sequence[int], have: int) -> Restored | None:
         """Load the longest saved prefix of ``tokens`` into the sequence when it is at least a block longer than
         the ``have`` tokens it holds in memory. Returns what the sequence now holds (and, when the entry is
         exactly this prompt, the saved logits of its last token), or None when the sequence was left as it was
@@ -222,6 +232,17 @@ class PromptCache:
 
     def remember(self, decoder: Any, seq_id: int, cells: list[int], pin: Future[Entry] | None = None,
                  index: int | None = None) -> None:
+        """``_remember``, which never fails a request: a state that cannot be taken out is not saved."""
+        try:
+            self._remember(decoder, seq_id, cells, pin, index)
+        except Exception as exc:
+            logger.exception("prompt cache: saving a prompt of %s failed", self.model)
+            self.stats.add("save_failures")
+            if pin is not None and not pin.done():
+                pin.set_exception(exc)
+
+    def _remember(self, decoder: Any, seq_id: int, cells: list[int], pin: Future[Entry] | None,
+                  index: int | None) -> None:
         """Save the state of a sequence holding exactly ``cells`` (a prompt just processed; its last token's
         logits at ``index`` of the last batch) unless it is short or a saved entry already holds all but a
         block of it; ``pin`` (from cache_prompt) saves it pinned, whatever its length, and is resolved with
