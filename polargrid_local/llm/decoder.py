@@ -55,8 +55,9 @@ class Decoder(Protocol):
     def copy(self, source: int, target: int) -> None:
         """Give ``target`` a copy of ``source``'s cells (``target`` must be empty)."""
 
-    def save_sequence(self, seq_id: int) -> Any:
-        """A copy of the sequence's cells (a buffer, for the prompt cache); None when there is nothing to copy."""
+    def save_sequence(self, seq_id: int, into: Any = None) -> Any:
+        """A copy of the sequence's cells (a buffer, for the prompt cache), written into the spare buffer ``into``
+        when it is large enough; None when there is nothing to copy."""
 
     def load_sequence(self, seq_id: int, data: Any) -> bool:
         """Give the empty sequence the cells ``save_sequence`` copied; False when the data does not fit."""
@@ -156,13 +157,15 @@ class LlamaDecoder:
     def copy(self, source: int, target: int) -> None:
         self.L.llama_memory_seq_cp(self.memory, source, target, -1, -1)
 
-    def save_sequence(self, seq_id: int) -> Any:
+    def save_sequence(self, seq_id: int, into: Any = None) -> Any:
         size = self.L.llama_state_seq_get_size(self.ctx, seq_id)
         if not size:
             return None
         import numpy as np
 
-        buffer = np.empty(size, dtype=np.uint8)   # not zeroed: llama.cpp writes every byte it reports
+        # A reused buffer spares the page faults of fresh memory (most of the time on a VM: 130 ms for 47 MB,
+        # against 8 ms to copy into memory already touched). Fresh memory is not zeroed: llama.cpp writes it.
+        buffer = into if into is not None and into.nbytes >= size else np.empty(size, dtype=np.uint8)
         written = self.L.llama_state_seq_get_data(self.ctx, buffer.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
                                                   size, seq_id)
         return buffer[:written] if written else None

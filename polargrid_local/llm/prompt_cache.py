@@ -142,6 +142,7 @@ class _Saver:
             cache, tokens, parts, pin = self._queue.get()
             try:
                 cache.write(tokens, parts, pin)
+                cache.give_back(parts)
             except BaseException as exc:  # never let one save stop the thread
                 logger.exception("prompt cache: saving failed")
                 if pin is not None and not pin.done():
@@ -185,6 +186,7 @@ class PromptCache:
         self.store, self.layout, self.model, self.min_tokens = store, layout, model, min_tokens
         self.stats = stats_for(model)
         self.pending = 0   # states handed to the saver, not yet written (guarded by the saver's lock)
+        self._spare: Any = None   # the last state's buffer, written and given back: the next state goes there
 
     def restore(self, decoder: Any, seq_id: int, tokens: Sequence[int], have: int) -> Restored | None:
         """``_restore``, which never fails a request: whatever goes wrong, the prompt is processed instead."""
@@ -266,7 +268,8 @@ class PromptCache:
         if pin is None and SAVER.pending_bytes > MAX_PENDING_BYTES:
             self.stats.add("save_skipped")
             return
-        state = decoder.save_sequence(seq_id)
+        spare, self._spare = self._spare, None
+        state = decoder.save_sequence(seq_id, spare)
         if state is None:
             if pin is not None:
                 pin.set_exception(RuntimeError("the model's state could not be read"))
@@ -300,10 +303,21 @@ class PromptCache:
         if pin is not None:
             pin.set_result(entry)
 
+    def give_back(self, parts: list[Any]) -> None:
+        """On the saver thread, once a state is written: keep its buffer for the next one (one at most, the
+        largest), so taking a state out touches memory that is already mapped."""
+        buffer = getattr(parts[0], "base", None)
+        if buffer is None or not hasattr(buffer, "nbytes"):
+            return
+        spare = self._spare
+        if spare is None or spare.nbytes < buffer.nbytes:
+            self._spare = buffer
+
     def close(self) -> None:
         """Wait for this model's states still being written (they no longer need the model)."""
         if not SAVER.wait(self, CLOSE_WAIT_S):
             logger.warning("prompt cache: %s's saves are still being written", self.model)
+        self._spare = None
 
 
 def _not_saved(exc: NotSaved) -> BaseException:

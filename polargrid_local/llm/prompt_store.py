@@ -427,8 +427,4 @@ def _stale(name: str, mtime: float) -> bool:
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    return len(os.path.commonprefix([list(a), list(b)]))

@@ -101,7 +101,7 @@ class ScriptedDecoder:
     def copy(self, source: int, target: int) -> None:
         pass
 
-    def save_sequence(self, seq_id: int) -> Any:
+    def save_sequence(self, seq_id: int, into: Any = None) -> Any:
         return None   # no cells to save: the fake has no prompt cache
 
     def load_sequence(self, seq_id: int, data: Any) -> bool:
