@@ -5,9 +5,10 @@ Each class here subclasses the SDK's, so ``isinstance(chunk, polargrid.types.Cha
 from __future__ import annotations
 
 import uuid
+from typing import Literal
 
 from polargrid import types as sdk
-from pydantic import BaseModel
+from pydantic import BaseModel, SerializeAsAny
 
 
 def new_id(prefix: str) -> str:
@@ -15,16 +16,49 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
+class PromptTokensDetails(BaseModel):
+    """OpenAI's breakdown of the prompt: ``cached_tokens`` were not processed again (the prompt cache)."""
+
+    cached_tokens: int = 0
+
+
+class TokenUsage(sdk.TokenUsage):
+    """The SDK's token counts, plus OpenAI's ``prompt_tokens_details``."""
+
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class PGMetadata(sdk.PGMetadata):
+    """The SDK's metadata, plus where the cached part of the prompt came from: "memory" (a sequence of this
+    process already held it) or "disk" (the prompt cache); None when the whole prompt was processed."""
+
+    prompt_cache: Literal["memory", "disk"] | None = None
+
+
 class ChatCompletionChunk(sdk.ChatCompletionChunk):
     """A streamed chat chunk; the last one carries ``usage`` when ``stream_options.include_usage`` is set."""
 
-    usage: sdk.TokenUsage | None = None
+    usage: SerializeAsAny[sdk.TokenUsage] | None = None
 
 
 class CompletionChunk(sdk.CompletionChunk):
     """A streamed completion chunk; the last one carries ``usage`` when asked for."""
 
-    usage: sdk.TokenUsage | None = None
+    usage: SerializeAsAny[sdk.TokenUsage] | None = None
+
+
+class ChatCompletionResponse(sdk.ChatCompletionResponse):
+    """The SDK's chat response; its usage and pg_metadata may carry the local extras above."""
+
+    usage: SerializeAsAny[sdk.TokenUsage]
+    pg_metadata: SerializeAsAny[sdk.PGMetadata] | None = None
+
+
+class CompletionResponse(sdk.CompletionResponse):
+    """The SDK's completion response; its usage and pg_metadata may carry the local extras above."""
+
+    usage: SerializeAsAny[sdk.TokenUsage]
+    pg_metadata: SerializeAsAny[sdk.PGMetadata] | None = None
 
 
 class ModelMemory(BaseModel):
@@ -73,12 +107,47 @@ class ListModelsResponse(sdk.ListModelsResponse):
     data: list[ModelInfo]
 
 
+class CachedPrompt(BaseModel):
+    """A prompt processed ahead of time and kept in the prompt cache (``cache_prompt``)."""
+
+    object: Literal["prompt_cache.entry"] = "prompt_cache.entry"
+    model: str
+    key: str            # the entry's file name, without its suffix (what `polargrid-local cache rm` takes)
+    tokens: int         # tokens whose KV state is saved
+    bytes: int          # the file's size
+    pinned: bool = True
+
+
+class PromptCacheEntry(BaseModel):
+    """One saved prompt prefix."""
+
+    key: str
+    model: str
+    tokens: int
+    bytes: int
+    pinned: bool
+    last_used: str      # ISO 8601, UTC
+
+
+class PromptCacheStatus(BaseModel):
+    """The prompt cache on disk: where, its budget and use, what it holds, and this process's counters per model
+    (lookups, disk_hits, memory_hits, misses, restored_tokens, saves, saved_bytes, save_failures, ...)."""
+
+    directory: str
+    max_bytes: int
+    used_bytes: int
+    min_tokens: int
+    entries: list[PromptCacheEntry] = []
+    stats: dict[str, dict[str, int]] = {}
+
+
 class ModelStatusResponse(sdk.ModelStatusResponse):
-    """The SDK's model status, plus each loaded model's memory, last use and keep_alive, and each remote
-    model's reachability."""
+    """The SDK's model status, plus each loaded model's memory, last use and keep_alive, each remote
+    model's reachability, and the prompt cache (None when it is off)."""
 
     models: list[LoadedModel] = []
     remote: dict[str, str] = {}
+    prompt_cache: PromptCacheStatus | None = None
 
 
 class HealthResponse(sdk.HealthResponse):

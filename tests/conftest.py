@@ -1,12 +1,20 @@
 """Shared fixtures: one engine on the real models, pulled beforehand by `make models` (no network here)."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The prompt cache is on by default: this session's engines (and the CLIs it starts) save into a folder of
+# their own, never the user's model cache.
+if "POLARGRID_LOCAL_PROMPT_CACHE_DIR" not in os.environ:
+    os.environ["POLARGRID_LOCAL_PROMPT_CACHE_DIR"] = tempfile.mkdtemp(prefix="polargrid-prompt-cache-")
+    atexit.register(shutil.rmtree, os.environ["POLARGRID_LOCAL_PROMPT_CACHE_DIR"], True)
 
 from polargrid_local import LocalEngine, PolarGridSync, Registry, offline  # noqa: E402
 from polargrid_local.store.pull import is_pulled  # noqa: E402

@@ -1,4 +1,5 @@
-"""The polargrid-local command: pull, list, show, rm, chat, speak, transcribe, serve, ps, doctor, install-llama."""
+"""The polargrid-local command: pull, list, show, rm, chat, speak, transcribe, serve, ps, cache, doctor,
+install-llama."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ from polargrid.errors import PolarGridError
 from ..limits import DEFAULT_LIMITS
 from ..store.pull import PullError, is_pulled, pull
 from ..store.registry import Registry, RegistryError
+from .cache import add_cache_command
 from .commands import add_commands
 
 API_KEYS_ENV = "POLARGRID_LOCAL_API_KEYS"
@@ -109,7 +111,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     keys = list(args.api_key or []) + [k for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
     engine = LocalEngine(args.models, cache_dir=args.cache_dir, n_threads=args.threads, preload=args.preload or (),
                          fake=args.fake, keep_alive=args.keep_alive,
-                         models_only=args.models_only)
+                         models_only=args.models_only, prompt_cache=args.prompt_cache,
+                         prompt_cache_dir=args.prompt_cache_dir, prompt_cache_bytes=args.prompt_cache_bytes,
+                         prompt_cache_min_tokens=args.prompt_cache_min_tokens)
     http_limits = {name: getattr(args, name) for name in HTTP_LIMIT_FLAGS if getattr(args, name) is not None}
     limits = dataclasses.replace(getattr(engine, "limits", None) or DEFAULT_LIMITS, **http_limits)
     config = ServerConfig(host=args.host, port=args.port, api_keys=[k.strip() for k in keys],
@@ -185,11 +189,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-alive", help="unload a model idle this long ('5m', seconds; -1 never, the default)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--fake", action="store_true", help="serve polargrid_local.testing's fake engines (no model files)")
+    p.add_argument("--prompt-cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep processed prompts' KV states on disk and restore them by prefix (default: on)")
+    p.add_argument("--prompt-cache-dir", help="its folder (default: a prompt-cache folder in the model cache)")
+    p.add_argument("--prompt-cache-bytes", type=int, help="the most it may hold on disk (default 1 GiB)")
+    p.add_argument("--prompt-cache-min-tokens", type=int, help="shorter prompts are not saved (default 256)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="chat, and speech and transcription where installed, all offline")
     p.set_defaults(func=cmd_demo)
     add_commands(sub)
+    add_cache_command(sub)
 
     args = parser.parse_args(argv)
     try:

@@ -13,10 +13,14 @@ import codecs
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .decoder import BatchEntry, Decoder, LlamaDecoder
 from .generation import SamplingParams, Started, StopMatcher, TextDelta
+
+if TYPE_CHECKING:
+    from .prompt_cache import PromptCache
 
 logger = logging.getLogger("polargrid_local")
 
@@ -36,6 +40,7 @@ class PromptJob:
     siblings: list[int] = field(default_factory=lambda: [1])  # prompts of this request still running
     ctx: Any = None  # the request's JobContext: its queue time ends when a prompt gets a slot
     probe: list[int] | None = None  # score these tokens as the prompt's next token (Probed) instead of generating
+    pin: Any = None  # cache_prompt: a Future resolved with the prompt cache entry once it is saved, pinned
 
 
 @dataclass(frozen=True)
@@ -72,8 +77,9 @@ class BatchScheduler:
     """
 
     def __init__(self, decoder: Decoder, *, n_parallel: int, n_ctx_per_seq: int, n_batch: int,
-                 prefill_chunk: int = 64) -> None:
+                 prefill_chunk: int = 64, prompt_cache: PromptCache | None = None) -> None:
         self.decoder = decoder
+        self.prompt_cache = prompt_cache
         self.n_parallel = n_parallel
         self.n_ctx_per_seq = n_ctx_per_seq
         self.n_batch = n_batch
@@ -122,6 +128,9 @@ class BatchScheduler:
             common = min(_common_prefix(slot.cached, job.tokens), len(job.tokens) - 1) if reuse else 0
             if reuse:
                 common = self._borrow_prefix(slot, job.tokens, common)
+            source, saved_logits = "memory", None
+            if reuse and self.prompt_cache is not None:
+                common, source, saved_logits = self._restore_prefix(slot, job.tokens, common)
             if not self.decoder.truncate(slot.seq_id, common):
                 # some caches (recurrent, sliding-window) cannot drop a tail: start the sequence afresh
                 self.decoder.clear(slot.seq_id)
@@ -137,7 +146,10 @@ class BatchScheduler:
             slot.budget = min(job.max_tokens, self.n_ctx_per_seq - len(job.tokens))
             slot.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
             slot.stops = StopMatcher(job.stops)
-            self._push(slot, Started(prompt_tokens=len(job.tokens), index=job.index))
+            self._push(slot, Started(prompt_tokens=len(job.tokens), index=job.index, cached_tokens=common,
+                                     cache=source if common else None))
+            if saved_logits is not None and common == len(job.tokens):
+                self._sample_saved(slot, saved_logits)
 
     def _borrow_prefix(self, slot: _Slot, tokens: list[int], common: int) -> int:
         """Copy another slot's cache when it shares a longer prefix (a common system prompt)."""
@@ -154,6 +166,42 @@ class BatchScheduler:
         slot.cached = list(donor.cached)
         self.prompt_tokens_borrowed += shared
         return shared
+
+    def _restore_prefix(self, slot: _Slot, tokens: list[int], common: int) -> tuple[int, str, Any]:
+        """Load the prompt's longest prefix saved on disk when it beats the ``common`` tokens held in memory:
+        (tokens now cached, where from, the saved logits of the last prompt token when the whole prompt was)."""
+        assert self.prompt_cache is not None
+        restored = self.prompt_cache.restore(self.decoder, slot.seq_id, tokens, common)
+        if restored is None:
+            return common, "memory", None
+        slot.cached = restored.tokens
+        if restored.logits is not None:
+            return len(tokens), "disk", restored.logits
+        return min(_common_prefix(restored.tokens, tokens), len(tokens) - 1), "disk", None
+
+    def _sample_saved(self, slot: _Slot, logits: Any) -> None:
+        """The whole prompt came from disk: its first token is sampled from the saved logits of its last token
+        (bit for bit what processing the prompt gave), with nothing to decode first."""
+        assert slot.job is not None
+        try:
+            tokens = self.decoder.sample_logits(slot.sampler, logits)
+        except Exception as exc:
+            slot.job.stream.finish(exc)
+            self._release(slot, finish=None)
+            return
+        self._emit(slot, tokens)
+
+    def _remember_prompts(self, prefilled: list[tuple[_Slot, PromptJob, int]]) -> None:
+        """Hand the state of prompts processed this step to the prompt cache (after their first token)."""
+        for slot, job, index in prefilled:
+            # the sequence holds exactly the prompt until the first sampled token is decoded at the next step
+            if self.prompt_cache is not None and slot.cached == job.tokens:
+                self.prompt_cache.remember(self.decoder, slot.seq_id, job.tokens, job.pin, index)
+            elif job.pin is not None and not job.pin.done():
+                from ..errors import invalid
+
+                job.pin.set_exception(invalid("this model has no prompt cache (prompt_cache is off, or it serves "
+                                              "one request at a time)"))
 
     # -- one step ------------------------------------------------------------------------
 
@@ -209,9 +257,12 @@ class BatchScheduler:
             offset += len(chunk)
             if not slot.pending:
                 to_sample.append((slot, offset - 1))
+        prefilled = [(slot, slot.job, index) for slot, index in to_sample[len(generating):]]
         for slot, index in to_sample:
             if slot.job is not None:
                 self._sample(slot, index)
+        if prefilled:
+            self._remember_prompts(prefilled)  # type: ignore[arg-type]  # slots in prefill have a job
         return True
 
     def _sample(self, slot: _Slot, index: int) -> bool:
@@ -328,14 +379,21 @@ class BatchedLlamaBackend:
     template; BatchScheduler for generation."""
 
     def __init__(self, path: str, *, n_ctx: int = 2048, n_parallel: int = 8, max_queue: int = 64,
-                 n_batch: int = 512, **llama_settings: Any) -> None:
+                 n_batch: int = 512, prompt_cache: Any = None, model_id: str = "", model_sha256: str | None = None,
+                 **llama_settings: Any) -> None:
+        """``prompt_cache``: a PromptCacheConfig (prompt_cache.py), or None for no cache on disk."""
         from .backend import LlamaBackend
+        from .prompt_cache import open_prompt_cache
 
         # The high-level Llama's own context serves tokenizing only; generation has its own.
         self.base = LlamaBackend(path, n_ctx=256, n_batch=min(n_batch, 256), **llama_settings)
         decoder = LlamaDecoder(self.base.llama, n_parallel=n_parallel, n_ctx_per_seq=n_ctx, n_batch=n_batch,
                                n_threads=self.base.n_threads)
-        self.scheduler = BatchScheduler(decoder, n_parallel=n_parallel, n_ctx_per_seq=n_ctx, n_batch=n_batch)
+        kv, state = decoder.state_layout()
+        self.prompt_cache = open_prompt_cache(prompt_cache, model_id or Path(path).stem, path, model_sha256, n_ctx,
+                                              {**kv, "on_gpu": self.base.n_gpu_layers != 0}, state)
+        self.scheduler = BatchScheduler(decoder, n_parallel=n_parallel, n_ctx_per_seq=n_ctx, n_batch=n_batch,
+                                        prompt_cache=self.prompt_cache)
         self.max_queue = max_queue
         self.n_parallel = n_parallel
         self.n_ctx = n_ctx
@@ -354,3 +412,5 @@ class BatchedLlamaBackend:
     def close(self) -> None:
         self.scheduler.close()
         self.base.close()
+        if self.prompt_cache is not None:
+            self.prompt_cache.close()

@@ -7,21 +7,27 @@ from collections.abc import Iterable
 from polargrid.types import (
     ChatCompletionChoice,
     ChatCompletionChunkChoice,
-    ChatCompletionResponse,
     ChatDelta,
     ChatMessage,
     ChatTool,
     CompletionChoice,
     CompletionChunkChoice,
-    CompletionResponse,
     PGMetadata,
-    TokenUsage,
     ToolCall,
     ToolCallDelta,
     ToolCallFunction,
 )
 
-from ..types import ChatCompletionChunk, CompletionChunk, new_id
+from ..types import (
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    CompletionChunk,
+    CompletionResponse,
+    PromptTokensDetails,
+    TokenUsage,
+    new_id,
+)
+from ..types import PGMetadata as LocalMetadata
 from .constraints import ToolPlan, parse_tool_call
 from .generation import Started, TextDelta
 from .schemas import OutputSchema
@@ -45,6 +51,8 @@ class ChatChunker:
         self.include_usage = include_usage
         self.usage: TokenUsage | None = None
         self._prompt_tokens = 0
+        self.cached_tokens = 0
+        self.cache: str | None = None   # where the cached part of the prompt came from: "memory" or "disk"
         self._held = ""
         self._holding = plan is not None
         self.output = output
@@ -58,6 +66,7 @@ class ChatChunker:
     def feed(self, event: Started | TextDelta) -> list[ChatCompletionChunk]:
         if isinstance(event, Started):
             self._prompt_tokens = event.prompt_tokens
+            self.cached_tokens, self.cache = event.cached_tokens, event.cache
             return [self._chunk(ChatDelta(role="assistant", content=""))]
         out: list[ChatCompletionChunk] = []
         text = event.text
@@ -97,7 +106,8 @@ class ChatChunker:
             self._held = ""
         out.append(self._chunk(ChatDelta(), finish))
         self.usage = TokenUsage(prompt_tokens=self._prompt_tokens, completion_tokens=event.completion_tokens,
-                                total_tokens=self._prompt_tokens + event.completion_tokens)
+                                total_tokens=self._prompt_tokens + event.completion_tokens,
+                                prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens))
         if self.include_usage:
             out.append(self._chunk(None, usage=self.usage))
         return out
@@ -148,7 +158,15 @@ def fold_chat(chunks: Iterable[ChatCompletionChunk], usage_of: ChatChunker, meta
         id=first.id if first else usage_of.id, created=usage_of.created, model=usage_of.model,
         choices=[ChatCompletionChoice(index=0, message=message, finish_reason=finish)],
         usage=usage_of.usage or TokenUsage(prompt_tokens=0, completion_tokens=0, total_tokens=0),
-        pg_metadata=metadata)
+        pg_metadata=with_cache(metadata, usage_of))
+
+
+def with_cache(metadata: PGMetadata | None, reader: object) -> PGMetadata | None:
+    """The stream's metadata, plus where its prompt's cached part came from (a local reader knows; a remote's
+    relay does not)."""
+    if metadata is None or not hasattr(reader, "cache"):
+        return metadata
+    return LocalMetadata(**metadata.model_dump(), prompt_cache=reader.cache)
 
 
 class CompletionChunker:
@@ -160,9 +178,16 @@ class CompletionChunker:
         self.model = model
         self.include_usage = include_usage
         self.prompt_tokens: dict[int, int] = {}
+        self.cached: dict[int, tuple[int, str | None]] = {}
         self.completion_tokens: dict[int, int] = {}
         self.prompts_total = 0
         self.usage: TokenUsage | None = None
+
+    @property
+    def cache(self) -> str | None:
+        """"disk" when any prompt's cached part came from the prompt cache, else "memory" if any had one."""
+        sources = {source for _, source in self.cached.values()}
+        return "disk" if "disk" in sources else "memory" if "memory" in sources else None
 
     def _chunk(self, choices: list[CompletionChunkChoice], usage: TokenUsage | None = None) -> CompletionChunk:
         return CompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
@@ -170,6 +195,7 @@ class CompletionChunker:
     def feed(self, event: Started | TextDelta) -> list[CompletionChunk]:
         if isinstance(event, Started):
             self.prompt_tokens[event.index] = event.prompt_tokens
+            self.cached[event.index] = (event.cached_tokens, event.cache)
             return []
         out = []
         if event.text or event.finish_reason:
@@ -178,8 +204,10 @@ class CompletionChunker:
         if event.finish_reason:
             self.completion_tokens[event.index] = event.completion_tokens
             prompt, completion = sum(self.prompt_tokens.values()), sum(self.completion_tokens.values())
+            cached = sum(count for count, _ in self.cached.values())
             self.usage = TokenUsage(prompt_tokens=prompt, completion_tokens=completion,
-                                    total_tokens=prompt + completion)
+                                    total_tokens=prompt + completion,
+                                    prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
             if self.include_usage and len(self.completion_tokens) == self.prompts_total:
                 out.append(self._chunk([], usage=self.usage))
         return out
@@ -198,4 +226,4 @@ def fold_completion(chunks: Iterable[CompletionChunk], usage_of: CompletionChunk
                for i in sorted(texts)]
     return CompletionResponse(id=usage_of.id, created=usage_of.created, model=usage_of.model, choices=choices,
                               usage=usage_of.usage or TokenUsage(prompt_tokens=0, completion_tokens=0, total_tokens=0),
-                              pg_metadata=metadata)
+                              pg_metadata=with_cache(metadata, usage_of))

@@ -193,8 +193,8 @@ def fit_prompt(tokens: list[int], backend: LlamaBackend, model_id: str, index: i
                       f"{backend.n_ctx} tokens; shorten the input", field="messages", prompt_tokens=len(tokens))
 
 
-def chat_job(plan: ChatPlan, model_id: str) -> Job:
-    """What a worker runs for one chat request."""
+def chat_job(plan: ChatPlan, model_id: str, pin: Any = None) -> Job:
+    """What a worker runs for one chat request (``pin``: cache_prompt's Future, see batching.PromptJob)."""
 
     def run(backend, ctx: JobContext):
         try:
@@ -204,15 +204,18 @@ def chat_job(plan: ChatPlan, model_id: str) -> Job:
         tokens = backend.tokenize(prompt, add_bos=backend.add_bos_for_template(prompt))
         fit_prompt(tokens, backend, model_id)
         if hasattr(backend, "scheduler"):
-            return [PromptJob(tokens, plan.params, plan.max_tokens, plan.stop, ctx.stream, ctx=ctx)]
+            return [PromptJob(tokens, plan.params, plan.max_tokens, plan.stop, ctx.stream, ctx=ctx, pin=pin)]
+        if pin is not None:
+            raise invalid(f"model {model_id!r} serves one request at a time (n_parallel = 1), without a prompt cache")
         return _plain(backend, ctx, [tokens], plan.params, plan.max_tokens, plan.stop)
 
     return Job(run, batched=True)
 
 
-def completion_job(prompts: list[str], params: SamplingParams, max_tokens: int, stop: list[str], model_id: str
-                   ) -> Job:
-    """What a worker runs for one completion request (one choice per prompt; each takes a slot)."""
+def completion_job(prompts: list[str], params: SamplingParams, max_tokens: int, stop: list[str], model_id: str,
+                   pin: Any = None) -> Job:
+    """What a worker runs for one completion request (one choice per prompt; each takes a slot). ``pin``:
+    cache_prompt's Future for its one prompt (see batching.PromptJob)."""
 
     def run(backend, ctx: JobContext):
         encoded = [backend.tokenize(p, add_bos=True, special=False) for p in prompts]
@@ -220,8 +223,10 @@ def completion_job(prompts: list[str], params: SamplingParams, max_tokens: int, 
             fit_prompt(tokens, backend, model_id, index)
         if hasattr(backend, "scheduler"):
             siblings = [len(encoded)]
-            return [PromptJob(tokens, params, max_tokens, stop, ctx.stream, index, siblings, ctx=ctx)
+            return [PromptJob(tokens, params, max_tokens, stop, ctx.stream, index, siblings, ctx=ctx, pin=pin)
                     for index, tokens in enumerate(encoded)]
+        if pin is not None:
+            raise invalid(f"model {model_id!r} serves one request at a time (n_parallel = 1), without a prompt cache")
         return _plain(backend, ctx, encoded, params, max_tokens, stop)
 
     return Job(run, cost=len(prompts), batched=True)

@@ -21,8 +21,10 @@ def chat_factory(spec: ModelSpec, path: str, settings: LoadSettings):
     ensure_safe_llama()
     if settings.n_parallel <= 1:
         return LlamaBackend(path, **settings.llama())
+    cache = settings.prompt_cache if spec.engine.get("prompt_cache", True) is not False else None
+    sha256 = next((f.sha256 for f in spec.files if f.path == spec.entry), None)
     return BatchedLlamaBackend(path, n_parallel=settings.n_parallel, max_queue=settings.max_queue,
-                               **settings.llama())
+                               prompt_cache=cache, model_id=spec.id, model_sha256=sha256, **settings.llama())
 
 
 def embedding_factory(spec: ModelSpec, path: str, settings: LoadSettings):

@@ -32,6 +32,7 @@ class LoadSettings:
     tensor_split: list[float] | None = None
     flash_attn: bool = False
     chat_template: str | None = None
+    prompt_cache: Any = None     # llm/prompt_cache.py's PromptCacheConfig (chat), or None: off
 
     @classmethod
     def resolve(cls, spec: ModelSpec, overrides: dict[str, Any]) -> LoadSettings:

@@ -168,6 +168,12 @@ def completions_stream(engine: LocalEngine, request: Request) -> StreamingRespon
     return sse(engine.completion_stream(body, stream_options=options, seed=seed), request)
 
 
+@ROUTES.add("POST", "/v1/cache/prompt")
+def cache_prompt(engine: LocalEngine, request: Request) -> Response:
+    """A local extra: process a prompt now and keep its KV state in the prompt cache, pinned."""
+    return json_response(engine.cache_prompt(request.json()))
+
+
 @ROUTES.add("POST", "/v1/embeddings")
 def embeddings(engine: LocalEngine, request: Request) -> Response:
     body = request.json()

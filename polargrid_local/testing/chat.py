@@ -105,6 +105,18 @@ class ScriptedDecoder:
     def copy(self, source: int, target: int) -> None:
         pass
 
+    def save_sequence(self, seq_id: int, into: Any = None) -> Any:
+        return None   # no cells to save: the fake has no prompt cache
+
+    def load_sequence(self, seq_id: int, data: Any) -> bool:
+        return False
+
+    def logits(self, index: int) -> Any:
+        return None
+
+    def sample_logits(self, sampler: Any, logits: Any) -> list[int]:
+        raise NotImplementedError("the fake chat model has no logits")
+
     def close(self) -> None:
         pass
 
