@@ -16,12 +16,8 @@ from polargrid_local.llm.chunks import ChatChunker, fold_chat
 from polargrid_local.llm.constraints import plan_tools
 from polargrid_local.llm.requests import chat_prompt, plan_chat
 from polargrid_local.llm.tool_dialects import CallWatcher
+from test_structured import WEATHER
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather for a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
-                                                    "unit": {"type": "string", "enum": ["c", "f"]}},
-                   "required": ["city", "unit"]}}}
 TIME = {"type": "function", "function": {
     "name": "get_time", "description": "Current local time in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
