@@ -8,15 +8,15 @@ import json
 import jsonschema
 import polargrid
 import pytest
-from polargrid.types import ChatCompletionRequest
-
 from conftest import CHAT, DEFAULT_CHAT, QWEN
-from polargrid_local.llm.generation import Started, TextDelta
+from polargrid.types import ChatCompletionRequest
+from test_structured import WEATHER
+
 from polargrid_local.llm.chunks import ChatChunker, fold_chat
 from polargrid_local.llm.constraints import plan_tools
+from polargrid_local.llm.generation import Started, TextDelta
 from polargrid_local.llm.requests import chat_prompt, plan_chat
 from polargrid_local.llm.tool_dialects import CallWatcher
-from test_structured import WEATHER
 
 TIME = {"type": "function", "function": {
     "name": "get_time", "description": "Current local time in a city",

@@ -111,6 +111,7 @@ class ChatChunker:
 
     def _native_calls(self, finish: str | None) -> tuple[list[ChatCompletionChunk], bool]:
         """The end of a reply in the model's own dialect: the text kept back, then the calls it holds."""
+        assert self._watcher is not None and self.plan is not None  # only a request with tools has a watcher
         tail = self._watcher.flush()
         held = self._watcher.held
         parsed = parse_calls(held, self.tools, self.plan.arguments, self.plan.required)

@@ -14,7 +14,6 @@ from polargrid.types import ChatTool, ResponseFormat, ToolCall, ToolCallFunction
 from ..errors import invalid
 from ..limits import DEFAULT_LIMITS, Limits
 from .schemas import OutputSchema, check_schema, to_gbnf
-from .tool_dialects import ToolDialect
 
 # Free text for tool_choice "auto": anything that does not open a JSON object.
 _FREE_TEXT_GBNF = r'''free-text ::= [^{ \t\n] [^\x00]*'''
@@ -53,6 +52,14 @@ class Grammar:
         if self.tagged:  # Qwen writes a newline after a call even when none follows: one more is not required there
             return f"root ::= tagged-call (\"\\n\" tagged-call)* \"\\n\"?\n{_TAGGED_GBNF}\n{grammar}\n"
         return f"root ::= tool-call | free-text\n{grammar}\n{_FREE_TEXT_GBNF}\n"
+
+
+@dataclass
+class ToolDialect:
+    """Which tool-call dialect one request's model speaks: decided on the model's worker, where its template
+    is known, before the first token (tool_dialects.bind_dialect); read by the request's chunker."""
+
+    hermes: bool = False  # the template's own <tool_call> tags; False: our JSON object and system prompt
 
 
 @dataclass(frozen=True)

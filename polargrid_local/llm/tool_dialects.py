@@ -25,8 +25,8 @@ from polargrid.types import ChatTool, ToolCall, ToolCallFunction
 from .schemas import OutputSchema
 
 if TYPE_CHECKING:
-    from .generation import SamplingParams
     from .constraints import ToolPlan
+    from .generation import SamplingParams
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(re.escape(OPEN) + r"(.*?)(?:" + re.escape(CLOSE) + r"|$)", re.S)
@@ -35,15 +35,7 @@ _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*(?:```)?$", re.S)
 
 def speaks_hermes(template: str | None) -> bool:
     """Whether a chat template lists the tools itself and asks for ``<tool_call>`` tags."""
-    return bool(template) and OPEN in template and "tools" in template
-
-
-@dataclass
-class ToolDialect:
-    """Which dialect one request's model speaks: decided on the model's worker (where its template is
-    known) before the first token, read by the request's chunker."""
-
-    hermes: bool = False
+    return template is not None and OPEN in template and "tools" in template
 
 
 @dataclass
@@ -125,16 +117,14 @@ def parse_calls(held: str, tools: list[ChatTool], allowed: dict[str, OutputSchem
     """The calls in a held reply: tagged blocks, or a reply made only of call objects (bare or fenced)."""
     names = {t.function.name for t in tools}
     if OPEN in held:
-        objects, problem = [], None
+        tagged: list[Any] = []
+        text = _BLOCK.sub("", held).strip()
         for block in _BLOCK.findall(held):
             try:
-                objects.append(json.loads(block))
+                tagged.append(json.loads(block))
             except json.JSONDecodeError as exc:
-                problem = problem or f"a <tool_call> block is not complete JSON ({exc})"
-        text = _BLOCK.sub("", held).strip()
-        if problem:
-            return Parsed([], text, problem)
-        return _checked(objects, allowed, text, required)
+                return Parsed([], text, f"a <tool_call> block is not complete JSON ({exc})")
+        return _checked(tagged, allowed, text, required)
     objects = _call_objects(held, names)
     if objects is None:
         problem = "the output is not a complete call of one of the tools" if required else None
