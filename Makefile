@@ -37,7 +37,7 @@ install-cuda: $(PY)
 # Fetches the default model of each kind (with `wheelhouse`, the only steps that use the network).
 models: install
 	$(PY) -m polargrid_local pull
-	$(PY) -m polargrid_local pull smollm2-135m-embed   # no download: the chat model's file, linked; tests compare it
+	$(PY) -m polargrid_local pull smollm2-135m-instruct smollm2-135m-embed   # the fast chat model most tests use; the embed entry links its file
 
 # Every dependency as a wheel, once, for tests/test_install.py (a fresh venv installs from it with no network).
 wheelhouse: $(WHEELHOUSE)/.complete

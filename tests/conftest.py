@@ -24,7 +24,9 @@ offline.enable()
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS_FILE = ROOT / "models.toml"
-CHAT = "smollm2-135m-instruct"
+CHAT = "smollm2-135m-instruct"      # the fast model: tests that need "some chat model"
+QWEN = "qwen2.5-coder-0.5b-instruct"  # the default chat model: tests of the default alias, templates, tool calls
+DEFAULT_CHAT = "gpt-4o-mini"         # an alias of the default
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +34,7 @@ def registry() -> Registry:
     from polargrid_local.cli import default_models
 
     reg = Registry.load(MODELS_FILE)
-    missing = [m.id for m in default_models(reg) if not is_pulled(reg, m)]
+    missing = [m.id for m in [*default_models(reg), reg.get(CHAT)] if not is_pulled(reg, m)]
     if missing:
         pytest.fail(f"models not pulled: {missing}; run `make models` first", pytrace=False)
     return reg

@@ -31,6 +31,7 @@ from ..types import PGMetadata as LocalMetadata
 from .constraints import ToolPlan, parse_tool_call
 from .generation import Started, TextDelta
 from .schemas import OutputSchema
+from .tool_dialects import CallWatcher, parse_calls
 
 
 class ChatChunker:
@@ -55,6 +56,7 @@ class ChatChunker:
         self.cache: str | None = None   # where the cached part of the prompt came from: "memory" or "disk"
         self._held = ""
         self._holding = plan is not None
+        self._watcher: CallWatcher | None = None  # the model's own tool-call dialect (tool_dialects.py)
         self.output = output
         self._content: list[str] = []
 
@@ -67,10 +69,14 @@ class ChatChunker:
         if isinstance(event, Started):
             self._prompt_tokens = event.prompt_tokens
             self.cached_tokens, self.cache = event.cached_tokens, event.cache
+            if self.plan is not None and self.plan.dialect.hermes:  # decided on the worker, before this event
+                self._watcher, self._holding = CallWatcher(self.plan.required), False
             return [self._chunk(ChatDelta(role="assistant", content=""))]
         out: list[ChatCompletionChunk] = []
         text = event.text
-        if self._holding and text:
+        if self._watcher is not None:
+            text = self._watcher.feed(text)
+        elif self._holding and text:
             self._held += text
             lead = self._held.lstrip()
             assert self.plan is not None   # only a request with tools holds text back
@@ -93,14 +99,15 @@ class ChatChunker:
             problem = self.output.problem(text)
             if problem:
                 raise self.output.violation(text, problem)
-        if self._held:
+        if self._watcher is not None:
+            chunks, called = self._native_calls(finish)
+            out.extend(chunks)
+            finish = "tool_calls" if called else finish
+        elif self._held:
             calls = self._checked_calls(self._held, finish)
             if calls:
                 finish = "tool_calls"
-                deltas = [ToolCallDelta(index=i, id=c.id, type="function",
-                                        function={"name": c.function.name, "arguments": c.function.arguments})
-                          for i, c in enumerate(calls)]
-                out.append(self._chunk(ChatDelta(tool_calls=deltas)))
+                out.append(self._chunk(ChatDelta(tool_calls=_call_deltas(calls))))
             else:
                 out.append(self._chunk(ChatDelta(content=self._held)))
             self._held = ""
@@ -111,6 +118,20 @@ class ChatChunker:
         if self.include_usage:
             out.append(self._chunk(None, usage=self.usage))
         return out
+
+    def _native_calls(self, finish: str | None) -> tuple[list[ChatCompletionChunk], bool]:
+        """The end of a reply in the model's own dialect: the text kept back, then the calls it holds."""
+        assert self._watcher is not None and self.plan is not None  # only a request with tools has a watcher
+        tail = self._watcher.flush()
+        held = self._watcher.held
+        parsed = parse_calls(held, self.tools, self.plan.arguments, self.plan.required)
+        if parsed.problem and finish != "length":
+            raise OutputSchema({}, "tools").violation(held, parsed.problem)
+        text = tail + (parsed.text if parsed.calls else held)
+        out = [self._chunk(ChatDelta(content=text))] if text else []
+        if parsed.calls:
+            out.append(self._chunk(ChatDelta(tool_calls=_call_deltas(parsed.calls))))
+        return out, bool(parsed.calls)
 
     def _checked_calls(self, held: str, finish: str | None) -> list[ToolCall] | None:
         """The call in the held text, its arguments validated; None (text) when max_tokens cut it short."""
@@ -130,6 +151,12 @@ class ChatChunker:
         if finish == "length":
             return None
         raise schema.violation(held, problem)
+
+
+def _call_deltas(calls: list[ToolCall]) -> list[ToolCallDelta]:
+    return [ToolCallDelta(index=i, id=c.id, type="function",
+                          function={"name": c.function.name, "arguments": c.function.arguments})
+            for i, c in enumerate(calls)]
 
 
 def fold_chat(chunks: Iterable[ChatCompletionChunk], usage_of: ChatChunker, metadata: PGMetadata | None = None
