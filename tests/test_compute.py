@@ -117,3 +117,70 @@ def test_the_process_holds_one_openmp_team_not_one_per_model(registry, speech_wa
         assert names.count(LANE_NAME) >= 1, "the lane's team"
     finally:
         engine.close()
+
+
+def test_whisper_computes_on_the_speech_lane_while_llama_cpp_yields(registry, speech_wav):
+    """CTranslate2's calls last up to seconds: they run on the speech lane (not the compute lane, where a chat
+    model's steps would wait for each), and while one runs, llama.cpp's team yields (SpinYield's team exists)."""
+    from polargrid_local.runtime.compute import SPEECH_LANE_NAME, speech_lane
+
+    calls: list[tuple[int, list[str]]] = []
+
+    class Recording:
+        def __init__(self, target):
+            self._target = target
+
+        def __getattr__(self, name):
+            value = getattr(self._target, name)
+            if name in ("encode", "generate") and callable(value):
+                def call(*args, **kwargs):
+                    calls.append((threading.get_ident(), _native_thread_names()))
+                    return value(*args, **kwargs)
+                return call
+            return value
+
+    engine = LocalEngine(registry)
+    try:
+        engine.transcribe(speech_wav, {"model": "whisper-1", "language": "en"})   # loaded
+        (spec,) = [s for s in engine.registry.models if s.id == engine.registry.get("whisper-1").id]
+        lane_proxy = engine.pool._workers[spec.id].backend.model.model
+        lane_proxy._target = Recording(lane_proxy._target)
+        engine.transcribe(speech_wav, {"model": "whisper-1", "language": "en"})
+    finally:
+        engine.close()
+    lane = speech_lane()
+    assert isinstance(lane, ComputeLane) and lane.name == SPEECH_LANE_NAME
+    assert calls and {ident for ident, _ in calls} == {lane.ident}, "CTranslate2 ran off the speech lane"
+    assert all("pg-spin-yield" in names for _, names in calls), "llama.cpp's team did not yield during whisper"
+
+
+def test_spin_yield_holds_a_team_only_while_entered():
+    from polargrid_local.host.openmp import SpinYield
+
+    hold = SpinYield()
+    with hold:
+        with hold:   # nested holds share the team
+            inside = _native_thread_names()
+        still = _native_thread_names()
+    after = _native_thread_names()
+    assert inside.count("pg-spin-yield") == 1 and still.count("pg-spin-yield") == 1
+    assert "pg-spin-yield" not in after
+
+
+def test_ctranslate2_keeps_its_own_openmp_and_sleeps_at_its_barriers():
+    """CTranslate2 brings its own libgomp: it must bind to it (not llama.cpp's, which its team would throttle)
+    and that copy must read a passive wait policy, while the system's keeps the user's (active)."""
+    import subprocess
+    import sys
+
+    code = ("import os, llama_cpp\nfrom polargrid_local.host.openmp import import_ctranslate2\nimport_ctranslate2()\n"
+            "assert 'OMP_WAIT_POLICY' not in os.environ\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    done = subprocess.run([sys.executable, "-c", code], env={**env, "LD_DEBUG": "bindings", "OMP_DISPLAY_ENV": "verbose"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    bindings = [line for line in done.stderr.splitlines() if "libctranslate2" in line and "`GOMP_parallel'" in line]
+    assert bindings and all("ctranslate2.libs/libgomp" in line for line in bindings), bindings
+    spins = [line.split("=")[1].strip() for line in done.stdout.splitlines() + done.stderr.splitlines()
+             if line.strip().startswith("GOMP_SPINCOUNT")]
+    assert spins == ["'300000'", "'0'"], spins   # the system's copy first (libgomp's default), then CTranslate2's

@@ -17,28 +17,20 @@ to spare for every pool at once.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import threading
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TypeVar
+
+from ..host.openmp import set_native_name
 
 T = TypeVar("T")
 
 LANE_NAME = "pg-compute"
+SPEECH_LANE_NAME = "pg-speech"
 ENV = "POLARGRID_LOCAL_COMPUTE_LANE"
-
-
-def set_native_name(name: str) -> None:
-    """Name the calling thread for the OS (``ps -L``, /proc/self/task/*/comm); threads it starts (OpenMP's)
-    inherit the name, which is how tests and operators tell whose pool a thread belongs to. Linux only."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(15, name.encode()[:15], 0, 0, 0)   # PR_SET_NAME
-    except (OSError, AttributeError):   # pragma: no cover - another OS: the name is only a label
-        pass
 
 
 class _Task:
@@ -56,8 +48,10 @@ class ComputeLane:
 
     A call made on the lane itself runs at once (no deadlock for nested calls)."""
 
-    def __init__(self, name: str = LANE_NAME) -> None:
+    def __init__(self, name: str = LANE_NAME, around: Callable[[], AbstractContextManager[Any]] | None = None) -> None:
+        """``around``: a context each call runs in (the speech lane's SpinYield)."""
         self.name = name
+        self._around = around or nullcontext
         self._tasks: deque[_Task] = deque()
         self._ready = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -89,7 +83,8 @@ class ComputeLane:
                     self._ready.wait()
                 task = self._tasks.popleft()
             try:
-                task.result = task.fn(*task.args, **task.kwargs)
+                with self._around():
+                    task.result = task.fn(*task.args, **task.kwargs)
             except BaseException as exc:  # handed to the caller, never kills the lane
                 task.error = exc
             task.done.set()
@@ -106,19 +101,47 @@ class _Direct:
         return fn(*args, **kwargs)
 
 
-_lane: ComputeLane | _Direct | None = None
+_lanes: dict[str, ComputeLane | _Direct] = {}
 _lock = threading.Lock()
+
+
+def _lane_named(name: str, around: Callable[[], AbstractContextManager[Any]] | None = None
+                ) -> ComputeLane | _Direct:
+    lane = _lanes.get(name)
+    if lane is None:
+        with _lock:
+            lane = _lanes.get(name)
+            if lane is None:
+                off = os.environ.get(ENV, "1").strip().lower() in ("0", "false", "off", "no")
+                lane = _lanes[name] = _Direct() if off else ComputeLane(name, around)
+    return lane
 
 
 def compute_lane() -> ComputeLane | _Direct:
     """The process's lane (started on first use), or direct calls when ``POLARGRID_LOCAL_COMPUTE_LANE=0``."""
-    global _lane
-    if _lane is None:
-        with _lock:
-            if _lane is None:
-                off = os.environ.get(ENV, "1").strip().lower() in ("0", "false", "off", "no")
-                _lane = _Direct() if off else ComputeLane()
-    return _lane
+    return _lane_named(LANE_NAME)
+
+
+def speech_lane() -> ComputeLane | _Direct:
+    """The lane of CTranslate2 (whisper). Its calls last up to seconds (a window of audio): on the compute lane a
+    decoding chat model would wait for each (measured: 0.7 tokens/s beside a transcription). So they run beside
+    the compute lane, on one thread for every whisper model (CTranslate2's own copy of libgomp keeps one team),
+    with that copy passive (host/openmp.py) and, while a call runs, llama.cpp's threads yielding too
+    (SpinYield): two pools sleep at their barriers and share the cores, instead of one spinning against the
+    other (2-60 tokens/s, from one run to the next)."""
+    return _lane_named(SPEECH_LANE_NAME, _spin_yield)
+
+
+def _spin_yield() -> AbstractContextManager[Any]:
+    global _yield
+    if _yield is None:
+        from ..host.openmp import SpinYield
+
+        _yield = SpinYield()
+    return _yield
+
+
+_yield: AbstractContextManager[Any] | None = None
 
 
 def on_lane(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
@@ -130,12 +153,14 @@ class OnLane:
     """A stand-in for an object whose methods do heavy native work (CTranslate2's Whisper, an onnxruntime
     session): each method call runs on the compute lane; attributes read through."""
 
-    def __init__(self, target: Any, methods: tuple[str, ...]) -> None:
+    def __init__(self, target: Any, methods: tuple[str, ...], lane: Callable[[], ComputeLane | _Direct] = compute_lane
+                 ) -> None:
         self._target = target
         self._methods = frozenset(methods)
+        self._lane = lane
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._target, name)
         if name in self._methods and callable(value):
-            return lambda *args, **kwargs: on_lane(value, *args, **kwargs)
+            return lambda *args, **kwargs: self._lane().run(value, *args, **kwargs)
         return value

@@ -71,10 +71,10 @@ def tts_factory(spec: ModelSpec, path: str, settings: LoadSettings):
 
 
 def _ct2_cuda() -> bool:
-    try:
-        import ctranslate2
+    from ..host.openmp import import_ctranslate2
 
-        return ctranslate2.get_cuda_device_count() > 0
+    try:
+        return import_ctranslate2().get_cuda_device_count() > 0
     except Exception:
         return False
 

@@ -196,6 +196,9 @@ def check_language(language: str | None) -> None:
     """A transcription language must be one of whisper's ISO-639-1 codes."""
     if not language:
         return
+    from ..host.openmp import import_ctranslate2
+
+    import_ctranslate2()   # before faster_whisper imports it: see host/openmp.py
     from faster_whisper.tokenizer import _LANGUAGE_CODES
 
     if not isinstance(language, str) or language.lower() not in _LANGUAGE_CODES:

@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime.compute import OnLane, on_lane
+from ..host.openmp import import_ctranslate2
+from ..runtime.compute import OnLane, on_lane, speech_lane
 from ..runtime.interfaces import JobContext
 
 logger = logging.getLogger("polargrid_local")
@@ -17,6 +18,7 @@ logger = logging.getLogger("polargrid_local")
 
 def _kernel_feature_extractor(base):
     """faster-whisper's FeatureExtractor with its __call__ replaced by polargrid_local's kernel."""
+    import_ctranslate2()   # before faster_whisper imports it: see host/openmp.py
     from faster_whisper.feature_extractor import FeatureExtractor
 
     class KernelFeatureExtractor(FeatureExtractor):
@@ -75,12 +77,13 @@ class WhisperBackend:
 
     def __init__(self, path: str, *, device: str = "cpu", compute_type: str = "int8", cpu_threads: int = 0,
                  english_only: bool = False) -> None:
+        import_ctranslate2()   # before faster_whisper imports it: see host/openmp.py
         from faster_whisper import WhisperModel
 
         self.model = WhisperModel(path, device=device, compute_type=compute_type, cpu_threads=cpu_threads)
         self.model.feature_extractor = _kernel_feature_extractor(self.model.feature_extractor)
-        # CTranslate2's calls (each a window of audio) take turns with the other models' work on the compute lane
-        self.model.model = OnLane(self.model.model, ("encode", "generate", "detect_language", "align"))
+        # CTranslate2's calls (each a window of audio, up to seconds) run on a lane of their own: see compute.py
+        self.model.model = OnLane(self.model.model, ("encode", "generate", "detect_language", "align"), speech_lane)
         self.english_only = english_only or not self.model.model.is_multilingual
         self.sample_rate = self.model.feature_extractor.sampling_rate
         self._batched = None
