@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 
 from polargrid import types as sdk
-from pydantic import BaseModel
+from pydantic import BaseModel, SerializeAsAny
 
 
 def new_id(prefix: str) -> str:
@@ -15,16 +15,42 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
+class CompletionTokensDetails(BaseModel):
+    """OpenAI's ``usage.completion_tokens_details``, as speculative decoding fills it: of the tokens drafted for
+    this answer, how many the model accepted (they are part of the answer) and how many it rejected."""
+
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
+
+
+class TokenUsage(sdk.TokenUsage):
+    """The SDK's token usage, plus ``completion_tokens_details`` for a model served in this process."""
+
+    completion_tokens_details: CompletionTokensDetails | None = None
+
+
 class ChatCompletionChunk(sdk.ChatCompletionChunk):
     """A streamed chat chunk; the last one carries ``usage`` when ``stream_options.include_usage`` is set."""
 
-    usage: sdk.TokenUsage | None = None
+    usage: SerializeAsAny[sdk.TokenUsage] | None = None
 
 
 class CompletionChunk(sdk.CompletionChunk):
     """A streamed completion chunk; the last one carries ``usage`` when asked for."""
 
-    usage: sdk.TokenUsage | None = None
+    usage: SerializeAsAny[sdk.TokenUsage] | None = None
+
+
+class ChatCompletionResponse(sdk.ChatCompletionResponse):
+    """The SDK's chat response; its usage may be the local TokenUsage (with draft counts)."""
+
+    usage: SerializeAsAny[sdk.TokenUsage]
+
+
+class CompletionResponse(sdk.CompletionResponse):
+    """The SDK's completion response; its usage may be the local TokenUsage (with draft counts)."""
+
+    usage: SerializeAsAny[sdk.TokenUsage]
 
 
 class ModelMemory(BaseModel):
@@ -42,8 +68,18 @@ class GPUStatusResponse(sdk.GPUStatusResponse):
     models: list[ModelMemory] = []
 
 
+class SpeculativeStats(BaseModel):
+    """A chat model's speculative decoding since it loaded: tokens drafted, and how many the model accepted."""
+
+    mode: str                  # "prompt-lookup", or "off"
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    acceptance_rate: float | None = None   # accepted / drafted; None before any draft
+
+
 class LoadedModel(BaseModel):
-    """A loaded model's lifecycle: memory (the estimate made before loading), last use and keep_alive left."""
+    """A loaded model's lifecycle: memory (the estimate made before loading), last use and keep_alive left;
+    a chat model served here also its speculative decoding counts."""
 
     model: str
     kind: str
@@ -52,6 +88,7 @@ class LoadedModel(BaseModel):
     keep_alive_s: float | None = None  # None: stays loaded until unloaded
     expires_in_s: float | None = None  # None: never; while requests are in flight, the full keep_alive
     in_flight: int = 0
+    speculative: SpeculativeStats | None = None
 
 
 class RemoteInfo(BaseModel):

@@ -7,24 +7,37 @@ from collections.abc import Iterable
 from polargrid.types import (
     ChatCompletionChoice,
     ChatCompletionChunkChoice,
-    ChatCompletionResponse,
     ChatDelta,
     ChatMessage,
     ChatTool,
     CompletionChoice,
     CompletionChunkChoice,
-    CompletionResponse,
     PGMetadata,
-    TokenUsage,
     ToolCall,
     ToolCallDelta,
     ToolCallFunction,
 )
 
-from ..types import ChatCompletionChunk, CompletionChunk, new_id
+from ..types import (
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    CompletionChunk,
+    CompletionResponse,
+    CompletionTokensDetails,
+    TokenUsage,
+    new_id,
+)
 from .constraints import ToolPlan, parse_tool_call
 from .generation import Started, TextDelta
 from .schemas import OutputSchema
+
+
+def local_usage(prompt: int, completion: int, drafted: int, accepted: int) -> TokenUsage:
+    """A local generation's usage; its details count the drafted tokens kept and dropped."""
+    details = CompletionTokensDetails(accepted_prediction_tokens=accepted,
+                                      rejected_prediction_tokens=drafted - accepted)
+    return TokenUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                      completion_tokens_details=details)
 
 
 class ChatChunker:
@@ -96,8 +109,7 @@ class ChatChunker:
                 out.append(self._chunk(ChatDelta(content=self._held)))
             self._held = ""
         out.append(self._chunk(ChatDelta(), finish))
-        self.usage = TokenUsage(prompt_tokens=self._prompt_tokens, completion_tokens=event.completion_tokens,
-                                total_tokens=self._prompt_tokens + event.completion_tokens)
+        self.usage = local_usage(self._prompt_tokens, event.completion_tokens, event.drafted, event.accepted)
         if self.include_usage:
             out.append(self._chunk(None, usage=self.usage))
         return out
@@ -161,6 +173,7 @@ class CompletionChunker:
         self.include_usage = include_usage
         self.prompt_tokens: dict[int, int] = {}
         self.completion_tokens: dict[int, int] = {}
+        self.drafts: dict[int, tuple[int, int]] = {}   # per prompt: tokens drafted, accepted
         self.prompts_total = 0
         self.usage: TokenUsage | None = None
 
@@ -177,9 +190,10 @@ class CompletionChunker:
                                                           finish_reason=event.finish_reason)]))
         if event.finish_reason:
             self.completion_tokens[event.index] = event.completion_tokens
+            self.drafts[event.index] = (event.drafted, event.accepted)
             prompt, completion = sum(self.prompt_tokens.values()), sum(self.completion_tokens.values())
-            self.usage = TokenUsage(prompt_tokens=prompt, completion_tokens=completion,
-                                    total_tokens=prompt + completion)
+            self.usage = local_usage(prompt, completion, sum(d for d, _ in self.drafts.values()),
+                                     sum(a for _, a in self.drafts.values()))
             if self.include_usage and len(self.completion_tokens) == self.prompts_total:
                 out.append(self._chunk([], usage=self.usage))
         return out

@@ -17,12 +17,14 @@ def chat_factory(spec: ModelSpec, path: str, settings: LoadSettings):
     """Continuous batching (n_parallel sequences, max_queue waiting) unless n_parallel is 1."""
     from ..llm.backend import LlamaBackend
     from ..llm.batching import BatchedLlamaBackend
+    from ..llm.drafting import check_mode
 
+    check_mode(settings.speculative, f"model {spec.id!r}: [models.engine] speculative")   # before the weights load
     ensure_safe_llama()
     if settings.n_parallel <= 1:
         return LlamaBackend(path, **settings.llama())
     return BatchedLlamaBackend(path, n_parallel=settings.n_parallel, max_queue=settings.max_queue,
-                               **settings.llama())
+                               speculative=settings.speculative, **settings.llama())
 
 
 def embedding_factory(spec: ModelSpec, path: str, settings: LoadSettings):

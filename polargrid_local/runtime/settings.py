@@ -32,6 +32,7 @@ class LoadSettings:
     tensor_split: list[float] | None = None
     flash_attn: bool = False
     chat_template: str | None = None
+    speculative: str = "prompt-lookup"   # chat: "prompt-lookup" drafts (llm/drafting.py) or "off"
 
     @classmethod
     def resolve(cls, spec: ModelSpec, overrides: dict[str, Any]) -> LoadSettings:
