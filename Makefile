@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 
 WHEELHOUSE ?= $(HOME)/.cache/polargrid-local/wheelhouse
 
-.PHONY: install install-cuda models wheelhouse demo test fuzz bench lint clean
+.PHONY: install install-cuda models wheelhouse browser demo test fuzz bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,7 @@ install-cuda: $(PY)
 # Fetches the default model of each kind (with `wheelhouse`, the only steps that use the network).
 models: install
 	$(PY) -m polargrid_local pull
-	$(PY) -m polargrid_local pull smollm2-135m-embed   # no download: the chat model's file, linked; tests compare it
+	$(PY) -m polargrid_local pull smollm2-135m-instruct smollm2-135m-embed   # the fast chat model most tests use; the embed entry links its file
 
 # Every dependency as a wheel, once, for tests/test_install.py (a fresh venv installs from it with no network).
 wheelhouse: $(WHEELHOUSE)/.complete
@@ -45,15 +45,25 @@ $(WHEELHOUSE)/.complete: pyproject.toml scripts/wheelhouse.py | $(STAMP)
 	$(PY) scripts/wheelhouse.py $(WHEELHOUSE)
 	touch $@
 
+# Chromium from the system packages, for the playground's browser tests (tests/test_playground.py drives it with
+# Playwright, installed by the test extras; no browser is ever downloaded). Silent when it is already there; where
+# it cannot be installed, those tests skip and say why.
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || { command -v apt-get >/dev/null && { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	  chromium >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq chromium >/dev/null 2>&1; }; }; } || echo "note: Chromium could not be installed;" \
+	  "the playground's browser tests will be skipped"
+
 demo: models
 	$(PY) -m polargrid_local demo
 
-test: models wheelhouse
+test: models wheelhouse browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The hostile-input suites with many more Hypothesis examples than CI runs.
+# The hostile-input suites (hostile clients, a hostile upstream) with many more Hypothesis examples than CI runs.
 fuzz: models
-	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests/test_hostile_http.py -s $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests/test_hostile_http.py tests/test_hostile_upstream.py -s $(PYTEST_ARGS)
 
 bench: models
 	$(PY) -m pip install --quiet -e ".[test,bench]"
@@ -62,6 +72,7 @@ bench: models
 	$(PY) benchmarks/bench_http.py
 	$(PY) benchmarks/bench_batch.py
 	$(PY) benchmarks/bench_embed.py
+	$(PY) benchmarks/bench_rerank.py
 
 # ruff (lint, import order), mypy, and the import rules: layers (import-linter) and no module-level circles.
 lint: install

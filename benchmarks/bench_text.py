@@ -68,12 +68,17 @@ def main() -> int:
     registry = Registry.load()
     spec = registry.get(args.model)
     path = str(spec.path_in(registry.cache_dir))
-    runs, raw = [], []
+    runs, raw, mixed = [], [], []
     with PolarGridSync(n_threads=args.threads, n_gpu_layers=0) as client:
         engine_decode(client, spec.id, 16)  # load and warm
         for _ in range(args.repeats):       # alternated, so drift in the machine's speed hits both
             runs.append(engine_decode(client, spec.id, args.tokens))
             raw += measure(path, args.threads, "single", prompt_len=runs[-1][1], tokens=args.tokens)
+        # the same decode with an embedding model loaded beside it (idle), as a retrieval app has it:
+        # a process with one model only is not how the library is used (bench_together.py has more cases)
+        client.embeddings({"model": "all-minilm-l6-v2", "input": ["a neighbour, loaded and idle"]})
+        for _ in range(args.repeats):
+            mixed.append(engine_decode(client, spec.id, args.tokens)[0])
     prompt_len = runs[0][1]
     engine = statistics.median(r[0] for r in runs)
     raw_median = statistics.median(raw)
@@ -87,6 +92,8 @@ def main() -> int:
         "engine_decode_tok_s": round(engine, 1),
         "raw_llama_cpp_decode_tok_s": round(raw_median, 1),
         "decode_ratio_vs_raw": round(engine / raw_median, 3),
+        "engine_decode_with_idle_embedder_tok_s": round(statistics.median(mixed), 1),
+        "with_idle_embedder_ratio_vs_alone": round(statistics.median(mixed) / engine, 3),
         "cold_import_s": round(min(s["import_s"] for s in starts), 3),
         "cold_first_token_s": round(min(s["first_token_s"] for s in starts), 3),
         "cpu_count": os.cpu_count(),

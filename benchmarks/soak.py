@@ -6,24 +6,36 @@ The server runs in a child process (so its RSS and thread count are its own), on
 socket mid-stream), completions, embeddings, speech, transcription, and model load/unload cycles
 (which cut other clients' requests short: those must end with a typed 503, never silently).
 
-Every minute it prints one JSON line: requests ok and failed by class, p50/p99 latency per route,
+Remote models are in the mix too (``--no-remote`` leaves them out): ``far-chat`` and ``far-embed`` forward
+to the server's own facade (a gateway in front of a cluster, on one box), and ``far-broken``,
+``far-broken-embed`` and ``far-broken-fallback`` (which falls back to the local chat model) forward to a
+misbehaving remote that this process runs: each answer is one of good, 503, a redirect, an HTML page,
+dripped headers or body, a stall mid-stream, floods past the bounds, an empty or malformed stream, a 500
+with a big body. Those requests must end with an answer or a typed error (502/503/504), never lost.
+
+Every minute it prints one JSON line: requests ok and failed by class, p50/p99 latency per route (of
+answers, and of typed errors as "<route> error"),
 the server's RSS and thread count. At the end it prints (and with --out writes) one JSON object:
 lost requests (no response and no typed error), RSS growth after warm-up, max thread count.
 
     python benchmarks/soak.py --clients 16 --minutes 30 [--out benchmarks/results/soak-DATE.json]
+    python benchmarks/soak.py --quick     # 8 clients for 3 minutes: checks that it runs
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import http.client
+import http.server
 import io
 import json
 import os
 import random
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -36,19 +48,163 @@ CLIENT_TIMEOUT = 900  # a socket read longer than this counts as lost (the serve
 # route -> weight; admin cycles are rare on purpose
 MIX = [("chat", 22), ("chat_stream", 22), ("completion", 14), ("embeddings", 14), ("speech", 10),
        ("transcription", 10), ("admin", 2)]
+REMOTE_MIX = [("remote_chat", 6), ("remote_stream", 6), ("remote_embeddings", 4), ("broken_remote", 6),
+              ("broken_stream", 4), ("broken_embeddings", 3), ("broken_fallback", 3)]
+FLOOD = 16 * 1024 * 1024   # bytes a flooding remote offers; its bounds (below) stop reading far earlier
 
 
 # -- the server, in a child process -------------------------------------------------------------
 
-def serve() -> None:
+def remote_entries(port: int, broken_url: str) -> str:
+    """models.toml entries for the remote models: two that forward to this very server, three to the broken one."""
+    own = f"http://{HOST}:{port}/v1"
+    bounds = "max_response_bytes = 1048576\nmax_sse_line_bytes = 65536\nmax_sse_event_bytes = 262144\n"
+    return (f'[[models]]\nid = "far-chat"\nkind = "chat"\n[models.remote]\nbase_url = "{own}"\nmodel = "{CHAT}"\n'
+            f"timeout = 600\n\n"
+            f'[[models]]\nid = "far-embed"\nkind = "embedding"\n[models.remote]\nbase_url = "{own}"\n'
+            f'model = "{EMBED}"\ntimeout = 600\n\n'
+            f'[[models]]\nid = "far-broken"\nkind = "chat"\n[models.remote]\nbase_url = "{broken_url}"\n'
+            f'model = "m"\ntimeout = 2\nmax_retries = 1\n{bounds}\n'
+            f'[[models]]\nid = "far-broken-embed"\nkind = "embedding"\n[models.remote]\nbase_url = "{broken_url}"\n'
+            f'model = "m"\ntimeout = 2\nmax_retries = 1\n{bounds}\n'
+            f'[[models]]\nid = "far-broken-fallback"\nkind = "chat"\nfallback = ["{CHAT}"]\n[models.remote]\n'
+            f'base_url = "{broken_url}"\nmodel = "m"\ntimeout = 2\nmax_retries = 1\n{bounds}\n')
+
+
+def serve(port: int, broken_url: str | None) -> None:
     from polargrid_local import LocalEngine
     from polargrid_local.server import running
 
-    engine = LocalEngine()
-    with running(engine, host=HOST) as server:
+    models = None
+    if broken_url:
+        models = os.path.join(tempfile.mkdtemp(prefix="soak-"), "models.toml")
+        with open(models, "w") as f:
+            f.write(remote_entries(port, broken_url))
+    engine = LocalEngine(models)
+    with running(engine, host=HOST, port=port) as server:
         print(server.server_address[1], flush=True)
         sys.stdin.read()   # until the parent is gone
     os._exit(0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+# -- the misbehaving remote, in this process ----------------------------------------------------------
+
+BROKEN = ["good", "good", "good", "503", "redirect", "html", "drip_head", "drip_body", "stall", "flood_json",
+          "flood_line", "flood_events", "no_events", "malformed", "error_500"]
+
+
+class BrokenRemote(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible server that answers each request with one of BROKEN, at random."""
+
+    protocol_version = "HTTP/1.1"
+    seen: collections.Counter[str] = collections.Counter()
+    lock = threading.Lock()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self._send(200, "application/json", b'{"object": "list", "data": []}')
+
+    def do_POST(self) -> None:
+        self.close_connection = True
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        how = random.choice(BROKEN)
+        with self.lock:
+            self.seen[how] += 1
+        streamed = self.path.endswith("/chat/completions")
+        try:
+            getattr(self, "_" + how)(streamed)
+        except OSError:
+            pass   # the gateway hung up, as it should past a bound or a deadline
+
+    def _head(self, status: int, content_type: str, length: int | None = None, extra: str = "") -> bytes:
+        size = f"Content-Length: {length}\r\n" if length is not None else ""
+        return (f"HTTP/1.1 {status} X\r\nContent-Type: {content_type}\r\n{size}{extra}Connection: close\r\n\r\n"
+                ).encode()
+
+    def _send(self, status: int, content_type: str, body: bytes, extra: str = "") -> None:
+        self.wfile.write(self._head(status, content_type, len(body), extra) + body)
+
+    def _answer(self, streamed: bool) -> tuple[str, bytes]:
+        if streamed:
+            chunk = {"id": "b", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                     "choices": [{"index": 0, "delta": {"content": "Hello."}, "finish_reason": "stop"}]}
+            return "text/event-stream", b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n"
+        return "application/json", json.dumps({"data": [{"index": 0, "embedding": [0.1, 0.2, 0.3]}],
+                                               "usage": {"prompt_tokens": 1, "total_tokens": 1}}).encode()
+
+    def _good(self, streamed: bool) -> None:
+        self._send(200, *self._answer(streamed))
+
+    def _503(self, streamed: bool) -> None:
+        self._send(503, "application/json", b'{"error": {"message": "overloaded"}}', "Retry-After: 0\r\n")
+
+    def _redirect(self, streamed: bool) -> None:
+        self._send(302, "text/html", b"moved", "Location: http://127.0.0.1:9/\r\n")
+
+    def _html(self, streamed: bool) -> None:
+        self._send(200, "text/html", b"<html>captive portal</html>")
+
+    def _drip_head(self, streamed: bool) -> None:
+        content_type, body = self._answer(streamed)
+        for byte in self._head(200, content_type, len(body))[:8]:   # 8 bytes in 8 s, then it hangs up
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
+            time.sleep(1)
+
+    def _drip_body(self, streamed: bool) -> None:
+        content_type, body = self._answer(streamed)
+        self.wfile.write(self._head(200, content_type, len(body)))
+        for byte in body[:8]:
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
+            time.sleep(1)
+
+    def _stall(self, streamed: bool) -> None:
+        content_type, body = self._answer(streamed)
+        self.wfile.write(self._head(200, content_type, len(body)) + body[:len(body) // 2])
+        self.wfile.flush()
+        time.sleep(5)   # past the remote's 2 s timeout
+
+    def _flood(self, content_type: str, prefix: bytes, piece: bytes, status: int = 200) -> None:
+        self.wfile.write(self._head(status, content_type) + prefix)
+        block, sent = piece * (65536 // len(piece)), 0
+        while sent < FLOOD:
+            self.wfile.write(block)
+            sent += len(block)
+
+    def _flood_json(self, streamed: bool) -> None:
+        self._flood("application/json", b'{"data": [', b"0,")
+
+    def _flood_line(self, streamed: bool) -> None:
+        self._flood("text/event-stream", b"data: ", b"x")
+
+    def _flood_events(self, streamed: bool) -> None:
+        self._flood("text/event-stream", b"", b"data: {}\n")
+
+    def _no_events(self, streamed: bool) -> None:
+        self._send(200, "text/event-stream", b"data: [DONE]\n\n")
+
+    def _malformed(self, streamed: bool) -> None:
+        self._send(200, "text/event-stream" if streamed else "application/json", b"data: {not json\n\n")
+
+    def _error_500(self, streamed: bool) -> None:
+        self._flood("application/json", b'{"error": {"message": "', b"e", status=500)
+
+
+def broken_remote() -> tuple[http.server.ThreadingHTTPServer, str]:
+    server = http.server.ThreadingHTTPServer((HOST, 0), BrokenRemote)
+    server.daemon_threads = True
+    server.block_on_close = False
+    threading.Thread(target=server.serve_forever, name="broken-remote", daemon=True).start()
+    return server, f"http://{HOST}:{server.server_address[1]}/v1"
 
 
 def proc_status(pid: int) -> tuple[int, int]:
@@ -186,6 +342,19 @@ def one_request(kind: str, port: int, rng: random.Random, wav: bytes) -> str:
         finally:
             conn.close()
         return "ok" if response.status == 200 else _typed_error(response.status, data)
+    if kind in ("remote_chat", "broken_remote", "broken_fallback"):
+        model = {"remote_chat": "far-chat", "broken_remote": "far-broken", "broken_fallback": "far-broken-fallback"}
+        return _json_call(port, "/v1/chat/completions", {"model": model[kind], "messages": messages,
+                                                         "max_tokens": rng.randint(8, 48)})
+    if kind in ("remote_stream", "broken_stream"):
+        cancel = rng.randint(1, 6) if rng.random() < 0.3 else None
+        model = "far-chat" if kind == "remote_stream" else "far-broken"
+        return _stream_call(port, "/v1/chat/completions", {"model": model, "messages": messages, "stream": True,
+                                                           "max_tokens": rng.randint(16, 64)}, cancel)
+    if kind in ("remote_embeddings", "broken_embeddings"):
+        model = "far-embed" if kind == "remote_embeddings" else "far-broken-embed"
+        return _json_call(port, "/v1/embeddings", {"model": model, "input": [rng.choice(PROMPTS) for _ in
+                                                                             range(rng.randint(1, 8))]})
     # admin: unload a model, force-reload one, or purge everything
     choice = rng.random()
     if choice < 0.5:
@@ -223,6 +392,8 @@ class Tally:
             self.total[key] += 1
             if outcome in ("ok", "cancelled"):
                 self.latency[kind].append(seconds)
+            elif outcome != "LOST":   # how long a typed error took to arrive (a broken remote's, mostly)
+                self.latency[f"{kind} error"].append(seconds)
             if detail is not None and len(self.lost) < 50:
                 self.lost.append(detail)
 
@@ -241,9 +412,9 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     return {"n": len(values), "p50_ms": round(1000 * statistics.median(values)), "p99_ms": round(1000 * p99)}
 
 
-def client(port: int, seed: int, end: float, tally: Tally, wav: bytes) -> None:
+def client(port: int, seed: int, end: float, tally: Tally, wav: bytes, mix: list[tuple[str, int]]) -> None:
     rng = random.Random(seed)
-    kinds, weights = zip(*MIX)
+    kinds, weights = zip(*mix, strict=True)
     while time.monotonic() < end:   # bounded: stops at the end time
         kind = rng.choices(kinds, weights)[0]
         started = time.monotonic()
@@ -262,14 +433,24 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=None, help="minutes before the RSS baseline "
                         "(default: a fifth of the run)")
     parser.add_argument("--out", help="write the final JSON here too")
-    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-remote", action="store_true", help="leave the remote models out of the mix")
+    parser.add_argument("--quick", action="store_true", help="8 clients for 3 minutes (overrides both)")
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)      # the child: serve on this port
+    parser.add_argument("--broken", help=argparse.SUPPRESS)              # the child: the broken remote's URL
     args = parser.parse_args()
-    if args.serve:
-        serve()
+    if args.serve is not None:
+        serve(args.serve, args.broken)
         return 0
+    if args.quick:
+        args.clients, args.minutes, args.report_every = 8, 3.0, min(args.report_every, 60.0)
 
-    child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve"], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
+    mix = MIX if args.no_remote else MIX + REMOTE_MIX
+    command = [sys.executable, os.path.abspath(__file__), "--serve", str(free_port())]
+    broken = None
+    if not args.no_remote:
+        broken, broken_url = broken_remote()
+        command += ["--broken", broken_url]
+    child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         port = int(child.stdout.readline())
         wav = short_wav(port)
@@ -277,7 +458,7 @@ def main() -> int:
         started = time.monotonic()
         end = started + 60 * args.minutes
         warmup_s = 60 * (args.warmup if args.warmup is not None else args.minutes / 5)
-        threads = [threading.Thread(target=client, args=(port, i, end, tally, wav), daemon=True)
+        threads = [threading.Thread(target=client, args=(port, i, end, tally, wav, mix), daemon=True)
                    for i in range(args.clients)]
         for t in threads:
             t.start()
@@ -310,7 +491,8 @@ def main() -> int:
         for key, n in totals.items():
             by_class[key.split(" ", 1)[1]] += n
         result = {
-            "clients": args.clients, "minutes": args.minutes, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "clients": args.clients, "minutes": args.minutes,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "requests": sum(totals.values()), "by_class": dict(by_class), "by_route_and_class": totals,
             "lost_requests": by_class.get("LOST", 0) + stuck, "lost_examples": tally.lost[:20],
             "clients_stuck_at_end": stuck,
@@ -318,7 +500,8 @@ def main() -> int:
             "rss_growth_after_warmup_pct": round(100 * (final - baseline) / baseline, 2),
             "rss_mb_max": round(max(s[1] for s in samples) / 2**20, 1),
             "max_threads": max(s[2] for s in samples), "threads_final": samples[-1][2],
-            "warmup_minutes": round(warmup_s / 60, 2), "reports": reports,
+            "warmup_minutes": round(warmup_s / 60, 2), "remote_models": not args.no_remote,
+            "broken_remote_answers": dict(BrokenRemote.seen), "reports": reports,
             "note": "server and clients share one loaded 2-core machine with other jobs: latencies are pessimistic",
         }
         print(json.dumps({k: v for k, v in result.items() if k != "reports"}, indent=2), flush=True)
@@ -332,6 +515,9 @@ def main() -> int:
             child.wait(20)
         except subprocess.TimeoutExpired:
             child.kill()
+        if broken is not None:
+            broken.shutdown()
+            broken.server_close()
 
 
 if __name__ == "__main__":

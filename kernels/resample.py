@@ -73,25 +73,37 @@ def resample_numpy(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarra
     return out
 
 
-@numba.njit(parallel=True, cache=True, fastmath=True, nogil=True)
-def _polyphase(x, base, table, up, down, reach, n_start, out):
+@numba.njit(cache=True, fastmath=True, nogil=True, inline="always")
+def _polyphase_at(x, base, table, up, down, reach, n):
+    """Output sample ``n`` from the polyphase table."""
     taps = table.shape[1]
     nx = x.size
+    num = n * down
+    i0 = num // up
+    phase = num - i0 * up
+    first = i0 - reach + 1 - base
+    acc = np.float32(0.0)
+    if first >= 0 and first + taps <= nx:
+        for j in range(taps):
+            acc += x[first + j] * table[phase, j]
+    else:
+        for j in range(taps):
+            i = first + j
+            if i >= 0 and i < nx:
+                acc += x[i] * table[phase, j]
+    return acc
+
+
+@numba.njit(parallel=True, cache=True, fastmath=True, nogil=True)
+def _polyphase(x, base, table, up, down, reach, n_start, out):
     for k in numba.prange(out.size):
-        num = (n_start + k) * down
-        i0 = num // up
-        phase = num - i0 * up
-        first = i0 - reach + 1 - base
-        acc = np.float32(0.0)
-        if first >= 0 and first + taps <= nx:
-            for j in range(taps):
-                acc += x[first + j] * table[phase, j]
-        else:
-            for j in range(taps):
-                i = first + j
-                if i >= 0 and i < nx:
-                    acc += x[i] * table[phase, j]
-        out[k] = acc
+        out[k] = _polyphase_at(x, base, table, up, down, reach, n_start + k)
+
+
+@numba.njit(cache=True, fastmath=True, nogil=True)
+def _polyphase_serial(x, base, table, up, down, reach, n_start, out):
+    for k in range(out.size):
+        out[k] = _polyphase_at(x, base, table, up, down, reach, n_start + k)
 
 
 @numba.njit(cache=True, fastmath=True)
@@ -104,33 +116,51 @@ def _i0(v):
     return total
 
 
+@numba.njit(cache=True, fastmath=True, nogil=True, inline="always")
+def _direct_at(x, base, up, down, fc, half, reach, beta, norm, n):
+    """Output sample ``n`` with the Kaiser-windowed sinc computed on the spot (rate pairs too odd for a table)."""
+    nx = x.size
+    num = n * down
+    i0 = num // up
+    frac = (num - i0 * up) / up
+    acc = 0.0
+    for j in range(2 * reach):
+        i = i0 - reach + 1 + j - base
+        if i < 0 or i >= nx:
+            continue
+        u = frac + reach - 1 - j
+        if abs(u) >= half:
+            continue
+        r = u / half
+        s = 1.0 if u == 0.0 else math.sin(math.pi * fc * u) / (math.pi * fc * u)
+        acc += x[i] * fc * s * _i0(beta * math.sqrt(1.0 - r * r)) / norm
+    return acc
+
+
 @numba.njit(parallel=True, cache=True, fastmath=True, nogil=True)
 def _direct(x, base, up, down, fc, half, reach, beta, n_start, out):
-    nx = x.size
     norm = _i0(beta)
     for k in numba.prange(out.size):
-        num = (n_start + k) * down
-        i0 = num // up
-        frac = (num - i0 * up) / up
-        acc = 0.0
-        for j in range(2 * reach):
-            i = i0 - reach + 1 + j - base
-            if i < 0 or i >= nx:
-                continue
-            u = frac + reach - 1 - j
-            if abs(u) >= half:
-                continue
-            r = u / half
-            s = 1.0 if u == 0.0 else math.sin(math.pi * fc * u) / (math.pi * fc * u)
-            acc += x[i] * fc * s * _i0(beta * math.sqrt(1.0 - r * r)) / norm
-        out[k] = acc
+        out[k] = _direct_at(x, base, up, down, fc, half, reach, beta, norm, n_start + k)
+
+
+@numba.njit(cache=True, fastmath=True, nogil=True)
+def _direct_serial(x, base, up, down, fc, half, reach, beta, n_start, out):
+    norm = _i0(beta)
+    for k in range(out.size):
+        out[k] = _direct_at(x, base, up, down, fc, half, reach, beta, norm, n_start + k)
 
 
 class Resampler:
-    """Resamples a stream chunk by chunk with the same result as one call on the whole signal."""
+    """Resamples a stream chunk by chunk with the same result as one call on the whole signal.
 
-    def __init__(self, orig_sr: int, target_sr: int) -> None:
+    ``parallel=False`` runs the kernel on the calling thread alone: no thread team is started (an OpenMP
+    team per calling thread slows llama.cpp's down; see polargrid_local/runtime/compute.py)."""
+
+    def __init__(self, orig_sr: int, target_sr: int, *, parallel: bool = True) -> None:
         self.up, self.down = _validate(orig_sr, target_sr)
+        self._polyphase = _polyphase if parallel else _polyphase_serial
+        self._direct = _direct if parallel else _direct_serial
         self.orig_sr, self.target_sr = int(orig_sr), int(target_sr)
         self.fc, self.half, self.reach = _design(self.up, self.down)
         use_table = self.up * 2 * self.reach <= MAX_TABLE
@@ -144,9 +174,10 @@ class Resampler:
         out = np.empty(max(0, n_end - self._next), dtype=np.float32)
         if out.size:
             if self.table is not None:
-                _polyphase(self._buffer, self._base, self.table, self.up, self.down, self.reach, self._next, out)
+                self._polyphase(self._buffer, self._base, self.table, self.up, self.down, self.reach, self._next,
+                                out)
             else:
-                _direct(self._buffer.astype(np.float64), self._base, self.up, self.down, self.fc, self.half,
+                self._direct(self._buffer.astype(np.float64), self._base, self.up, self.down, self.fc, self.half,
                         self.reach, KAISER_BETA, self._next, out)
             self._next = n_end
         return out

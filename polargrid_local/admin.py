@@ -63,9 +63,11 @@ class Admin:
 
     def __init__(self, registry: Registry, pool: ModelPool, usage: UsageBook, nvml: NvmlProbe,
                  reachability: Callable[[ModelSpec], str], closed: Callable[[], bool],
-                 runtime: Callable[[], str]) -> None:
+                 runtime: Callable[[], str], prompt_cache: Callable[[], Any] | None = None) -> None:
+        """``prompt_cache()``: the prompt cache's status for the model status (None: off)."""
         self.registry, self.pool, self.usage, self.nvml = registry, pool, usage, nvml
         self.reachability, self.closed, self.runtime = reachability, closed, runtime
+        self.prompt_cache = prompt_cache
 
     def _remotes(self) -> dict[str, str]:
         """Each remote model's reachability (a cached probe; a remote that is down never fails the caller)."""
@@ -143,7 +145,8 @@ class Admin:
                 speculative=facts["speculative"]))
         return ModelStatusResponse(loaded=loaded, loading_status={m.id: pool.state(m) for m in self.registry.models},
                                    repository=str(self.registry.cache_dir),
-                                   models=models, remote=self._remotes())
+                                   models=models, remote=self._remotes(),
+                                   prompt_cache=self.prompt_cache() if self.prompt_cache is not None else None)
 
     def get_gpu_status(self) -> GPUStatusResponse:
         devices = self.nvml.devices()

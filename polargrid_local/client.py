@@ -54,12 +54,13 @@ from polargrid.types import (
 )
 
 from .audio.decode import AudioInput
+from .client_extras import AsyncExtras, SyncExtras
 from .engine import LocalEngine
 from .host.offline import enable as enable_offline_guard
 from .limits import Limits
 from .speech.formats import VerboseTranscriptionResponse
 from .store.registry import Registry
-from .types import ChatCompletionChunk, CompletionChunk
+from .types import CachedPrompt, ChatCompletionChunk, CompletionChunk
 
 logger = logging.getLogger("polargrid_local")
 
@@ -114,11 +115,15 @@ class _LocalClient:
                  memory_budget_mb: int | None = None, preload: list[str] | tuple = (),
                  keep_alive: float | str | None = None, models_only: bool = False,
                  engine: LocalEngine | None = None, fake: Any = False, offline: bool = False,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, prompt_cache: bool | None = None,
+                 prompt_cache_dir: str | Path | None = None, prompt_cache_bytes: int | None = None,
+                 prompt_cache_min_tokens: int | None = None) -> None:
         local = dict(cache_dir=cache_dir, n_threads=n_threads, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx,
                      n_parallel=n_parallel, max_queue=max_queue, memory_policy=memory_policy,
                      memory_budget_mb=memory_budget_mb, preload=preload, keep_alive=keep_alive,
-                     models_only=models_only, fake=fake, offline=offline, limits=limits)
+                     models_only=models_only, fake=fake, offline=offline, limits=limits, prompt_cache=prompt_cache,
+                     prompt_cache_dir=prompt_cache_dir, prompt_cache_bytes=prompt_cache_bytes,
+                     prompt_cache_min_tokens=prompt_cache_min_tokens)
         self.engine = _engine(engine, models, local, {"base_url": base_url, "region": region})
         if offline and engine is not None:
             enable_offline_guard()
@@ -161,7 +166,7 @@ class _LocalClient:
         self._session_id = str(uuid.uuid4())
 
 
-class PolarGridSync(_LocalClient):
+class PolarGridSync(SyncExtras, _LocalClient):
     """The synchronous client. Streams are real iterators: chunks arrive as they are generated."""
 
     def __enter__(self) -> PolarGridSync:
@@ -195,6 +200,11 @@ class PolarGridSync(_LocalClient):
     def embeddings(self, request: EmbeddingRequest | dict[str, Any]) -> EmbeddingResponse:
         """Embed one or more strings."""
         return self.engine.embeddings(request)
+
+    def cache_prompt(self, request: ChatCompletionRequest | CompletionRequest | dict[str, Any]) -> CachedPrompt:
+        """A local extra: process ``{"model", "messages"}`` (or ``"prompt"``) now and keep its state in the prompt
+        cache, pinned, so requests that start with it (here or in a later process) skip processing it."""
+        return self.engine.cache_prompt(request)
 
     def text_to_speech(self, request: TextToSpeechRequest | dict[str, Any]) -> bytes:
         """Speak the input; bytes in response_format (mp3 by default; opus, aac, flac, wav, pcm)."""
@@ -294,7 +304,7 @@ class PolarGridSync(_LocalClient):
         return self.engine.get_usage(start_date, end_date)
 
 
-class PolarGrid(_LocalClient):
+class PolarGrid(AsyncExtras, _LocalClient):
     """The async client: the same calls as polargrid.PolarGrid, a thin bridge over LocalEngine."""
 
     @classmethod
@@ -333,7 +343,7 @@ class PolarGrid(_LocalClient):
         """The whole response: the stream read without blocking the loop, then folded."""
         stream = await asyncio.to_thread(open_stream, *args, **kwargs)
         with stream:
-            return stream.fold([item async for item in stream])
+            return stream.fold(await stream.acollect())
 
     async def chat_completion_stream(self, request: ChatCompletionRequest | dict[str, Any], *,
                                      stream_options: dict[str, Any] | None = None
@@ -363,6 +373,12 @@ class PolarGrid(_LocalClient):
     async def embeddings(self, request: EmbeddingRequest | dict[str, Any]) -> EmbeddingResponse:
         """Embed one or more strings."""
         return await asyncio.to_thread(self.engine.embeddings, request)
+
+    async def cache_prompt(self, request: ChatCompletionRequest | CompletionRequest | dict[str, Any]
+                           ) -> CachedPrompt:
+        """A local extra: process ``{"model", "messages"}`` (or ``"prompt"``) now and keep its state in the prompt
+        cache, pinned, so requests that start with it (here or in a later process) skip processing it."""
+        return await asyncio.to_thread(self.engine.cache_prompt, request)
 
     async def text_to_speech(self, request: TextToSpeechRequest | dict[str, Any]) -> bytes:
         """Speak the input; bytes in response_format (mp3 by default; opus, aac, flac, wav, pcm)."""

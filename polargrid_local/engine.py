@@ -11,6 +11,8 @@ from __future__ import annotations
 import platform
 import threading
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from polargrid.types import (
 )
 
 from .admin import Admin
-from .errors import coerce, engine_boundary, invalid
+from .errors import ServerError, coerce, engine_boundary, invalid
 from .host.gpu import NvmlProbe
 from .host.offline import enable as enable_offline_guard
 from .host.offline import offline_requested
@@ -34,8 +36,12 @@ from .limits import DEFAULT_LIMITS, Limits
 from .llm.calls import ChatCall, CompletionCall, EmbeddingCall
 from .llm.drafting import split_speculative
 from .llm.embeddings import plan_embeddings, split_options
+from .llm.prompt_cache import PromptCacheConfig, cache_status
 from .llm.requests import completion_prompts, embedding_inputs
+from .llm.rerank import Reranker, RerankResponse
 from .remote.probes import Reachability
+from .runtime.at_exit import close_at_exit, forget
+from .runtime.events import EngineEvents, FirstToken
 from .runtime.factories import default_factories
 from .runtime.fallback import Router
 from .runtime.interfaces import Call
@@ -46,7 +52,7 @@ from .runtime.usage import UsageBook
 from .speech.jobs import TranscriptionJobs
 from .speech.service import SpeechService
 from .store.registry import ModelSpec, Registry
-from .types import ChatCompletionChunk, CompletionChunk
+from .types import CachedPrompt, ChatCompletionChunk, CompletionChunk, PromptCacheStatus
 
 
 class LocalEngine:
@@ -59,9 +65,15 @@ class LocalEngine:
                  memory_budget_mb: int | None = None, nvml: NvmlProbe | None = None,
                  preload: tuple[str, ...] | list[str] = (), keep_alive: float | str | None = None,
                  models_only: bool = False, fake: Any = False, offline: bool = False,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, prompt_cache: bool | None = None,
+                 prompt_cache_dir: str | Path | None = None, prompt_cache_bytes: int | None = None,
+                 prompt_cache_min_tokens: int | None = None) -> None:
         """``fake=True`` (or a testing.FakeScript) serves every model kind from polargrid_local.testing's
-        deterministic fakes, without model files; ``offline=True`` turns on the offline guard (host/offline.py)."""
+        deterministic fakes, without model files; ``offline=True`` turns on the offline guard (host/offline.py).
+        ``prompt_cache`` (on unless False or models.toml says otherwise) keeps processed prompts' KV states in
+        ``prompt_cache_dir`` (default: a prompt-cache folder in the model cache, or
+        $POLARGRID_LOCAL_PROMPT_CACHE_DIR), at most ``prompt_cache_bytes`` (1 GiB), for prompts of at least
+        ``prompt_cache_min_tokens`` (256); see README, "Prompt cache"."""
         self._limits = limits or DEFAULT_LIMITS
         if offline or offline_requested():
             enable_offline_guard()
@@ -74,21 +86,27 @@ class LocalEngine:
         self.registry = models if isinstance(models, Registry) else Registry.load(models, cache_dir,
                                                                                   models_only=models_only)
         self.nvml = nvml or NvmlProbe()
+        self.prompt_cache = PromptCacheConfig.resolve(prompt_cache, prompt_cache_dir, prompt_cache_bytes,
+                                                      prompt_cache_min_tokens, self.registry.settings,
+                                                      self.registry.cache_dir)
         overrides = {"n_threads": n_threads, "n_gpu_layers": n_gpu_layers, "n_ctx": n_ctx, "n_parallel": n_parallel,
-                     "max_queue": max_queue}
+                     "max_queue": max_queue, "prompt_cache": self.prompt_cache}
         policy = memory_policy or self.registry.settings.get("memory_policy", "refuse")
         self.pool = ModelPool(self.registry, factories or default_factories(), overrides=overrides, nvml=self.nvml,
                               memory_policy=policy, memory_budget_mb=memory_budget_mb, keep_alive=keep_alive,
                               limits=self._limits)
         self.usage = UsageBook()
+        self.events = EngineEvents()   # what /metrics listens to (runtime/events.py)
         self.started = datetime.now(timezone.utc)
         self._closed = threading.Event()
         self.router = Router(self.registry)
         self._probes = Reachability()
         self.admin = Admin(self.registry, self.pool, self.usage, self.nvml, self.reachability, self._closed.is_set,
-                           self._runtime)
+                           self._runtime, prompt_cache=self._prompt_cache_status)
         self.speech = SpeechService(self.pool, self.open, self.router, self.limits)
         self.jobs = TranscriptionJobs(self.speech.check_transcription, self.speech.transcribe)
+        self.reranker = Reranker(self.registry, lambda: self.limits, self.open, self.embeddings)
+        close_at_exit(self)   # an app that never calls close() (or exits mid-stream) still exits cleanly
         for name in [*self.registry.settings.get("preload", []), *preload]:
             self.load_model({"model_name": name})
 
@@ -122,11 +140,16 @@ class LocalEngine:
             self.pool.end(spec)
             raise
 
+        generation = call.what in ("chat", "completion") and not self.pool.forwards(spec)
+        convert = FirstToken(prepared.reader.feed) if generation else prepared.reader.feed
+
         def finished(stream: Stream[Any]) -> None:
             if prepared.counted:
                 self.usage.record(spec.id, prepared.tokens(), stream.metadata().latency_ms or 0)
+            if isinstance(convert, FirstToken):   # what /metrics hears of a local generation
+                self.events.generation(spec.id, prepared.reader.usage, convert.seconds)
 
-        stream = Stream(channel, ctx, prepared.reader.feed, load_seconds, on_finish=finished, tail=prepared.tail)
+        stream = Stream(channel, ctx, convert, load_seconds, on_finish=finished, tail=prepared.tail)
         stream.chunker = prepared.reader
         stream.folder = prepared.fold
         stream.region = worker.region
@@ -159,7 +182,7 @@ class LocalEngine:
     def fold(stream: Stream[Any]) -> Any:
         """Read a whole stream and fold it into its response (the non-streaming calls)."""
         with stream:
-            return stream.fold(list(stream))
+            return stream.fold(stream.collect())
 
     # -- text ----------------------------------------------------------------------------
 
@@ -225,6 +248,41 @@ class LocalEngine:
         plan = plan_embeddings(embedding_inputs(request, self.limits), options)
         call = EmbeddingCall(request, plan, self.limits.embedding_batch)
         return self.fold(self._run(request.model, "embedding", call, keep_alive))
+
+    def rerank(self, request: dict[str, Any]) -> RerankResponse:
+        """Documents ordered by relevance to a query (Cohere's and Jina's shape; a local extra): see llm/rerank.py."""
+        return self.reranker.rerank(request)
+
+    def cache_prompt(self, request: ChatCompletionRequest | CompletionRequest | dict[str, Any]) -> CachedPrompt:
+        """Process a prompt now and keep its KV state in the prompt cache, pinned (evicted last): a system
+        prompt or document the app will send again, in this process or the next. ``{"model", "messages"}``
+        (as a chat request renders them) or ``{"model", "prompt"}`` (a completion's text)."""
+        request, keep_alive = split_keep_alive(request)
+        fields = request.model_dump(exclude_none=True) if hasattr(request, "model_dump") else request
+        if not isinstance(fields, dict):
+            raise invalid("cache_prompt takes a request with model and messages (or prompt)")
+        fields = {**fields, "max_tokens": 1, "temperature": 0, "stream": False}
+        pin: Future[Any] = Future()
+        if "messages" not in fields and "prompt" in fields:
+            if not isinstance(fields["prompt"], str):
+                raise invalid("cache_prompt takes one prompt (a string)", field="prompt")
+            completion = coerce(CompletionRequest, fields, "cache_prompt request")
+            call: Call = CompletionCall(completion, completion_prompts(completion, self.limits), False, None, {},
+                                        pin=pin)
+            model = completion.model
+        else:
+            chat = coerce(ChatCompletionRequest, fields, "cache_prompt request")
+            call, model = ChatCall(chat, False, self.limits, pin=pin), chat.model
+        self.fold(self._run(model, "chat", call, keep_alive))
+        try:
+            entry = pin.result(timeout=self.limits.request_timeout_s)
+        except FutureTimeout:
+            raise ServerError("the prompt was processed but its state was not saved in time", 504) from None
+        return CachedPrompt(model=model, key=entry.key, tokens=len(entry.tokens), bytes=entry.size,
+                            pinned=entry.pinned)
+
+    def _prompt_cache_status(self) -> PromptCacheStatus | None:
+        return cache_status(self.prompt_cache) if self.prompt_cache is not None else None
 
     # -- speech: see speech/service.py and speech/jobs.py ------------------------------------
 
@@ -314,7 +372,9 @@ class LocalEngine:
         """Unload every model and stop their workers."""
         if not self._closed.is_set():
             self._closed.set()
+            self._probes.close()
             self.pool.close()
+            forget(self)
 
 
 def _include_usage(stream_options: dict[str, Any] | None) -> bool:

@@ -41,7 +41,8 @@ class Limits:
     # -- audio -----------------------------------------------------------------------------
 
     # Longest audio a transcription accepts, read from the container before decoding and enforced while
-    # decoding (the decoded 16 kHz float32 buffer is at most this long: 1 h = 230 MB).
+    # decoding (decode_audio's 16 kHz float32 buffer is at most this long: 1 h = 230 MB; a transcription
+    # holds only one window of it, transcription_window_s).
     max_audio_seconds: float = 3600.0
     # Source sample rates accepted (Hz); outside them a file is refused before decoding.
     min_audio_sample_rate: int = 1000
@@ -54,6 +55,9 @@ class Limits:
     # a decoder stuck repeating itself runs past this and is stopped with a TimeoutError).
     transcription_tokens_base: int = 256
     transcription_tokens_per_audio_second: float = 20.0
+    # Audio longer than this is decoded, cut at a pause by VAD and transcribed in windows of about this many
+    # seconds as the file streams in, so what one transcription holds stays flat with the audio's duration.
+    transcription_window_s: float = 120.0
     # Speech requests (transcription, translation, speech) waiting or running per speech model; past it
     # a RateLimitError (429) with retry_after.
     max_speech_queue: int = 16
@@ -66,7 +70,9 @@ class Limits:
     keep_alive_timeout_s: float = 15.0        # an idle connection is closed after this long without a request
     socket_timeout_s: float = 60.0            # any single read or write that stalls this long ends the connection
     max_connections: int = 64                 # open connections; past it a new one gets 503 and is closed
-    auth_failures_per_minute: int = 10        # failed API-key checks per client address (429 past it)
+    max_connections_per_address: int = 32     # open connections from one address (IPv6: one /64); 503 past it
+    auth_failures_per_minute: int = 10        # failed API-key checks per client address (IPv6: /64) (429 past it)
+    auth_failures_global_per_minute: int = 100  # failed API-key checks from all addresses together (429 past it)
     drain_timeout_s: float = 10.0             # on SIGTERM: how long in-flight requests may finish before exit
 
 

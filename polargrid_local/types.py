@@ -5,6 +5,7 @@ Each class here subclasses the SDK's, so ``isinstance(chunk, polargrid.types.Cha
 from __future__ import annotations
 
 import uuid
+from typing import Literal
 
 from polargrid import types as sdk
 from pydantic import BaseModel, SerializeAsAny
@@ -13,6 +14,12 @@ from pydantic import BaseModel, SerializeAsAny
 def new_id(prefix: str) -> str:
     """A response id in OpenAI's style: ``chatcmpl-``, ``cmpl-``, ``call-`` and so on, then 24 hex digits."""
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+class PromptTokensDetails(BaseModel):
+    """OpenAI's breakdown of the prompt: ``cached_tokens`` were not processed again (the prompt cache)."""
+
+    cached_tokens: int = 0
 
 
 class CompletionTokensDetails(BaseModel):
@@ -24,9 +31,17 @@ class CompletionTokensDetails(BaseModel):
 
 
 class TokenUsage(sdk.TokenUsage):
-    """The SDK's token usage, plus ``completion_tokens_details`` for a model served in this process."""
+    """The SDK's token counts, plus OpenAI's ``prompt_tokens_details`` and ``completion_tokens_details``."""
 
+    prompt_tokens_details: PromptTokensDetails | None = None
     completion_tokens_details: CompletionTokensDetails | None = None
+
+
+class PGMetadata(sdk.PGMetadata):
+    """The SDK's metadata, plus where the cached part of the prompt came from: "memory" (a sequence of this
+    process already held it) or "disk" (the prompt cache); None when the whole prompt was processed."""
+
+    prompt_cache: Literal["memory", "disk"] | None = None
 
 
 class ChatCompletionChunk(sdk.ChatCompletionChunk):
@@ -42,15 +57,17 @@ class CompletionChunk(sdk.CompletionChunk):
 
 
 class ChatCompletionResponse(sdk.ChatCompletionResponse):
-    """The SDK's chat response; its usage may be the local TokenUsage (with draft counts)."""
+    """The SDK's chat response; its usage and pg_metadata may carry the local extras above."""
 
     usage: SerializeAsAny[sdk.TokenUsage]
+    pg_metadata: SerializeAsAny[sdk.PGMetadata] | None = None
 
 
 class CompletionResponse(sdk.CompletionResponse):
-    """The SDK's completion response; its usage may be the local TokenUsage (with draft counts)."""
+    """The SDK's completion response; its usage and pg_metadata may carry the local extras above."""
 
     usage: SerializeAsAny[sdk.TokenUsage]
+    pg_metadata: SerializeAsAny[sdk.PGMetadata] | None = None
 
 
 class ModelMemory(BaseModel):
@@ -92,7 +109,8 @@ class LoadedModel(BaseModel):
 
 
 class RemoteInfo(BaseModel):
-    """Where a remote model runs and whether it answers ('up', 'down', or 'offline' under the offline guard)."""
+    """Where a remote model runs and whether it answers: 'up', 'down', 'offline' (under the offline guard), or
+    'unknown' until the first background probe of its server has ended."""
 
     base_url: str
     model: str
@@ -109,15 +127,51 @@ class ListModelsResponse(sdk.ListModelsResponse):
     data: list[ModelInfo]
 
 
+class CachedPrompt(BaseModel):
+    """A prompt processed ahead of time and kept in the prompt cache (``cache_prompt``)."""
+
+    object: Literal["prompt_cache.entry"] = "prompt_cache.entry"
+    model: str
+    key: str            # the entry's file name, without its suffix (what `polargrid-local cache rm` takes)
+    tokens: int         # tokens whose KV state is saved
+    bytes: int          # the file's size
+    pinned: bool = True
+
+
+class PromptCacheEntry(BaseModel):
+    """One saved prompt prefix."""
+
+    key: str
+    model: str
+    tokens: int
+    bytes: int
+    pinned: bool
+    last_used: str      # ISO 8601, UTC
+
+
+class PromptCacheStatus(BaseModel):
+    """The prompt cache on disk: where, its budget and use, what it holds, and this process's counters per model
+    (lookups, disk_hits, memory_hits, misses, restored_tokens, saves, saved_bytes, save_failures, ...)."""
+
+    directory: str
+    max_bytes: int
+    used_bytes: int
+    min_tokens: int
+    entries: list[PromptCacheEntry] = []
+    stats: dict[str, dict[str, int]] = {}
+
+
 class ModelStatusResponse(sdk.ModelStatusResponse):
-    """The SDK's model status, plus each loaded model's memory, last use and keep_alive, and each remote
-    model's reachability."""
+    """The SDK's model status, plus each loaded model's memory, last use and keep_alive, each remote
+    model's reachability, and the prompt cache (None when it is off)."""
 
     models: list[LoadedModel] = []
     remote: dict[str, str] = {}
+    prompt_cache: PromptCacheStatus | None = None
 
 
 class HealthResponse(sdk.HealthResponse):
-    """The SDK's health answer, plus each remote model as 'up', 'down' or 'offline' (none of them fails it)."""
+    """The SDK's health answer, plus each remote model as 'up', 'down', 'offline' or 'unknown' (none of them
+    fails it; each is the last background probe's answer, so health never waits on a remote)."""
 
     remotes: dict[str, str] = {}

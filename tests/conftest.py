@@ -1,12 +1,20 @@
 """Shared fixtures: one engine on the real models, pulled beforehand by `make models` (no network here)."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The prompt cache is on by default: this session's engines (and the CLIs it starts) save into a folder of
+# their own, never the user's model cache.
+if "POLARGRID_LOCAL_PROMPT_CACHE_DIR" not in os.environ:
+    os.environ["POLARGRID_LOCAL_PROMPT_CACHE_DIR"] = tempfile.mkdtemp(prefix="polargrid-prompt-cache-")
+    atexit.register(shutil.rmtree, os.environ["POLARGRID_LOCAL_PROMPT_CACHE_DIR"], True)
 
 from polargrid_local import LocalEngine, PolarGridSync, Registry, offline  # noqa: E402
 from polargrid_local.store.pull import is_pulled  # noqa: E402
@@ -16,7 +24,9 @@ offline.enable()
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS_FILE = ROOT / "models.toml"
-CHAT = "smollm2-135m-instruct"
+CHAT = "smollm2-135m-instruct"      # the fast model: tests that need "some chat model"
+QWEN = "qwen2.5-coder-0.5b-instruct"  # the default chat model: tests of the default alias, templates, tool calls
+DEFAULT_CHAT = "gpt-4o-mini"         # an alias of the default
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +34,7 @@ def registry() -> Registry:
     from polargrid_local.cli import default_models
 
     reg = Registry.load(MODELS_FILE)
-    missing = [m.id for m in default_models(reg) if not is_pulled(reg, m)]
+    missing = [m.id for m in [*default_models(reg), reg.get(CHAT)] if not is_pulled(reg, m)]
     if missing:
         pytest.fail(f"models not pulled: {missing}; run `make models` first", pytrace=False)
     return reg

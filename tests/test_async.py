@@ -109,9 +109,10 @@ def test_many_tasks_at_once_and_errors_are_sdk_errors(engine):
 
 
 def test_the_async_client_never_blocks_its_loop_on_a_stalled_remote(tmp_path):
-    """list_models, get_model, get_model_status and health ask each remote server whether it answers. A
-    server that accepts connections and never replies holds that probe for its timeout (1 s here): on a
-    worker thread, while a ticker on the event loop keeps ticking."""
+    """list_models, get_model, get_model_status and health say whether each remote server answers. A server
+    that accepts connections and never replies holds its probe for its timeout (1 s here), but the probe runs
+    in the background (issue 22): each call answers at once ("unknown"), while a ticker on the event loop
+    keeps ticking."""
     import socket
 
     from polargrid_local import LocalEngine
@@ -139,7 +140,7 @@ def test_the_async_client_never_blocks_its_loop_on_a_stalled_remote(tmp_path):
         took = time.monotonic() - started
         done = True
         await ticker
-        assert took >= 0.5, "the probe did not wait on the stalled server: this test would prove nothing"
+        assert took < 0.5, f"the call waited {took:.2f} s on the stalled server's probe"
         return max(b - a for a, b in zip(stamps, stamps[1:]))
 
     try:

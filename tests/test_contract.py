@@ -1,5 +1,8 @@
 """One contract, two engines: the same checks on the real models and on polargrid_local.testing's fakes.
 
+The text checks run on two chat models: SmolLM2 by its own alias, and the default chat model behind the
+OpenAI-style aliases (Qwen2.5-Coder-0.5B, with its own template and tool-call dialect).
+
 If the fake drifts from the real engine (types, errors, stream vs fold, stops, usage, budgets, tool
 calls, JSON schemas, embeddings, audio containers and durations, transcript formats), this fails.
 """
@@ -14,7 +17,7 @@ import jsonschema
 import openai
 import polargrid
 import pytest
-from conftest import chat_request, word_error_rate
+from conftest import DEFAULT_CHAT, chat_request, word_error_rate
 from polargrid.types import ChatCompletionResponse, CompletionResponse, EmbeddingResponse, TranscriptionResponse
 
 from polargrid_local import PolarGridSync
@@ -42,8 +45,13 @@ def pg(request) -> PolarGridSync:
     return PolarGridSync(engine=engine)
 
 
-def chat(content="Write a long story about a dragon.", **extra):
-    return chat_request(content, **{"model": "smollm2", "max_tokens": 24, **extra})
+@pytest.fixture(params=["smollm2", DEFAULT_CHAT], ids=["smollm2", "default"])
+def model(request) -> str:
+    return request.param
+
+
+def chat(content="Write a long story about a dragon.", model="smollm2", **extra):
+    return chat_request(content, **{"model": model, "max_tokens": 24, **extra})
 
 
 def text_of(chunks) -> str:
@@ -58,40 +66,41 @@ def decoded(data: bytes) -> tuple[str, float]:
 
 # -- text ----------------------------------------------------------------------------------
 
-def test_chat_types_usage_and_metadata(pg):
-    reply = pg.chat_completion(chat())
+def test_chat_types_usage_and_metadata(pg, model):
+    reply = pg.chat_completion(chat(model=model))
     assert isinstance(reply, ChatCompletionResponse) and reply.id.startswith("chatcmpl-")
-    assert reply.model == "smollm2" and reply.choices[0].message.role == "assistant"
+    assert reply.model == model and reply.choices[0].message.role == "assistant"
     usage = reply.usage
     assert usage.prompt_tokens > 0 and usage.completion_tokens > 0
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
     assert reply.pg_metadata.region == "local" and reply.pg_metadata.latency_ms is not None
 
 
-def test_stream_equals_fold_with_a_usage_chunk(pg):
-    chunks = list(pg.chat_completion_stream(chat(), stream_options={"include_usage": True}))
+def test_stream_equals_fold_with_a_usage_chunk(pg, model):
+    chunks = list(pg.chat_completion_stream(chat(model=model), stream_options={"include_usage": True}))
     assert all(isinstance(c, ChatCompletionChunk) for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-2].choices[0].finish_reason in ("stop", "length")
-    folded = pg.chat_completion(chat())
+    folded = pg.chat_completion(chat(model=model))
     assert text_of(chunks) == folded.choices[0].message.content
-    assert chunks[-1].usage == folded.usage
+    assert chunks[-1].usage.model_dump(exclude={"prompt_tokens_details"}) == \
+        folded.usage.model_dump(exclude={"prompt_tokens_details"})   # the cached part may differ between requests
 
 
-def test_max_tokens_ends_with_length_and_exact_count(pg):
-    reply = pg.chat_completion(chat(max_tokens=3))
+def test_max_tokens_ends_with_length_and_exact_count(pg, model):
+    reply = pg.chat_completion(chat(model=model, max_tokens=3))
     assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 3
 
 
-def test_a_stop_sequence_ends_the_text_before_it(pg):
-    reply = pg.chat_completion(chat(stop=[" "]))
+def test_a_stop_sequence_ends_the_text_before_it(pg, model):
+    reply = pg.chat_completion(chat(model=model, stop=[" "]))
     assert " " not in reply.choices[0].message.content.strip()
     assert reply.choices[0].finish_reason == "stop"
 
 
-def test_completion_with_a_list_prompt(pg):
-    reply = pg.completion({"model": "smollm2", "prompt": ["Once upon a time", "The sky is"], "max_tokens": 4,
+def test_completion_with_a_list_prompt(pg, model):
+    reply = pg.completion({"model": model, "prompt": ["Once upon a time", "The sky is"], "max_tokens": 4,
                            "temperature": 0})
     assert isinstance(reply, CompletionResponse) and [c.index for c in reply.choices] == [0, 1]
     assert all(c.finish_reason in ("stop", "length") for c in reply.choices)
@@ -114,22 +123,23 @@ def test_unknown_models_are_not_found(pg, call):
     (lambda pg: pg.chat_completion({**chat(), "messages": []}), "(?i)messages"),
     (lambda pg: pg.chat_completion(chat(stop=[""])), "stop"),
     (lambda pg: pg.chat_completion(chat(top_k=-1)), "top_k"),
-    (lambda pg: pg.chat_completion(chat("word " * 3000)), "context window"),
+    (lambda pg: pg.chat_completion(chat("word " * 5000)), "context window"),
+    (lambda pg: pg.chat_completion(chat("word " * 5000, model=DEFAULT_CHAT)), "context window"),
     (lambda pg: pg.chat_completion(chat(response_format={"type": "json_schema", "json_schema": {"schema": {
         "type": 5}}})), "valid JSON schema"),
     (lambda pg: pg.embeddings({"model": "text-embedding-3-small", "input": ""}), "Input"),
     (lambda pg: pg.text_to_speech({"model": "tts-1", "input": "x", "voice": "alloy", "speed": 10}), "Speed"),
     (lambda pg: pg.text_to_speech({"model": "tts-1", "input": "x", "voice": "nobody"}), "voice"),
     (lambda pg: pg.transcribe(b"not audio", {"model": "whisper-1"}), "audio"),
-], ids=["no-messages", "empty-stop", "top_k", "too-long", "bad-schema", "empty-input", "speed", "voice",
-        "not-audio"])
+], ids=["no-messages", "empty-stop", "top_k", "too-long", "too-long-default", "bad-schema", "empty-input", "speed",
+        "voice", "not-audio"])
 def test_bad_fields_are_validation_errors(pg, call, words):
     with pytest.raises(polargrid.ValidationError, match=words):
         call(pg)
 
 
-def test_tool_calls_have_the_sdk_shape(pg):
-    reply = pg.chat_completion(chat("What is the weather in Paris?", max_tokens=80, tools=[WEATHER],
+def test_tool_calls_have_the_sdk_shape(pg, model):
+    reply = pg.chat_completion(chat("What is the weather in Paris?", model=model, max_tokens=80, tools=[WEATHER],
                                     tool_choice="required"))
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
@@ -138,8 +148,8 @@ def test_tool_calls_have_the_sdk_shape(pg):
     jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
 
 
-def test_json_schema_output_fits(pg):
-    reply = pg.chat_completion(chat("Describe a person called Ann.", max_tokens=80, response_format={
+def test_json_schema_output_fits(pg, model):
+    reply = pg.chat_completion(chat("Describe a person called Ann.", model=model, max_tokens=80, response_format={
         "type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}))
     jsonschema.validate(json.loads(reply.choices[0].message.content), PERSON)
 
@@ -190,13 +200,13 @@ def test_transcript_response_formats(pg):
 
 # -- over HTTP -----------------------------------------------------------------------------
 
-def test_http_facade_answers_and_errors_the_same(pg):
+def test_http_facade_answers_and_errors_the_same(pg, model):
     with running(pg.engine) as server:
         oai = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
-        stream = oai.chat.completions.create(model="smollm2", max_tokens=8, temperature=0, stream=True,
+        stream = oai.chat.completions.create(model=model, max_tokens=8, temperature=0, stream=True,
                                              messages=[{"role": "user", "content": "Hello"}])
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         with pytest.raises(openai.NotFoundError):
             oai.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
         with pytest.raises(openai.BadRequestError):
-            oai.chat.completions.create(model="smollm2", messages=[])
+            oai.chat.completions.create(model=model, messages=[])

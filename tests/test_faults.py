@@ -332,7 +332,7 @@ def test_a_full_disk_during_pull_is_a_pull_error_and_leaves_nothing_that_looks_p
             self.written += len(block)
             return self.out.write(block)
 
-    monkeypatch.setattr(pulling, "_copy", lambda src, out, digest, bar: real_copy(src, FullDisk(out), digest, bar))
+    monkeypatch.setattr(pulling, "_copy", lambda src, out, digest, bar, limit=None: real_copy(src, FullDisk(out), digest, bar, limit))
     spec = registry.get("fake")
     with pytest.raises(pulling.PullError) as info:
         pulling.pull(registry, spec, progress=lambda label, total: pulling.Progress(label, total, io.StringIO()),

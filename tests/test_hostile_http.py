@@ -68,7 +68,7 @@ def mostly(good, bad=anything):
     return st.one_of(good, good, good, bad)
 
 
-models = mostly(st.sampled_from([CHAT, "gpt-3.5-turbo", "text-embedding-3-small", "whisper-1", "tts-1", "nope", ""]))
+models = mostly(st.sampled_from([CHAT, "smollm2", "text-embedding-3-small", "whisper-1", "tts-1", "nope", ""]))
 message = st.fixed_dictionaries({"role": mostly(st.sampled_from(["user", "system", "assistant", "tool", "x"])),
                                  "content": mostly(text)})
 sampling = {"max_tokens": mostly(st.integers(-2, 5)), "temperature": mostly(st.floats(-1, 3)),

@@ -289,17 +289,27 @@ def test_multipart_fields_that_are_not_utf8_are_400(server):
 
 # -- defect 11: guessing keys, and what the server tells strangers ---------------------------
 
-def test_failed_key_checks_are_rate_limited_per_address(servers):
-    from polargrid_local.server.security import AuthFailures
+def ask_with_key(srv, key, source="127.0.0.1"):
+    """One request from ``source`` (any 127/8 address is this machine) with ``key``: (status, headers, body)."""
+    sock = socket.socket()
+    sock.settimeout(120)
+    try:
+        sock.bind((source, 0))
+        sock.connect(srv.server_address[:2])
+        sock.sendall(request_bytes("GET", "/v1/models", headers={"Authorization": f"Bearer {key}",
+                                                                 "Connection": "close"}))
+        return responses(read_all(sock))[0]
+    finally:
+        sock.close()
 
+
+def test_failed_key_checks_are_rate_limited_per_address(servers):
+    # The server's own tracker, built from its configured limit (no tracker swapped in): the window slides
+    # over the last 60 s, so this test cannot straddle a window boundary.
     srv = servers(api_keys=[KEY], limits=Limits(auth_failures_per_minute=3))
-    srv.auth_failures = AuthFailures(3, clock=lambda: 1000.0)    # a frozen clock: no window rolls over
 
     def ask(key):
-        with connect(srv) as sock:
-            sock.sendall(request_bytes("GET", "/v1/models", headers={"Authorization": f"Bearer {key}",
-                                                                     "Connection": "close"}))
-            return responses(read_all(sock))[0]
+        return ask_with_key(srv, key)
 
     assert [ask(f"guess{i}")[0] for i in range(3)] == [401, 401, 401]
     status, headers, _ = ask(KEY)          # even the right key: the address is not checked at all now
@@ -427,3 +437,90 @@ def test_an_unknown_language_code_is_a_400_naming_the_field(server):
             b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nRIFF\r\n--b--\r\n')
     status, _headers, body = _post(server, "/v1/audio/transcriptions", form, "multipart/form-data; boundary=b")
     assert status == 400 and json.loads(body)["error"]["param"] == "language", body
+
+
+# -- issue 22 item 11: limits per address cannot be dodged by changing address ----------------------
+
+def test_one_address_cannot_hold_every_connection(servers):
+    srv = servers(limits=Limits(max_connections=8, max_connections_per_address=3))
+    held = [connect(srv) for _ in range(3)]
+    time.sleep(0.3)
+    try:
+        with connect(srv) as fourth:
+            fourth.sendall(request_bytes("GET", "/health"))
+            answers = responses(read_all(fourth))
+        assert [a[0] for a in answers] == [503]
+        assert "max_connections_per_address" in json.loads(answers[0][2])["message"]
+        other = socket.socket()
+        other.settimeout(120)
+        try:   # another address (127.0.0.2 is this machine too) still gets in
+            other.bind(("127.0.0.2", 0))
+            other.connect(srv.server_address[:2])
+            other.sendall(request_bytes("GET", "/health", headers={"Connection": "close"}))
+            assert responses(read_all(other))[0][0] == 200
+        finally:
+            other.close()
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while srv.open_connections and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with connect(srv) as again:   # the count goes down as connections close
+        again.sendall(request_bytes("GET", "/health", headers={"Connection": "close"}))
+        assert responses(read_all(again))[0][0] == 200
+
+
+def test_key_guessing_from_many_addresses_meets_a_global_budget(servers):
+    srv = servers(api_keys=[KEY], limits=Limits(auth_failures_per_minute=3, auth_failures_global_per_minute=5))
+    statuses = [ask_with_key(srv, f"guess{i}", f"127.0.0.{2 + i}")[0] for i in range(5)]
+    assert statuses == [401] * 5, "each address is under its own limit"
+    status, headers, body = ask_with_key(srv, KEY, "127.0.0.50")   # a fresh address, even with the right key
+    assert status == 429 and 1 <= int(headers["retry-after"]) <= 60
+    assert "auth_failures_global_per_minute" in json.loads(body)["message"]
+
+
+def test_ipv6_clients_are_counted_by_their_64_prefix():
+    from polargrid_local.server.security import AuthFailures, RateLimiter, address_group
+
+    assert address_group("2001:db8:1:2:aaaa::1") == address_group("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert address_group("2001:db8:1:3::1") != address_group("2001:db8:1:2::1")
+    assert address_group("::ffff:192.0.2.7") == "192.0.2.7" and address_group("192.0.2.7") == "192.0.2.7"
+    failures = AuthFailures(3, 1000, clock=lambda: 50.0)
+    for i in range(3):
+        failures.failed(address_group(f"2001:db8::{i + 1:x}"))
+    assert failures.retry_after(address_group("2001:db8::ffff")) is not None, "the next address in the /64"
+    assert failures.retry_after(address_group("2001:db8:0:1::1")) is None, "another /64"
+    limiter = RateLimiter(2, clock=lambda: 30.0)
+    assert [limiter.check(address_group(f"2001:db8::{i}")) for i in range(1, 4)][-1] is not None
+
+
+def test_an_ipv6_server_counts_its_clients_by_prefix(servers):
+    srv = servers(host="::1", api_keys=[KEY], limits=Limits(auth_failures_per_minute=2))
+
+    def ask(key):
+        with socket.create_connection(("::1", srv.server_address[1]), timeout=120) as sock:
+            sock.sendall(request_bytes("GET", "/v1/models", headers={"Authorization": f"Bearer {key}",
+                                                                     "Connection": "close"}))
+            return responses(read_all(sock))[0]
+
+    assert srv.url.startswith("http://[::1]:")
+    assert [ask("x")[0], ask("y")[0], ask(KEY)[0]] == [401, 401, 429]
+    assert list(srv.auth_failures.tracked()) == ["::/64"]
+
+
+def test_tracking_many_addresses_stays_bounded_and_forgets_the_expired():
+    from polargrid_local.server.security import TRACKED_ADDRESSES, AuthFailures, RateLimiter
+
+    now = {"t": 0.0}
+    failures = AuthFailures(3, 10 ** 9, clock=lambda: now["t"])
+    limiter = RateLimiter(5, clock=lambda: now["t"])
+    for i in range(TRACKED_ADDRESSES + 5000):
+        address = f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"
+        failures.failed(address)
+        limiter.check(address)
+    assert len(failures.tracked()) <= TRACKED_ADDRESSES and len(limiter.tracked()) <= TRACKED_ADDRESSES
+    now["t"] = 61.0   # a minute later every entry has expired: the next call drops them
+    failures.failed("10.255.255.255")
+    limiter.check("10.255.255.255")
+    assert len(failures.tracked()) == 1 and len(limiter.tracked()) == 1

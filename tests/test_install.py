@@ -48,7 +48,8 @@ def model_index(registry, folder: Path) -> str:
         entries.append(f'[[models]]\nid = "{spec.id}"\nkind = "{spec.kind}"\naliases = {_toml(list(spec.aliases))}\n'
                        + (f'entry = "{spec.entry}"\n' if spec.entry else "")
                        + f"files = [\n  {rows},\n]\n[models.engine]\n{engine_toml}\n")
-    return "\n".join(entries)
+    # The packaged default chat model (Qwen, 491 MB) would need a wheel of its own; the app picks SmolLM2.
+    return '[defaults]\nchat = "smollm2-135m-instruct"\n\n' + "\n".join(entries)
 
 
 def _toml(value) -> str:

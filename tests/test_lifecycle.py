@@ -36,6 +36,36 @@ def test_bad_keep_alive_is_a_validation_error_naming_the_field(value):
         parse_keep_alive(value)
 
 
+@pytest.mark.parametrize("value", [10 ** 400, 10 ** 30, float("inf"), "inf", "1e400", "99999999999d"],
+                         ids=["10**400", "10**30", "float-inf", "inf", "1e400", "days"])
+def test_a_huge_keep_alive_is_a_validation_error_not_an_overflow(value):
+    """Issue 22 item 14: 10**400 raised OverflowError (a 500 over HTTP)."""
+    with pytest.raises(polargrid.ValidationError, match="use -1") as info:
+        parse_keep_alive(value)
+    assert info.value.details == {"field": "keep_alive"}
+
+
+@pytest.mark.parametrize("value", [-(10 ** 400), float("-inf"), "-1e400"], ids=["-10**400", "-inf", "-1e400"])
+def test_a_huge_negative_keep_alive_is_forever(value):
+    assert parse_keep_alive(value) == FOREVER
+
+
+def test_a_huge_keep_alive_is_a_400_over_http_and_in_process(engine):
+    from polargrid_local.server import running
+
+    with pytest.raises(polargrid.ValidationError, match="keep_alive"):
+        engine.embeddings({"model": EMBED, "input": "x", "keep_alive": 10 ** 400})
+    with running(engine) as server:
+        for path, body in (("/v1/embeddings", {"model": EMBED, "input": "x"}),
+                           ("/v1/chat/completions", {"model": CHAT, "messages": [{"role": "user", "content": "x"}]})):
+            data = json.dumps({**body, "keep_alive": 10 ** 400}).encode()
+            request = urllib.request.Request(f"{server.url}{path}", data, {"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(request, timeout=60)
+            assert info.value.code == 400, path
+            assert json.loads(info.value.read())["error"]["param"] == "keep_alive"
+
+
 def test_keep_alive_zero_in_a_request_unloads_when_done_and_status_shows_it(registry):
     engine = LocalEngine(registry)
     try:

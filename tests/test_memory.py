@@ -6,7 +6,7 @@ import polargrid
 import pytest
 from conftest import CHAT, chat_request
 
-from polargrid_local import LocalEngine
+from polargrid_local import LocalEngine, Registry
 from polargrid_local.host.gpu import resident_bytes
 from polargrid_local.runtime.memory import estimate, gguf_facts, gguf_metadata
 
@@ -80,3 +80,61 @@ def test_evict_policy_unloads_idle_models_to_make_room(registry):
 def test_unknown_policy_is_rejected(registry):
     with pytest.raises(ValueError, match="memory_policy"):
         LocalEngine(registry, memory_policy="pray")
+
+
+def test_loads_started_at_once_stay_within_the_budget(registry):
+    """Issue 22 item 4: with a 490 MB budget, the chat model (~480 MB), the TTS voice (~120 MB) and the small
+    embedder (~70 MB) loaded one after another refuse what does not fit, but three loads started at once all
+    loaded (680 MB): each was admitted before any of the others counted."""
+    import threading
+
+    models = [CHAT, "piper-en_US-joe-medium", "all-minilm-l6-v2"]
+    engine = LocalEngine(registry, memory_budget_mb=490)
+    try:
+        start = threading.Barrier(len(models))
+        outcome: dict[str, object] = {}
+
+        def load(name):
+            start.wait()
+            try:
+                outcome[name] = engine.load_model({"model_name": name}).status
+            except polargrid.ServerError as exc:
+                outcome[name] = exc.status_code
+
+        threads = [threading.Thread(target=load, args=(name,)) for name in models]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(300)
+        loaded = engine.get_model_status().loaded
+        held = sum(engine.pool.estimates[m].total for m in loaded)
+        assert held <= 490 * MB, (outcome, loaded, held // MB)
+        assert 507 in outcome.values(), outcome
+        refused = [m for m, status in outcome.items() if status == 507]
+        assert sorted(loaded + refused) == sorted(models)
+        for name in loaded:   # what is reserved is released again on unload: a refused model now fits
+            engine.unload_model({"model_name": name})
+        assert not engine.pool.estimates
+        engine.load_model({"model_name": refused[0]})
+    finally:
+        engine.close()
+
+
+def test_a_failed_load_gives_back_its_reservation(registry, tmp_path):
+    """A model whose load fails after admission must not keep holding budget it never used."""
+    broken = tmp_path / "broken.gguf"
+    good = registry.get(CHAT).path_in(registry.cache_dir)
+    broken.write_bytes(good.read_bytes()[: 4 << 20])   # a real header, weights cut off: llama.cpp refuses it
+    path = tmp_path / "models.toml"
+    path.write_text(f'[[models]]\nid = "broken"\nkind = "embedding"\nlocal = "{broken}"\n'
+                    f'[[models]]\nid = "small"\nkind = "embedding"\nlocal = "{good}"\n[models.engine]\nn_ctx = 256\n')
+    engine = LocalEngine(Registry.load(path, cache_dir=tmp_path / "c", models_only=True), memory_budget_mb=400)
+    try:
+        for _ in range(3):
+            with pytest.raises(polargrid.ServerError) as info:
+                engine.load_model({"model_name": "broken"})
+            assert info.value.status_code == 500, info.value
+        assert engine.pool.estimates == {}
+        engine.load_model({"model_name": "small"})
+    finally:
+        engine.close()

@@ -7,7 +7,7 @@ import time
 
 import polargrid
 import pytest
-from conftest import CHAT, chat_request
+from conftest import CHAT, QWEN, chat_request
 from polargrid.types import (
     GPUMemoryResponse,
     GPUPurgeResponse,
@@ -46,7 +46,7 @@ def test_list_models_covers_every_kind_with_types(client, registry):
 
 def test_get_model_by_id_and_alias(client):
     info = client.get_model("gpt-3.5-turbo")
-    assert isinstance(info, ModelInfo) and info.id == "gpt-3.5-turbo" and info.root == CHAT
+    assert isinstance(info, ModelInfo) and info.id == "gpt-3.5-turbo" and info.root == QWEN
     assert client.get_model(CHAT).parent is None
     with pytest.raises(polargrid.NotFoundError):
         client.get_model("nope")

@@ -24,6 +24,10 @@ def test_wheel_contains_every_package_and_maps_kernels_under_polargrid_local(tmp
     on_disk = {str(p.parent.relative_to(ROOT)) for p in (ROOT / "polargrid_local").rglob("__init__.py")}
     assert on_disk <= shipped, f"missing from the wheel: {sorted(on_disk - shipped)}"
     assert "polargrid_local/kernels/logmel.py" in names
+    for name in ("index.html", "app.js", "style.css"):
+        shipped_file = f"polargrid_local/server/playground/{name}"
+        assert shipped_file in names, f"the playground's {name} must ship in the wheel (package-data)"
+        assert zipfile.ZipFile(wheel).read(shipped_file) == (ROOT / shipped_file).read_bytes()
     assert not [n for n in names if n.startswith("kernels/")], "kernels/ must not install as a top-level package"
     assert zipfile.ZipFile(wheel).read("polargrid_local/models.toml") == (ROOT / "models.toml").read_bytes(), \
         "the default registry ships inside the package"

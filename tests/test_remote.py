@@ -587,10 +587,14 @@ def test_health_and_status_report_remotes_without_failing(tmp_path, registry, re
                + remote_entry("far-down", f"http://127.0.0.1:{closed_port}/v1", CHAT, timeout=2))
     eng = LocalEngine(registry_with(tmp_path, entries, registry.cache_dir))
     try:
-        health = eng.health()
+        health = eng.health()   # at once: the probes start in the background
         assert isinstance(health, sdk_types.HealthResponse)
         assert health.status == "healthy" and health.backend.healthy
-        assert health.remotes == {"far-up": "up", "far-down": "down"}
+        assert health.remotes == {"far-up": "unknown", "far-down": "unknown"}
+        deadline = time.monotonic() + 30
+        while "unknown" in eng.health().remotes.values() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert eng.health().remotes == {"far-up": "up", "far-down": "down"}
         models = {m.id: m for m in eng.list_models().data}
         assert models["far-up"].pg_remote.status == "up" and models["far-down"].pg_remote.status == "down"
         assert models["far-down"].pg_regions == [f"remote:127.0.0.1:{closed_port}"]

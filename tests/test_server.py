@@ -143,10 +143,10 @@ def test_sdk_speech_transcription_translation_and_jobs(sdk):
 # -- openai --------------------------------------------------------------------------------
 
 def test_openai_chat_completions_and_stream(oai):
-    reply = oai.chat.completions.create(model="gpt-3.5-turbo", messages=[{"role": "user", "content": "Hi"}],
+    reply = oai.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}],
                                         max_tokens=10, temperature=0)
     assert reply.choices[0].message.content and reply.usage.total_tokens > 0
-    chunks = list(oai.chat.completions.create(model="gpt-3.5-turbo", messages=[{"role": "user", "content": "Hi"}],
+    chunks = list(oai.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}],
                                               max_tokens=10, temperature=0, stream=True,
                                               stream_options={"include_usage": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.choices[0].message.content

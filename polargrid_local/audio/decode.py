@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Union
@@ -82,56 +83,103 @@ class _Output:
 
 def decode_audio(source: AudioInput, sample_rate: int = 16000, *, limits: Limits | None = None) -> DecodedAudio:
     """Decode, mix to mono and resample; bad or too costly input raises the SDK's ValidationError naming it."""
-    import av
+    reader = AudioReader(source, sample_rate, limits=limits)
+    samples, _rest = reader.head(None)
+    return DecodedAudio(samples, sample_rate, reader.source_rate, reader.source_channels, reader.codec)
 
-    limits = limits or DEFAULT_LIMITS
-    opened, name = _open_source(source)
-    try:
-        container = av.open(opened, mode="r", metadata_errors="ignore")
-    except PolarGridError:
-        raise
-    except Exception as exc:  # av.FFmpegError, and the odd ValueError/OSError on malformed headers
-        raise invalid(f"{name} is not a readable audio file ({_reason(exc)})", field="file") from None
-    with container:
-        if not container.streams.audio:
-            raise invalid(f"{name} has no audio stream", field="file")
-        stream = container.streams.audio[0]
-        codec = _check_stream(stream, name, limits)
-        max_seconds = limits.max_audio_seconds
-        declared = _declared_seconds(container, stream)
-        too_long = lambda: invalid(  # noqa: E731
-            f"{name} is longer than the {_hours(max_seconds)} this server accepts (Limits.max_audio_seconds)",
-            field="file")
-        if declared is not None and declared > max_seconds + 1.0:
-            raise too_long()
-        output = _Output(int((declared or _FIRST_GUESS_SECONDS) * sample_rate) + sample_rate,
-                         int(max_seconds * sample_rate), too_long)
-        resampler = None
-        source_rate = channels = 0
+
+class AudioReader:
+    """An audio file opened and checked (codec, sample rate, declared duration), decoded on demand.
+
+    ``blocks()`` yields mono float32 blocks at ``sample_rate`` as they decode, so a long file never has to be
+    held whole: what it may cost is checked as it goes (its total length against ``max_audio_seconds``,
+    non-finite samples). ``head(seconds)`` decodes the start into one array and hands back the rest.
+    """
+
+    def __init__(self, source: AudioInput, sample_rate: int = 16000, *, limits: Limits | None = None) -> None:
+        import av
+
+        self.limits = limits or DEFAULT_LIMITS
+        self.sample_rate = sample_rate
+        opened, self.name = _open_source(source)
         try:
-            for frame in container.decode(stream):
-                if resampler is None:
-                    source_rate, channels = frame.sample_rate, len(frame.layout.channels)
-                    _check_rate(source_rate, name, limits)
-                    resampler = _resampler(source_rate, sample_rate)
-                mono = _frame_to_mono(frame)
-                if mono.dtype.kind == "f" and not np.isfinite(mono).all():
-                    raise invalid(f"{name} contains samples that are not finite numbers (NaN or Inf); "
-                                  "float audio must hold finite samples", field="file")
-                output.add(resampler.process(mono))
+            self._container = av.open(opened, mode="r", metadata_errors="ignore")
         except PolarGridError:
             raise
-        except Exception as exc:
-            if not output.size:
-                raise invalid(f"{name} could not be decoded ({_reason(exc)})", field="file") from None
-            # A truncated file: keep what decoded cleanly, as ffmpeg does.
-        if resampler is None:
-            raise invalid(f"{name} contains no audio samples", field="file")
-        output.add(resampler.flush())
-    samples = output.samples()
-    if samples.size == 0:
-        raise invalid(f"{name} contains no audio samples", field="file")
-    return DecodedAudio(samples, sample_rate, source_rate, channels, codec)
+        except Exception as exc:  # av.FFmpegError, and the odd ValueError/OSError on malformed headers
+            raise invalid(f"{self.name} is not a readable audio file ({_reason(exc)})", field="file") from None
+        try:
+            if not self._container.streams.audio:
+                raise invalid(f"{self.name} has no audio stream", field="file")
+            self._stream = self._container.streams.audio[0]
+            self.codec = _check_stream(self._stream, self.name, self.limits)
+            self.declared_seconds = _declared_seconds(self._container, self._stream)
+            if self.declared_seconds is not None and self.declared_seconds > self.limits.max_audio_seconds + 1.0:
+                raise self._too_long()
+        except BaseException:
+            self._container.close()
+            raise
+        self.source_rate = self.source_channels = 0
+        self.decoded = 0          # samples handed out so far
+
+    def _too_long(self) -> PolarGridError:
+        return invalid(f"{self.name} is longer than the {_hours(self.limits.max_audio_seconds)} this server accepts "
+                       "(Limits.max_audio_seconds)", field="file")
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        """The samples as they decode (mono float32 at ``sample_rate``); the file is closed at the end."""
+        limit = int(self.limits.max_audio_seconds * self.sample_rate)
+        resampler = None
+        try:
+            try:
+                for frame in self._container.decode(self._stream):
+                    if resampler is None:
+                        self.source_rate, self.source_channels = frame.sample_rate, len(frame.layout.channels)
+                        _check_rate(self.source_rate, self.name, self.limits)
+                        resampler = _resampler(self.source_rate, self.sample_rate)
+                    mono = _frame_to_mono(frame)
+                    if mono.dtype.kind == "f" and not np.isfinite(mono).all():
+                        raise invalid(f"{self.name} contains samples that are not finite numbers (NaN or Inf); "
+                                      "float audio must hold finite samples", field="file")
+                    yield from self._checked(resampler.process(mono), limit)
+            except PolarGridError:
+                raise
+            except Exception as exc:
+                if not self.decoded:
+                    raise invalid(f"{self.name} could not be decoded ({_reason(exc)})", field="file") from None
+                # A truncated file: keep what decoded cleanly, as ffmpeg does.
+            if resampler is None:
+                raise invalid(f"{self.name} contains no audio samples", field="file")
+            yield from self._checked(resampler.flush(), limit)
+            if not self.decoded:
+                raise invalid(f"{self.name} contains no audio samples", field="file")
+        finally:
+            self.close()
+
+    def _checked(self, samples: np.ndarray, limit: int) -> Iterator[np.ndarray]:
+        if not samples.size:
+            return
+        if self.decoded + samples.size > limit:
+            raise self._too_long()
+        self.decoded += samples.size
+        yield samples
+
+    def head(self, seconds: float | None) -> tuple[np.ndarray, Iterator[np.ndarray] | None]:
+        """The first ``seconds`` (or, with None, all) of the audio as one array, and the blocks after it (None
+        when the file ended within the head)."""
+        wanted = None if seconds is None else int(seconds * self.sample_rate)
+        expected = int((self.declared_seconds or _FIRST_GUESS_SECONDS) * self.sample_rate) + self.sample_rate
+        output = _Output(expected if wanted is None else min(expected, wanted + self.sample_rate),
+                         int(self.limits.max_audio_seconds * self.sample_rate), self._too_long)
+        blocks = self.blocks()
+        for block in blocks:
+            output.add(block)
+            if wanted is not None and output.size >= wanted:
+                return output.samples(), blocks
+        return output.samples(), None
+
+    def close(self) -> None:
+        self._container.close()
 
 
 def _check_stream(stream, name: str, limits: Limits) -> str:
@@ -188,7 +236,7 @@ class _SwrResampler:
 def _resampler(orig: int, target: int):
     from ..kernels.resample import Resampler  # numba: loaded with the first audio decoded
 
-    ours = Resampler(orig, target)
+    ours = Resampler(orig, target, parallel=False)   # the caller's thread alone: no team, no lane to wait for
     return ours if ours.up == ours.down or ours.table is not None else _SwrResampler(orig, target)
 
 

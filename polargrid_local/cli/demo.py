@@ -17,11 +17,13 @@ async def _demo(models, cache_dir) -> int:
         print(f"region: {client.get_region_id()} ({client.get_region_name()})")
         print("models:", ", ".join(m.id for m in (await client.list_models()).data if m.parent is None))
 
-        request = {"model": "smollm2", "messages": [{"role": "user", "content": "Write one sentence about cats."}],
+        alias = "gpt-4o-mini"
+        request = {"model": alias, "messages": [{"role": "user", "content": "Write one sentence about cats."}],
                    "max_tokens": 48, "temperature": 0}
+        served_by = (await client.get_model(alias)).root
         reply = await client.chat_completion(request)
         meta = reply.pg_metadata
-        print(f"\nchat> {reply.choices[0].message.content}")
+        print(f"\nchat ({alias} is {served_by})> {reply.choices[0].message.content}")
         print(f"      ({reply.usage.completion_tokens} tokens; load {meta.model_load_time_ms} ms, "
               f"inference {meta.inference_time_ms} ms)")
 

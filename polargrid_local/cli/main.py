@@ -1,4 +1,5 @@
-"""The polargrid-local command: pull, list, show, rm, chat, speak, transcribe, serve, ps, doctor, install-llama."""
+"""The polargrid-local command: pull, list, show, rm, chat, speak, transcribe, serve, ps, cache, doctor,
+install-llama."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ from polargrid.errors import PolarGridError
 from ..limits import DEFAULT_LIMITS
 from ..store.pull import PullError, is_pulled, pull
 from ..store.registry import Registry, RegistryError
+from .cache import add_cache_command
 from .commands import add_commands
 
 API_KEYS_ENV = "POLARGRID_LOCAL_API_KEYS"
@@ -109,15 +111,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     keys = list(args.api_key or []) + [k for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
     engine = LocalEngine(args.models, cache_dir=args.cache_dir, n_threads=args.threads, preload=args.preload or (),
                          fake=args.fake, keep_alive=args.keep_alive,
-                         models_only=args.models_only)
+                         models_only=args.models_only, prompt_cache=args.prompt_cache,
+                         prompt_cache_dir=args.prompt_cache_dir, prompt_cache_bytes=args.prompt_cache_bytes,
+                         prompt_cache_min_tokens=args.prompt_cache_min_tokens)
     http_limits = {name: getattr(args, name) for name in HTTP_LIMIT_FLAGS if getattr(args, name) is not None}
     limits = dataclasses.replace(getattr(engine, "limits", None) or DEFAULT_LIMITS, **http_limits)
     config = ServerConfig(host=args.host, port=args.port, api_keys=[k.strip() for k in keys],
-                          rate_limit=args.rate_limit, limits=limits)
+                          rate_limit=args.rate_limit, limits=limits, metrics_open=args.metrics_open)
 
     def ready(server) -> None:
-        print(f"polargrid-local serving on {server.url} ({'API keys required' if keys else 'no API key required'})",
-              file=sys.stderr, flush=True)
+        print(f"polargrid-local serving on {server.url} ({'API keys required' if keys else 'no API key required'}); "
+              f"playground: {server.url}/", file=sys.stderr, flush=True)
 
     return serve(engine, config, on_ready=ready)
 
@@ -130,7 +134,9 @@ HTTP_LIMIT_FLAGS = {
     "keep_alive_timeout_s": (float, "seconds an idle connection stays open"),
     "socket_timeout_s": (float, "seconds a single read or write may stall"),
     "max_connections": (int, "open connections; past it a new one gets 503"),
+    "max_connections_per_address": (int, "open connections from one address (IPv6: one /64); past it 503"),
     "auth_failures_per_minute": (int, "failed API key checks per client address per minute before 429"),
+    "auth_failures_global_per_minute": (int, "failed API key checks from all addresses per minute before 429"),
     "drain_timeout_s": (float, "on SIGTERM, seconds in-flight requests may run before they are stopped"),
 }
 
@@ -173,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=55111)
     p.add_argument("--api-key", action="append", help=f"require this Bearer key (repeatable; also ${API_KEYS_ENV})")
     p.add_argument("--rate-limit", type=int, help="requests per minute per key (or per client without keys)")
+    p.add_argument("--metrics-open", action="store_true", help="serve /metrics without an API key (for a scraper)")
     for name, (kind, text) in HTTP_LIMIT_FLAGS.items():
         flag = "--" + name.replace("_", "-")
         p.add_argument(flag, dest=name, type=kind, help=f"{text} (default {getattr(DEFAULT_LIMITS, name)})")
@@ -182,11 +189,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-alive", help="unload a model idle this long ('5m', seconds; -1 never, the default)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--fake", action="store_true", help="serve polargrid_local.testing's fake engines (no model files)")
+    p.add_argument("--prompt-cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep processed prompts' KV states on disk and restore them by prefix (default: on)")
+    p.add_argument("--prompt-cache-dir", help="its folder (default: a prompt-cache folder in the model cache)")
+    p.add_argument("--prompt-cache-bytes", type=int, help="the most it may hold on disk (default 1 GiB)")
+    p.add_argument("--prompt-cache-min-tokens", type=int, help="shorter prompts are not saved (default 256)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="chat, and speech and transcription where installed, all offline")
     p.set_defaults(func=cmd_demo)
     add_commands(sub)
+    add_cache_command(sub)
 
     args = parser.parse_args(argv)
     try:

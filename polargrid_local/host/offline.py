@@ -4,13 +4,30 @@ Turned on by ``offline=True`` on PolarGrid/PolarGridSync/LocalEngine or ``POLARG
 Remote model entries (the only code that opens non-loopback connections at run time) check
 ``offline_enabled()`` to fail fast or fall back to a local model.
 
-The guard wraps ``socket.socket.connect``/``connect_ex``/``sendto``, ``socket.create_connection`` and
-``socket.getaddrinfo`` (which asyncio, http.client, urllib, httpx and requests all go through). Names
-are checked before any lookup: only IP literals and ``localhost`` resolve, so a refused name never
-reaches DNS, and a refused address is refused before ``connect`` runs, so no packet leaves the machine.
+What it covers: every Python-level way out of this interpreter through the socket modules.
+
+- ``socket.socket``: ``connect``, ``connect_ex``, ``sendto`` and ``sendmsg`` (UDP, with an address);
+- ``_socket.socket``, the raw type: replaced by a guarded subclass, so sockets made from it after the guard
+  is on are checked the same way;
+- ``socket.create_connection``;
+- name and address lookups, in ``socket`` and ``_socket``: ``getaddrinfo``, ``gethostbyname``,
+  ``gethostbyname_ex``, ``gethostbyaddr`` and ``getnameinfo`` (asyncio, http.client, urllib, httpx and
+  requests all go through these).
+
+Names are checked before any lookup: only IP literals and ``localhost`` resolve, and reverse lookups run
+only for loopback (or with ``NI_NUMERICHOST``), so a refused name never reaches DNS; a refused address is
+refused before ``connect`` or ``send*`` runs, so no packet leaves the machine.
+
+What it cannot cover: other processes (``polargrid-local pull`` starts ``pip`` subprocesses that talk to the
+package index; any subprocess you start), C and C++ libraries that open their own sockets (libcurl, gRPC, a
+CUDA or vendor library), references to the original functions taken before the guard was turned on
+(``from socket import create_connection`` at import time), and sockets connected before it. To close
+those too, run the process in a network namespace that holds only loopback: ``unshare -n`` (Linux),
+``docker run --network none``, or ``PrivateNetwork=yes`` in a systemd unit.
 """
 from __future__ import annotations
 
+import _socket
 import ipaddress
 import os
 import socket
@@ -31,6 +48,8 @@ _enabled = False
 _lock = threading.Lock()
 _originals: dict[str, Any] = {}
 _LOCAL_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
+_SOCKET_METHODS = ("connect", "connect_ex", "sendto", "sendmsg")
+_LOOKUPS = ("getaddrinfo", "gethostbyname", "gethostbyname_ex", "gethostbyaddr", "getnameinfo")
 
 
 def offline_requested() -> bool:
@@ -49,14 +68,19 @@ def enable() -> None:
     with _lock:
         if _enabled:
             return
-        _originals.update(connect=socket.socket.connect, connect_ex=socket.socket.connect_ex,
-                          sendto=socket.socket.sendto, create_connection=socket.create_connection,
-                          getaddrinfo=socket.getaddrinfo)
-        socket.socket.connect = _guarded_connect
-        socket.socket.connect_ex = _guarded_connect_ex
-        socket.socket.sendto = _guarded_sendto
+        _originals.clear()
+        _originals.update({name: getattr(socket.socket, name) for name in _SOCKET_METHODS})
+        _originals.update({f"socket.{name}": getattr(socket, name) for name in _LOOKUPS})
+        _originals.update({f"_socket.{name}": getattr(_socket, name) for name in _LOOKUPS})
+        _originals.update(create_connection=socket.create_connection, raw=_socket.socket)
+        for name in _SOCKET_METHODS:
+            setattr(socket.socket, name, _GUARDED_METHODS[name])
+        for name in _LOOKUPS:
+            setattr(socket, name, _guarded_lookup(name, _originals[f"socket.{name}"]))
+            setattr(_socket, name, _guarded_lookup(name, _originals[f"_socket.{name}"]))
         socket.create_connection = _guarded_create_connection
-        socket.getaddrinfo = _guarded_getaddrinfo
+        # _socket.SocketType stays the real type: isinstance checks against it keep holding for every socket
+        _socket.socket = _guarded_raw_type(_originals["raw"])
         _enabled = True
 
 
@@ -66,11 +90,13 @@ def disable() -> None:
     with _lock:
         if not _enabled:
             return
-        socket.socket.connect = _originals["connect"]
-        socket.socket.connect_ex = _originals["connect_ex"]
-        socket.socket.sendto = _originals["sendto"]
+        for name in _SOCKET_METHODS:
+            setattr(socket.socket, name, _originals[name])
+        for name in _LOOKUPS:
+            setattr(socket, name, _originals[f"socket.{name}"])
+            setattr(_socket, name, _originals[f"_socket.{name}"])
         socket.create_connection = _originals["create_connection"]
-        socket.getaddrinfo = _originals["getaddrinfo"]
+        _socket.socket = _originals["raw"]
         _enabled = False
 
 
@@ -90,6 +116,8 @@ def is_local_host(host: Any) -> bool:
 
 
 def _is_ip_literal(host: Any) -> bool:
+    if isinstance(host, bytes):
+        host = host.decode("ascii", "replace")
     try:
         ipaddress.ip_address(str(host).split("%", 1)[0].strip("[]"))
         return True
@@ -121,7 +149,7 @@ def _refuse(what: str, target: Any) -> OfflineError:
                         f"(127.0.0.0/8, ::1, localhost) is allowed. Called from {call_site()}")
 
 
-def _check_address(sock: socket.socket, address: Any, what: str) -> None:
+def _check_address(sock: Any, address: Any, what: str) -> None:
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return  # unix sockets, netlink...: never off the machine
     host = address[0] if isinstance(address, tuple) else address
@@ -144,13 +172,68 @@ def _guarded_sendto(self: socket.socket, data: Any, *args: Any) -> int:
     return _originals["sendto"](self, data, *args)
 
 
+def _guarded_sendmsg(self: socket.socket, buffers: Any, *args: Any) -> int:
+    if len(args) >= 3 and args[2] is not None:   # (ancdata, flags, address): an address means a datagram out
+        _check_address(self, args[2], "sendmsg to")
+    return _originals["sendmsg"](self, buffers, *args)
+
+
+_GUARDED_METHODS = {"connect": _guarded_connect, "connect_ex": _guarded_connect_ex, "sendto": _guarded_sendto,
+                    "sendmsg": _guarded_sendmsg}
+
+
+def _guarded_raw_type(raw: type) -> type:
+    """A subclass of the raw ``_socket.socket`` with the same checks (its C methods cannot be replaced)."""
+
+    class GuardedRawSocket(raw):
+        __slots__ = ()
+
+        def connect(self, address: Any) -> None:
+            _check_address(self, address, "connect to")
+            return raw.connect(self, address)
+
+        def connect_ex(self, address: Any) -> int:
+            _check_address(self, address, "connect to")
+            return raw.connect_ex(self, address)
+
+        def sendto(self, data: Any, *args: Any) -> int:
+            _check_address(self, args[-1], "sendto")
+            return raw.sendto(self, data, *args)
+
+        def sendmsg(self, buffers: Any, *args: Any) -> int:
+            if len(args) >= 3 and args[2] is not None:
+                _check_address(self, args[2], "sendmsg to")
+            return raw.sendmsg(self, buffers, *args)
+
+    GuardedRawSocket.__name__ = GuardedRawSocket.__qualname__ = "socket"
+    GuardedRawSocket.__module__ = raw.__module__
+    return GuardedRawSocket
+
+
 def _guarded_create_connection(address: Any, *args: Any, **kwargs: Any) -> socket.socket:
     if not is_local_host(address[0]):
         raise _refuse("connection to", address)
     return _originals["create_connection"](address, *args, **kwargs)
 
 
-def _guarded_getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
-    if not is_local_host(host) and not _is_ip_literal(host):
-        raise _refuse("name lookup of", host)  # before the resolver: no DNS query is sent
-    return _originals["getaddrinfo"](host, *args, **kwargs)
+def _lookup_allowed(name: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    if is_local_host(target):
+        return True
+    if name in ("getaddrinfo", "gethostbyname", "gethostbyname_ex"):
+        return _is_ip_literal(target)     # a literal is parsed, not looked up
+    if name == "getnameinfo":             # reverse DNS, unless only numbers are asked for
+        flags = args[0] if args else kwargs.get("flags", 0)
+        return bool(int(flags) & socket.NI_NUMERICHOST)
+    return False                          # gethostbyaddr: a reverse lookup (or a forward one for a name)
+
+
+def _guarded_lookup(name: str, original: Any) -> Any:
+    def lookup(host: Any, *args: Any, **kwargs: Any) -> Any:
+        target = host[0] if name == "getnameinfo" and isinstance(host, tuple) else host
+        if not _lookup_allowed(name, target, args, kwargs):
+            raise _refuse("name lookup of" if name != "gethostbyaddr" else "address lookup of", target)
+        return original(host, *args, **kwargs)
+
+    lookup.__name__ = lookup.__qualname__ = name
+    lookup.__doc__ = getattr(original, "__doc__", None)
+    return lookup

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..runtime.compute import on_lane
 from .generation import DEFAULT_SEED, SamplingParams, StopMatcher, TextDelta
 
 logger = logging.getLogger("polargrid_local")
@@ -37,7 +38,7 @@ class LlamaBackend:
         threads = n_threads or available_cpus()
         kwargs: dict[str, Any] = {}
         if pooling:
-            kwargs["pooling_type"] = {"none": 0, "mean": 1, "cls": 2, "last": 3}[pooling]
+            kwargs["pooling_type"] = {"none": 0, "mean": 1, "cls": 2, "last": 3, "rank": 4}[pooling]
         if tokenizer:
             from .hf_tokenizer import HFTokenizer
 
@@ -135,7 +136,7 @@ class LlamaBackend:
             while produced < budget:
                 if cancelled():
                     return
-                token = next(generator)
+                token = on_lane(next, generator)   # llama.cpp computes on the process's compute lane
                 if llama_cpp.llama_vocab_is_eog(self._vocab, token):
                     finish = "stop"
                     break
@@ -165,7 +166,7 @@ class LlamaBackend:
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """One pooled vector per text, and the number of tokens read."""
-        vectors, count = self.llama.embed(texts, normalize=False, truncate=False, return_count=True)
+        vectors, count = on_lane(self.llama.embed, texts, normalize=False, truncate=False, return_count=True)
         out = []
         for vector in vectors:
             arr = np.asarray(vector, dtype=np.float32)

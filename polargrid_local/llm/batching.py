@@ -14,11 +14,15 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .decoder import BatchEntry, Decoder, LlamaDecoder
 from .drafting import Drafting, SlotDrafts, check_mode
 from .generation import SamplingParams, Started, StopMatcher, TextDelta
+
+if TYPE_CHECKING:
+    from .prompt_cache import PromptCache
 
 logger = logging.getLogger("polargrid_local")
 
@@ -37,6 +41,17 @@ class PromptJob:
     index: int = 0
     siblings: list[int] = field(default_factory=lambda: [1])  # prompts of this request still running
     ctx: Any = None  # the request's JobContext: its queue time ends when a prompt gets a slot
+    probe: list[int] | None = None  # score these tokens as the prompt's next token (Probed) instead of generating
+    pin: Any = None  # cache_prompt: a Future resolved with the prompt cache entry once it is saved, pinned
+
+
+@dataclass(frozen=True)
+class Probed:
+    """A probe job's answer: the log-probability of each probe token as the next token after its prompt."""
+
+    logprobs: list[float]
+    prompt_tokens: int
+    index: int = 0
 
 
 @dataclass
@@ -65,8 +80,10 @@ class BatchScheduler:
     """
 
     def __init__(self, decoder: Decoder, *, n_parallel: int, n_ctx_per_seq: int, n_batch: int,
-                 prefill_chunk: int = 64, speculative: str = "prompt-lookup") -> None:
+                 prefill_chunk: int = 64, prompt_cache: PromptCache | None = None,
+                 speculative: str = "prompt-lookup") -> None:
         self.decoder = decoder
+        self.prompt_cache = prompt_cache
         self.n_parallel = n_parallel
         self.n_ctx_per_seq = n_ctx_per_seq
         self.n_batch = n_batch
@@ -118,6 +135,9 @@ class BatchScheduler:
             common = min(_common_prefix(slot.cached, job.tokens), len(job.tokens) - 1) if reuse else 0
             if reuse:
                 common = self._borrow_prefix(slot, job.tokens, common)
+            source, saved_logits = "memory", None
+            if reuse and self.prompt_cache is not None:
+                common, source, saved_logits = self._restore_prefix(slot, job.tokens, common)
             if not self.decoder.truncate(slot.seq_id, common):
                 # some caches (recurrent, sliding-window) cannot drop a tail: start the sequence afresh
                 self.decoder.clear(slot.seq_id)
@@ -134,7 +154,10 @@ class BatchScheduler:
             slot.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
             slot.stops = StopMatcher(job.stops)
             slot.drafts = self.drafting.start(job.tokens) if self.drafting and job.params.speculative else None
-            self._push(slot, Started(prompt_tokens=len(job.tokens), index=job.index))
+            self._push(slot, Started(prompt_tokens=len(job.tokens), index=job.index, cached_tokens=common,
+                                     cache=source if common else None))
+            if saved_logits is not None and common == len(job.tokens):
+                self._sample_saved(slot, saved_logits)
 
     def _borrow_prefix(self, slot: _Slot, tokens: list[int], common: int) -> int:
         """Copy another slot's cache when it shares a longer prefix (a common system prompt)."""
@@ -151,6 +174,42 @@ class BatchScheduler:
         slot.cached = list(donor.cached)
         self.prompt_tokens_borrowed += shared
         return shared
+
+    def _restore_prefix(self, slot: _Slot, tokens: list[int], common: int) -> tuple[int, str, Any]:
+        """Load the prompt's longest prefix saved on disk when it beats the ``common`` tokens held in memory:
+        (tokens now cached, where from, the saved logits of the last prompt token when the whole prompt was)."""
+        assert self.prompt_cache is not None
+        restored = self.prompt_cache.restore(self.decoder, slot.seq_id, tokens, common)
+        if restored is None:
+            return common, "memory", None
+        slot.cached = restored.tokens
+        if restored.logits is not None:
+            return len(tokens), "disk", restored.logits
+        return min(_common_prefix(restored.tokens, tokens), len(tokens) - 1), "disk", None
+
+    def _sample_saved(self, slot: _Slot, logits: Any) -> None:
+        """The whole prompt came from disk: its first token is sampled from the saved logits of its last token
+        (bit for bit what processing the prompt gave), with nothing to decode first."""
+        assert slot.job is not None
+        try:
+            tokens = self.decoder.sample_logits(slot.sampler, logits)
+        except Exception as exc:
+            slot.job.stream.finish(exc)
+            self._release(slot, finish=None)
+            return
+        self._emit(slot, tokens)
+
+    def _remember_prompts(self, prefilled: list[tuple[_Slot, PromptJob, int]]) -> None:
+        """Hand the state of prompts processed this step to the prompt cache (after their first token)."""
+        for slot, job, index in prefilled:
+            # the sequence holds exactly the prompt until the first sampled token is decoded at the next step
+            if self.prompt_cache is not None and slot.cached == job.tokens:
+                self.prompt_cache.remember(self.decoder, slot.seq_id, job.tokens, job.pin, index)
+            elif job.pin is not None and not job.pin.done():
+                from ..errors import invalid
+
+                job.pin.set_exception(invalid("this model has no prompt cache (prompt_cache is off, or it serves "
+                                              "one request at a time)"))
 
     # -- one step ------------------------------------------------------------------------
 
@@ -215,6 +274,7 @@ class BatchScheduler:
             offset += len(chunk)
             if not slot.pending:
                 to_sample.append((slot, offset - 1))
+        prefilled = [(slot, slot.job, index) for slot, index in to_sample[len(generating):]]
         for slot, index in to_sample:
             if slot.job is None:
                 continue
@@ -224,6 +284,8 @@ class BatchScheduler:
                 self._sample(slot, index)
         if self.drafting is not None:
             self.drafting.costs.record(len(entries), time.perf_counter() - started)
+        if prefilled:
+            self._remember_prompts(prefilled)  # type: ignore[arg-type]  # slots in prefill have a job
         return True
 
     def _plan_drafts(self, generating: list[_Slot], prompt_tokens: int) -> None:
@@ -264,6 +326,9 @@ class BatchScheduler:
     def _sample(self, slot: _Slot, index: int) -> bool:
         """Sample the slot's next tokens and hand on their text; False when the source had none yet."""
         assert slot.job is not None
+        if slot.job.probe is not None:
+            self._probe(slot, index)
+            return True
         try:
             tokens = self.decoder.sample(slot.sampler, index)
         except Exception as exc:   # this sequence's failure ends its request only
@@ -305,10 +370,17 @@ class BatchScheduler:
         slot.cached.extend(tokens[:-1])
         slot.next_token = tokens[-1]
 
+    def _probe(self, slot: _Slot, index: int) -> None:
+        """The prompt's next-token distribution, read at its probe tokens; the slot is free at once."""
+        job = slot.job
+        assert job is not None and job.probe is not None
+        self._push(slot, Probed(self.decoder.logprobs(index, job.probe), len(job.tokens), job.index))
+        self._release(slot, finish="probed")
+
     def _release(self, slot: _Slot, finish: str | None, flush: bool = True) -> None:
         job = slot.job
         assert job is not None and slot.stops is not None
-        if finish is not None:
+        if finish is not None and job.probe is None:
             tail = slot.stops.flush(slot.utf8.decode(b"", final=True)) if flush else ""
             if tail:
                 self._push(slot, TextDelta(tail, index=job.index))
@@ -374,15 +446,22 @@ class BatchedLlamaBackend:
     template; BatchScheduler for generation."""
 
     def __init__(self, path: str, *, n_ctx: int = 2048, n_parallel: int = 8, max_queue: int = 64,
-                 n_batch: int = 512, speculative: str = "prompt-lookup", **llama_settings: Any) -> None:
+                 n_batch: int = 512, prompt_cache: Any = None, model_id: str = "", model_sha256: str | None = None,
+                 speculative: str = "prompt-lookup", **llama_settings: Any) -> None:
+        """``prompt_cache``: a PromptCacheConfig (prompt_cache.py), or None for no cache on disk; ``speculative``:
+        "prompt-lookup" (drafts, llm/drafting.py) or "off"."""
         from .backend import LlamaBackend
+        from .prompt_cache import open_prompt_cache
 
         # The high-level Llama's own context serves tokenizing only; generation has its own.
         self.base = LlamaBackend(path, n_ctx=256, n_batch=min(n_batch, 256), **llama_settings)
         decoder = LlamaDecoder(self.base.llama, n_parallel=n_parallel, n_ctx_per_seq=n_ctx, n_batch=n_batch,
                                n_threads=self.base.n_threads)
+        kv, state = decoder.state_layout()
+        self.prompt_cache = open_prompt_cache(prompt_cache, model_id or Path(path).stem, path, model_sha256, n_ctx,
+                                              {**kv, "on_gpu": self.base.n_gpu_layers != 0}, state)
         self.scheduler = BatchScheduler(decoder, n_parallel=n_parallel, n_ctx_per_seq=n_ctx, n_batch=n_batch,
-                                        speculative=speculative)
+                                        prompt_cache=self.prompt_cache, speculative=speculative)
         self.max_queue = max_queue
         self.n_parallel = n_parallel
         self.n_ctx = n_ctx
@@ -408,3 +487,5 @@ class BatchedLlamaBackend:
     def close(self) -> None:
         self.scheduler.close()
         self.base.close()
+        if self.prompt_cache is not None:
+            self.prompt_cache.close()

@@ -18,6 +18,7 @@ from polargrid.types import (
     TokenUsage,
 )
 
+from ..errors import invalid
 from ..limits import Limits
 from ..remote.forward import ChunkRelay, EmbeddingsReply, Forward, forwarded_fields
 from ..runtime.interfaces import Prepared
@@ -37,17 +38,20 @@ class ChatCall:
 
     what = "chat"
 
-    def __init__(self, request: ChatCompletionRequest, include_usage: bool, limits: Limits,
+    def __init__(self, request: ChatCompletionRequest, include_usage: bool, limits: Limits, pin: Any = None,
                  speculative: bool | None = None) -> None:
-        self.request, self.include_usage, self.limits = request, include_usage, limits
+        """``pin``: cache_prompt's Future, resolved with the prompt cache entry of this prompt, pinned."""
+        self.request, self.include_usage, self.limits, self.pin = request, include_usage, limits, pin
         self.speculative = speculative
 
     def local(self, model_id: str) -> Prepared:
         plan = plan_chat(self.request, model_id, self.limits, self.speculative)
         chunker = ChatChunker(self.request.model, self.request.tools, plan.tools, self.include_usage, plan.output)
-        return Prepared(chat_job(plan, model_id), chunker, _fold(fold_chat, chunker), _tokens(chunker))
+        return Prepared(chat_job(plan, model_id, self.pin), chunker, _fold(fold_chat, chunker), _tokens(chunker))
 
     def remote(self) -> Prepared:
+        if self.pin is not None:
+            raise invalid("the prompt cache keeps prompts of models served in this process, not remote ones")
         forward = Forward("chat/completions", forwarded_fields(self.request))
         relay = ChunkRelay(ChatCompletionChunk, self.request.model, self.include_usage, "chatcmpl", forward)
         return Prepared(forward, relay, _fold(fold_chat, relay), relay.tokens)
@@ -60,19 +64,21 @@ class CompletionCall:
     what = "completion"
 
     def __init__(self, request: CompletionRequest, prompts: list[str], include_usage: bool, seed: int | None,
-                 extras: dict[str, Any], speculative: bool | None = None) -> None:
+                 extras: dict[str, Any], pin: Any = None, speculative: bool | None = None) -> None:
         self.request, self.prompts, self.include_usage = request, prompts, include_usage
-        self.seed, self.extras, self.speculative = seed, extras, speculative
+        self.seed, self.extras, self.pin, self.speculative = seed, extras, pin, speculative
 
     def local(self, model_id: str) -> Prepared:
         chunker = CompletionChunker(self.request.model, self.include_usage)
         chunker.prompts_total = len(self.prompts)
         params = sampling_for(self.request, seed=self.seed, speculative=self.speculative, **self.extras)
         job = completion_job(self.prompts, params, self.request.max_tokens or 100, check_stops(self.request.stop),
-                             model_id)
+                             model_id, self.pin)
         return Prepared(job, chunker, _fold(fold_completion, chunker), _tokens(chunker))
 
     def remote(self) -> Prepared:
+        if self.pin is not None:
+            raise invalid("the prompt cache keeps prompts of models served in this process, not remote ones")
         body = {**forwarded_fields(self.request), **self.extras}
         if self.seed is not None:
             body["seed"] = self.seed

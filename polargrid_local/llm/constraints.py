@@ -18,6 +18,7 @@ from .schemas import OutputSchema, check_schema, to_gbnf
 # Free text for tool_choice "auto": anything that does not open a JSON object.
 _FREE_TEXT_GBNF = r'''free-text ::= [^{ \t\n] [^\x00]*'''
 _ANY_OBJECT = {"type": "object"}
+_TAGGED_GBNF = r'''tagged-call ::= "<tool_call>\n" tool-call "\n</tool_call>"'''
 
 
 @dataclass(frozen=True, eq=False)
@@ -33,6 +34,7 @@ class Grammar:
     schema: dict[str, Any] | None
     what: str = "response_format"
     free_text: bool = False
+    tagged: bool = False  # one or more calls, each inside <tool_call> tags (tool_dialects.py)
     limits: Limits = DEFAULT_LIMITS
     _gbnf: list[str] = field(default_factory=list, repr=False)
 
@@ -44,20 +46,33 @@ class Grammar:
 
     def _convert(self) -> str:
         grammar = to_gbnf(self.schema if self.schema is not None else _ANY_OBJECT, self.what, self.limits)
-        if not self.free_text:
+        if not (self.free_text or self.tagged):
             return grammar
         grammar = re.sub(r"^root ::=", "tool-call ::=", grammar, count=1, flags=re.M)
+        if self.tagged:  # Qwen writes a newline after a call even when none follows: one more is not required there
+            return f"root ::= tagged-call (\"\\n\" tagged-call)* \"\\n\"?\n{_TAGGED_GBNF}\n{grammar}\n"
         return f"root ::= tool-call | free-text\n{grammar}\n{_FREE_TEXT_GBNF}\n"
+
+
+@dataclass
+class ToolDialect:
+    """Which tool-call dialect one request's model speaks: decided on the model's worker, where its template
+    is known, before the first token (tool_dialects.bind_dialect); read by the request's chunker."""
+
+    hermes: bool = False  # the template's own <tool_call> tags; False: our JSON object and system prompt
 
 
 @dataclass(frozen=True)
 class ToolPlan:
-    """How a request with tools is decoded: an extra system prompt and a grammar."""
+    """How a request with tools is decoded: an extra system prompt and a grammar (the JSON-object dialect),
+    or the tools handed to a template that has its own (``dialect``, set on the model's worker)."""
 
     system_prompt: str
     grammar: Grammar
     required: bool
     arguments: dict[str, OutputSchema]  # by function name: what a call's arguments must satisfy
+    offered: list[ChatTool] = field(default_factory=list)  # every tool of the request, for the template
+    dialect: ToolDialect = field(default_factory=ToolDialect)
 
 
 def response_format_grammar(response_format: ResponseFormat | None, limits: Limits = DEFAULT_LIMITS
@@ -117,7 +132,7 @@ def plan_tools(tools: list[ChatTool] | None, tool_choice: Any, limits: Limits = 
     required = choice != "auto"
     grammar = Grammar(call_schema, "tools", free_text=not required, limits=call_limits)
     return ToolPlan(system_prompt=_tool_prompt(chosen, required), grammar=grammar, required=required,
-                    arguments=arguments)
+                    arguments=arguments, offered=list(tools))
 
 
 def _arguments_schema(tool: ChatTool, index: int, limits: Limits) -> OutputSchema:

@@ -39,10 +39,13 @@ class TextDelta:
 
 @dataclass(frozen=True)
 class Started:
-    """The prompt was accepted (it fits the context); generation of choice ``index`` begins."""
+    """The prompt was accepted (it fits the context); generation of choice ``index`` begins. ``cached_tokens``
+    of the prompt were not processed: their cells came from ``cache`` ("memory" or "disk")."""
 
     prompt_tokens: int
     index: int = 0
+    cached_tokens: int = 0
+    cache: str | None = None
 
 
 class StopMatcher:

@@ -16,6 +16,7 @@ from .batching import PromptJob
 from .constraints import Grammar, ToolPlan, plan_tools, response_format_grammar
 from .generation import SamplingParams, Started, TextDelta
 from .schemas import OutputSchema
+from .tool_dialects import bind_dialect
 
 DEFAULT_TOP_K = 40
 
@@ -150,16 +151,20 @@ def plan_chat(request: ChatCompletionRequest, model_id: str, limits: Limits | No
                     output)
 
 
-def template_messages(messages: list[Message], backend: LlamaBackend, tools: ToolPlan | None) -> list[dict[str, Any]]:
-    """Messages as the chat template expects them: text content, tool turns written out when the template has none."""
-    native_tools = backend.template_mentions_tools
+def template_messages(messages: list[Message], backend: LlamaBackend, tools: ToolPlan | None,
+                      hermes: bool = False) -> list[dict[str, Any]]:
+    """Messages as the chat template expects them: text content, tool turns written out when the template has none
+    (``hermes``: the template writes tool calls, results and the tool list itself)."""
+    native_tools = hermes or backend.template_mentions_tools
     out: list[dict[str, Any]] = []
     for message in messages:
         text = _text_of(message.content)
         if message.role == "assistant" and message.tool_calls:
             calls = [{"name": c.function.name, "arguments": _loads(c.function.arguments)} for c in message.tool_calls]
             written = json.dumps(calls[0] if len(calls) == 1 else calls)
-            out.append({"role": "assistant", "content": text or written})
+            out.append({"role": "assistant", "content": text, "tool_calls": [{"type": "function", "function": c}
+                                                                             for c in calls]} if hermes else
+                       {"role": "assistant", "content": text or written})
         elif message.role == "tool" and not native_tools:
             out.append({"role": "user", "content": f"Result of tool call {message.tool_call_id}: {text}"})
         else:
@@ -167,7 +172,7 @@ def template_messages(messages: list[Message], backend: LlamaBackend, tools: Too
             if message.role == "tool":
                 entry["tool_call_id"] = message.tool_call_id
             out.append(entry)
-    if tools is not None:
+    if tools is not None and not hermes:
         if out and out[0]["role"] == "system":
             out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{tools.system_prompt}"}
         else:
@@ -197,26 +202,35 @@ def fit_prompt(tokens: list[int], backend: LlamaBackend, model_id: str, index: i
                       f"{backend.n_ctx} tokens; shorten the input", field="messages", prompt_tokens=len(tokens))
 
 
-def chat_job(plan: ChatPlan, model_id: str) -> Job:
-    """What a worker runs for one chat request."""
+def chat_prompt(plan: ChatPlan, backend: LlamaBackend, model_id: str) -> tuple[str, SamplingParams]:
+    """The prompt through the model's template, and the sampling for it (the template's tool dialect decides)."""
+    hermes, params, tools = bind_dialect(plan.tools, plan.params, backend.chat_template)
+    try:
+        return backend.render_chat(template_messages(plan.messages, backend, plan.tools, hermes), tools=tools), params
+    except Exception as exc:
+        raise invalid(f"the chat template of {model_id!r} rejected these messages: {exc}") from exc
+
+
+def chat_job(plan: ChatPlan, model_id: str, pin: Any = None) -> Job:
+    """What a worker runs for one chat request (``pin``: cache_prompt's Future, see batching.PromptJob)."""
 
     def run(backend, ctx: JobContext):
-        try:
-            prompt = backend.render_chat(template_messages(plan.messages, backend, plan.tools))
-        except Exception as exc:
-            raise invalid(f"the chat template of {model_id!r} rejected these messages: {exc}") from exc
+        prompt, params = chat_prompt(plan, backend, model_id)
         tokens = backend.tokenize(prompt, add_bos=backend.add_bos_for_template(prompt))
         fit_prompt(tokens, backend, model_id)
         if hasattr(backend, "scheduler"):
-            return [PromptJob(tokens, plan.params, plan.max_tokens, plan.stop, ctx.stream, ctx=ctx)]
-        return _plain(backend, ctx, [tokens], plan.params, plan.max_tokens, plan.stop)
+            return [PromptJob(tokens, params, plan.max_tokens, plan.stop, ctx.stream, ctx=ctx, pin=pin)]
+        if pin is not None:
+            raise invalid(f"model {model_id!r} serves one request at a time (n_parallel = 1), without a prompt cache")
+        return _plain(backend, ctx, [tokens], params, plan.max_tokens, plan.stop)
 
     return Job(run, batched=True)
 
 
-def completion_job(prompts: list[str], params: SamplingParams, max_tokens: int, stop: list[str], model_id: str
-                   ) -> Job:
-    """What a worker runs for one completion request (one choice per prompt; each takes a slot)."""
+def completion_job(prompts: list[str], params: SamplingParams, max_tokens: int, stop: list[str], model_id: str,
+                   pin: Any = None) -> Job:
+    """What a worker runs for one completion request (one choice per prompt; each takes a slot). ``pin``:
+    cache_prompt's Future for its one prompt (see batching.PromptJob)."""
 
     def run(backend, ctx: JobContext):
         encoded = [backend.tokenize(p, add_bos=True, special=False) for p in prompts]
@@ -224,8 +238,10 @@ def completion_job(prompts: list[str], params: SamplingParams, max_tokens: int, 
             fit_prompt(tokens, backend, model_id, index)
         if hasattr(backend, "scheduler"):
             siblings = [len(encoded)]
-            return [PromptJob(tokens, params, max_tokens, stop, ctx.stream, index, siblings, ctx=ctx)
+            return [PromptJob(tokens, params, max_tokens, stop, ctx.stream, index, siblings, ctx=ctx, pin=pin)
                     for index, tokens in enumerate(encoded)]
+        if pin is not None:
+            raise invalid(f"model {model_id!r} serves one request at a time (n_parallel = 1), without a prompt cache")
         return _plain(backend, ctx, encoded, params, max_tokens, stop)
 
     return Job(run, cost=len(prompts), batched=True)

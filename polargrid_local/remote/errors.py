@@ -1,12 +1,28 @@
-"""A remote server's failures as the SDK's error classes, keeping the remote's own message."""
+"""A remote server's failures as the SDK's error classes, keeping the remote's own message, with the remote's key
+taken out and its length capped (a remote that echoes the Authorization header must not hand our key on)."""
 from __future__ import annotations
 
 import json
+import math
 import time
+from collections.abc import Iterable
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, TypeGuard
 
 from polargrid import errors as sdk
+
+MESSAGE_CHARS = 500       # the most of a remote's message passed on
+ERROR_BODY_BYTES = 64 * 1024   # the most of an error body read (the rest is not wanted; its connection is dropped)
+REDACTED = "[redacted]"
+
+
+def scrub(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` without any of ``secrets`` (as written, or JSON-escaped), cut to MESSAGE_CHARS."""
+    for secret in secrets:
+        if secret:
+            for form in {secret, json.dumps(secret)[1:-1]}:
+                text = text.replace(form, REDACTED)
+    return text if len(text) <= MESSAGE_CHARS else text[:MESSAGE_CHARS - 1] + "…"
 
 
 def remote_message(body: bytes) -> tuple[str, Any]:
@@ -14,13 +30,14 @@ def remote_message(body: bytes) -> tuple[str, Any]:
     text = body.decode("utf-8", "replace").strip()
     try:
         data = json.loads(text)
-    except ValueError:
-        return (text[:500] or "(empty body)"), None
+    except (ValueError, RecursionError):
+        return (text or "(empty body)"), None
     if not isinstance(data, dict):
-        return text[:500], None
+        return text, None
     error = data.get("error")
     if isinstance(error, dict) and error.get("message"):
-        return str(error["message"]), error.get("param")
+        param = error.get("param")
+        return str(error["message"]), param if isinstance(param, str) else None
     if isinstance(error, str) and error:
         return error, None
     if data.get("message"):
@@ -28,7 +45,7 @@ def remote_message(body: bytes) -> tuple[str, Any]:
     detail = data.get("detail")
     if detail:
         return (detail if isinstance(detail, str) else json.dumps(detail)), None
-    return text[:500], None
+    return text, None
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -36,19 +53,24 @@ def retry_after_seconds(value: str | None) -> float | None:
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     try:
         return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
 
 
-def error_for_status(status: int, body: bytes, retry_after: float | None, where: str) -> sdk.PolarGridError:
-    """The SDK error a remote HTTP status stands for; the message is the remote's, then where it came from."""
+def error_for_status(status: int, body: bytes, retry_after: float | None, where: str,
+                     secrets: Iterable[str] = ()) -> sdk.PolarGridError:
+    """The SDK error a remote HTTP status stands for; the message is the remote's (scrubbed of ``secrets`` and
+    capped), then where it came from."""
     message, param = remote_message(body)
-    text = f"{message} (remote {where}, HTTP {status})"
+    text = f"{scrub(message, secrets)} (remote {where}, HTTP {status})"
+    param = scrub(param, secrets) if param else None
     if status in (400, 413, 422):
         return sdk.ValidationError(text, {"field": param, "remote_status": status} if param else
                                    {"remote_status": status})
@@ -61,16 +83,23 @@ def error_for_status(status: int, body: bytes, retry_after: float | None, where:
     if status == 408:
         return sdk.TimeoutError(text)
     if status == 429:
-        return sdk.RateLimitError(text, retry_after=None if retry_after is None else max(1, round(retry_after)))
-    if status >= 500:
+        wait = None if retry_after is None else max(1, round(min(retry_after, 86400.0)))
+        return sdk.RateLimitError(text, retry_after=wait)
+    if 500 <= status <= 599:
         return sdk.ServerError(text, status)
+    if status >= 600:   # not an HTTP status: the remote is broken
+        return sdk.ServerError(text, 502)
     return sdk.ValidationError(text, {"remote_status": status})
 
 
-def error_in_stream(payload: dict[str, Any], where: str) -> sdk.PolarGridError:
+def error_in_stream(payload: dict[str, Any], where: str, secrets: Iterable[str] = ()) -> sdk.PolarGridError:
     """An error frame sent after the stream began (``data: {"error": ...}``)."""
-    status = payload.get("status")
     error = payload.get("error")
-    if not isinstance(status, int) and isinstance(error, dict) and isinstance(error.get("code"), int):
-        status = error["code"]
-    return error_for_status(status if isinstance(status, int) else 500, json.dumps(payload).encode(), None, where)
+    code = error.get("code") if isinstance(error, dict) else None
+    # Without a status of its own, the remote's failure is ours to report as a bad gateway.
+    status = next((s for s in (payload.get("status"), code) if _status(s)), 502)
+    return error_for_status(status, json.dumps(payload).encode(), None, where, secrets)
+
+
+def _status(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and 400 <= value <= 599

@@ -7,6 +7,8 @@ sends it (the remote's own model name filled in) and its reader reads the reply:
 from __future__ import annotations
 
 import base64
+import binascii
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -17,6 +19,7 @@ from polargrid import errors as sdk
 from polargrid.types import TokenUsage
 
 from ..types import new_id
+from .sse import finite_json
 
 
 @dataclass
@@ -29,7 +32,10 @@ class Forward:
     form: dict[str, Any] | None = None
     files: dict[str, Any] | None = None
     reply: Literal["events", "bytes", "body"] = "events"
-    where: str = "remote"   # set by the worker that sends it: "<model id> at <host:port>", for messages
+    expects: tuple[str, ...] = ()   # content types of a good answer (prefixes); () for the reply's usual ones
+    # Set by the backend that sends it, from the model's [models.remote]:
+    where: str = "remote"           # "<model id> at <host:port>", for messages
+    max_chunks: int | None = None   # the most chunks a non-streamed answer collects
 
 
 def forwarded_fields(request: pydantic.BaseModel) -> dict[str, Any]:
@@ -38,12 +44,25 @@ def forwarded_fields(request: pydantic.BaseModel) -> dict[str, Any]:
 
 
 def usage_of(raw: Any) -> TokenUsage | None:
-    """A remote's usage object, or None when it sent none."""
+    """A remote's usage object, or None when it sent none. Counts that are not whole numbers of tokens
+    (strings, fractions, negatives, NaN) are taken as missing: usage must never fail an answer."""
     if not isinstance(raw, dict):
         return None
-    prompt, completion = int(raw.get("prompt_tokens") or 0), int(raw.get("completion_tokens") or 0)
+    prompt, completion = _count(raw.get("prompt_tokens")) or 0, _count(raw.get("completion_tokens")) or 0
+    total = _count(raw.get("total_tokens"))
     return TokenUsage(prompt_tokens=prompt, completion_tokens=completion,
-                      total_tokens=int(raw.get("total_tokens") or prompt + completion))
+                      total_tokens=total if total is not None else prompt + completion)
+
+
+MAX_COUNT = 2 ** 53   # larger counts are no count of tokens (and would not survive a JSON double)
+
+
+def _count(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        return None
+    return int(value) if 0 <= value <= MAX_COUNT else None
 
 
 class ChunkRelay:
@@ -66,9 +85,14 @@ class ChunkRelay:
             self.usage = usage
         if self._first:
             self._first = False
-            self.id = payload.get("id") or self.id
-            self.created = payload.get("created") or self.created
-        payload = {**payload, "model": self.model}
+            if isinstance(payload.get("id"), str) and payload["id"]:
+                self.id = payload["id"]
+            created = payload.get("created")
+            if isinstance(created, int) and not isinstance(created, bool) and 0 < created < 2 ** 40:
+                self.created = created
+        payload = {**payload, "id": self.id, "created": self.created, "model": self.model}
+        if "usage" in payload:   # as read above: a malformed usage is no usage, never a failed answer
+            payload["usage"] = None if usage is None else usage.model_dump()
         if not self.include_usage:
             payload.pop("usage", None)
         if not payload.get("choices") and not payload.get("usage"):
@@ -82,20 +106,31 @@ class ChunkRelay:
     def tokens(self) -> int:
         return self.usage.total_tokens if self.usage else 0
 
+    def check_collected(self, count: int) -> None:
+        """A fold collects this answer's chunks: a remote that sends more than its max_chunks gets a 502."""
+        if self.forward.max_chunks is not None and count > self.forward.max_chunks:
+            raise sdk.ServerError(f"remote {self.forward.where} sent more than {self.forward.max_chunks} chunks "
+                                  "for one answer (remote.max_chunks)", 502)
+
 
 def json_object(body: bytes, forward: Forward) -> dict[str, Any]:
     """A reply body that must be a JSON object (a 502 naming the remote otherwise)."""
-    import json
-
     try:
-        parsed = json.loads(body)
-    except ValueError:
-        raise sdk.ServerError(f"remote {forward.where} answered {forward.path} with something other than JSON",
-                              502) from None
+        parsed = finite_json(body)
+    except ValueError as exc:
+        raise sdk.ServerError(f"remote {forward.where} answered {forward.path} with something other than JSON "
+                              f"({str(exc)[:100]})", 502) from None
     if not isinstance(parsed, dict):
         raise sdk.ServerError(f"remote {forward.where} answered {forward.path} with JSON that is not an object",
                               502)
     return parsed
+
+
+def _index(item: Any) -> int:
+    index = item.get("index", 0)
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise ValueError("an embedding's index is not a whole number")
+    return index
 
 
 class EmbeddingsReply:
@@ -108,9 +143,11 @@ class EmbeddingsReply:
     def feed(self, body: bytes) -> list[tuple[list[list[float]], TokenUsage]]:
         data = json_object(body, self.forward)
         try:
-            items = sorted(data["data"], key=lambda item: item.get("index", 0))
-            vectors = [_vector(item["embedding"]) for item in items]
-        except (KeyError, TypeError, ValueError) as exc:
+            items = data.get("data")
+            if not isinstance(items, list) or not items or not all(isinstance(item, dict) for item in items):
+                raise ValueError("its data is not a list of embedding objects")
+            vectors = [_vector(item["embedding"]) for item in sorted(items, key=_index)]
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise sdk.ServerError(f"remote {self.forward.where} answered embeddings without vectors: {exc}",
                                   502) from exc
         self.usage = usage_of(data.get("usage")) or TokenUsage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
@@ -122,5 +159,17 @@ class EmbeddingsReply:
 
 def _vector(value: Any) -> list[float]:
     if isinstance(value, str):  # a server that ignored encoding_format=float
-        return np.frombuffer(base64.b64decode(value), "<f4").astype(float).tolist()
-    return [float(x) for x in value]
+        try:
+            vector = np.frombuffer(base64.b64decode(value, validate=True), "<f4").astype(float)
+        except binascii.Error as exc:
+            raise ValueError(f"an embedding is neither numbers nor base64: {exc}") from None
+    else:
+        if not isinstance(value, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                  for x in value):
+            raise ValueError("an embedding is not a list of finite numbers")
+        vector = np.asarray(value, dtype=float)
+    if vector.size == 0:
+        raise ValueError("an embedding is empty")
+    if not np.isfinite(vector).all():
+        raise ValueError("an embedding holds NaN or infinite values")
+    return vector.tolist()

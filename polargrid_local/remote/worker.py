@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..limits import DEFAULT_LIMITS, Limits
@@ -60,14 +61,17 @@ class RemoteWorker:
             if self._closed:
                 raise self._close_reason or unloaded_error(self.name)
         sent = time.perf_counter()
-        stream, ctx = self.read(self.backend.open(work))
+        deadline = request_deadline(self.limits)   # sending, the answer's headers and its body, all within it
+        stream, ctx = self.read(self.backend.open(work, deadline), deadline)
         ctx.submitted_at = sent   # its queue time: until the remote answered with headers
         return stream, ctx
 
-    def read(self, source: Any) -> tuple[PulledStream[Any], JobContext]:
+    def read(self, source: Any, deadline: tuple[float, Callable[[], BaseException]] | None = None
+             ) -> tuple[PulledStream[Any], JobContext]:
         """A stream of ``source``'s items (a remote response's ResponseItems), read by the stream's reader;
-        ``source.interrupt()`` stops a read in progress when the stream is closed or aborted from elsewhere.
-        The source is closed here if the worker refuses it (unloaded)."""
+        ``source.interrupt()`` stops a read in progress when the stream is closed or aborted from elsewhere,
+        and at ``deadline`` (the request's time limit from now unless given). The source is closed here if
+        the worker refuses it (unloaded)."""
         now = time.perf_counter()
         with self._lock:
             refused = (self._close_reason or unloaded_error(self.name)) if self._closed else None
@@ -76,8 +80,8 @@ class RemoteWorker:
         if refused is not None:
             source.close()
             raise refused
-        deadline, on_deadline = request_deadline(self.limits)
-        stream: PulledStream[Any] = PulledStream(source, deadline, on_deadline, source.interrupt,
+        ends, on_deadline = deadline or request_deadline(self.limits)
+        stream: PulledStream[Any] = PulledStream(source, ends, on_deadline, source.interrupt,
                                                  on_end=lambda: self._ended(stream))
         with self._lock:
             closed = self._closed

@@ -23,7 +23,10 @@ def chat_factory(spec: ModelSpec, path: str, settings: LoadSettings):
     ensure_safe_llama()
     if settings.n_parallel <= 1:
         return LlamaBackend(path, **settings.llama())
+    cache = settings.prompt_cache if spec.engine.get("prompt_cache", True) is not False else None
+    sha256 = next((f.sha256 for f in spec.files if f.path == spec.entry), None)
     return BatchedLlamaBackend(path, n_parallel=settings.n_parallel, max_queue=settings.max_queue,
+                               prompt_cache=cache, model_id=spec.id, model_sha256=sha256,
                                speculative=settings.speculative, **settings.llama())
 
 
@@ -40,6 +43,16 @@ def embedding_factory(spec: ModelSpec, path: str, settings: LoadSettings):
     return LlamaBackend(path, embedding=True, pooling=spec.engine.get("pooling", "mean"),
                         normalize=bool(spec.engine.get("normalize", True)),
                         tokenizer=Path(path).parent / tokenizer if tokenizer else None, **kwargs)
+
+
+def rerank_factory(spec: ModelSpec, path: str, settings: LoadSettings):
+    """A cross-encoder GGUF scored by llama.cpp's rank pooling (llm/cross_encoder.py)."""
+    from ..llm.cross_encoder import CrossEncoderBackend
+
+    ensure_safe_llama()
+    kwargs = settings.llama()
+    kwargs.pop("chat_template", None)
+    return CrossEncoderBackend(path, **kwargs)
 
 
 def stt_factory(spec: ModelSpec, path: str, settings: LoadSettings):
@@ -74,7 +87,7 @@ def default_factories() -> dict[str, Any]:
     from ..remote.backend import remote_factory
 
     return {"chat": chat_factory, "embedding": embedding_factory, "stt": stt_factory, "tts": tts_factory,
-            "remote": remote_factory}
+            "rerank": rerank_factory, "remote": remote_factory}
 
 
 def llama_runtime() -> str:

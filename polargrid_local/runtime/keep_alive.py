@@ -1,7 +1,9 @@
 """Model lifecycle as in Ollama: keep_alive (how long an idle model stays loaded) and the reaper that unloads it.
 
 keep_alive is seconds (a number) or a duration string ("30s", "5m", "1h30m", "250ms"); 0 unloads a model as
-soon as its last request is done, and any negative value keeps it loaded for good. Where it comes from, first
+soon as its last request is done, and any negative value keeps it loaded for good. A value past
+MAX_KEEP_ALIVE_S (ten years; a huge integer, "inf") is refused with a ValidationError (400 over HTTP) that
+says to use -1. Where it comes from, first
 match wins: the last request's ``keep_alive`` for that model, the model's ``[models.engine] keep_alive``, the
 engine's ``keep_alive=`` keyword, ``[settings] keep_alive`` in models.toml; else models stay loaded (-1).
 
@@ -22,6 +24,7 @@ from ..errors import invalid
 logger = logging.getLogger("polargrid_local")
 
 FOREVER: float = math.inf
+MAX_KEEP_ALIVE_S = 10 * 365 * 86400.0   # ten years: anything longer means "for good", which is -1
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _NOT_GIVEN = object()
@@ -31,8 +34,13 @@ def parse_keep_alive(value: Any, field: str = "keep_alive") -> float:
     """Seconds a model stays loaded when idle: 0 = unload when done, math.inf = forever (any negative value)."""
     if isinstance(value, bool) or value is None:
         raise invalid(f"{field} must be seconds or a duration like '5m'", field=field)
+    if isinstance(value, int) and value < 0:
+        return FOREVER  # before float(): a huge negative integer does not fit a float
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:
+            seconds = math.inf
     elif isinstance(value, str):
         text = value.strip().lower().replace(" ", "")
         sign = -1.0 if text.startswith("-") else 1.0
@@ -49,7 +57,12 @@ def parse_keep_alive(value: Any, field: str = "keep_alive") -> float:
         raise invalid(f"{field} must be seconds or a duration like '5m'", field=field)
     if math.isnan(seconds):
         raise invalid(f"{field} must be a number", field=field)
-    return FOREVER if seconds < 0 else seconds
+    if seconds < 0:
+        return FOREVER
+    if seconds > MAX_KEEP_ALIVE_S:
+        raise invalid(f"{field} may be at most {MAX_KEEP_ALIVE_S:.0f} s (ten years); use -1 to keep the model "
+                      "loaded for good", field=field)
+    return seconds
 
 
 def split_keep_alive(request: Any) -> tuple[Any, float | None]:

@@ -60,7 +60,8 @@ class ModelPool:
         self.nvml = nvml or NvmlProbe()
         self.memory_policy = memory_policy
         self.memory_budget = memory_budget_mb * MB if memory_budget_mb else None
-        self.estimates: dict[str, Estimate] = {}
+        self.estimates: dict[str, Estimate] = {}   # loaded models and loads admitted (reserved), by id
+        self._admission = threading.Lock()         # one admission at a time: check and reserve together
         self.gpu_measured: dict[str, int] = {}
         self._workers: dict[str, ModelWorker[Any]] = {}
         self._states: dict[str, LoadState] = {}
@@ -163,9 +164,10 @@ class ModelPool:
         gpu_before = self.nvml.used_by_this_process()
         try:
             backend = factory(spec, path, settings)
-        except (NotFoundError, ServerError):
-            raise
-        except Exception as exc:
+        except BaseException as exc:
+            self.estimates.pop(spec.id, None)   # the load failed: give back what admission reserved
+            if isinstance(exc, (NotFoundError, ServerError)) or not isinstance(exc, Exception):
+                raise
             raise ServerError(f"loading {spec.id!r} failed: {type(exc).__name__}: {exc}", 500) from exc
         self.gpu_measured[spec.id] = max(0, self.nvml.used_by_this_process() - gpu_before)
         return backend
@@ -182,13 +184,19 @@ class ModelPool:
                         embedding=spec.kind == "embedding")
 
     def _admit_memory(self, spec: ModelSpec, path: str, settings: LoadSettings) -> LoadSettings:
-        """Refuse (or make room for) a load that would not fit; returns the settings to load with."""
+        """Refuse (or make room for) a load that would not fit, else reserve its estimate (``estimates``) until
+        it is unloaded or its load fails; returns the settings to load with. Loads started at once are admitted
+        one at a time, each counting what the others reserved."""
+        with self._admission:
+            return self._admit_locked(spec, path, settings)
+
+    def _admit_locked(self, spec: ModelSpec, path: str, settings: LoadSettings) -> LoadSettings:
         try:
             est = self._estimate(spec, path, settings)
         except Exception as exc:  # an unreadable header fails the load itself, with its own message
             logger.debug("no memory estimate for %s: %s", spec.id, exc)
             return settings
-        reason = self._does_not_fit(est, settings)
+        reason = self._does_not_fit(est, settings, spec.id)
         if reason and self.memory_policy == "evict":
             for victim in self.least_recently_used():  # idle models, the longest idle first
                 victim_spec = self.registry.get(victim)
@@ -196,7 +204,7 @@ class ModelPool:
                     continue
                 logger.info("unloading idle %s to make room for %s", victim, spec.id)
                 self.unload(victim_spec)
-                reason = self._does_not_fit(est, settings)
+                reason = self._does_not_fit(est, settings, spec.id)
                 if not reason:
                     break
         if reason and self.memory_policy == "offload-less" and est.gpu_fraction > 0:
@@ -206,7 +214,7 @@ class ModelPool:
             logger.info("offloading %d of %d layers of %s to fit GPU memory", fit, n_layer, spec.id)
             settings = settings.replace(n_gpu_layers=fit)
             est = self._estimate(spec, path, settings)
-            reason = self._does_not_fit(est, settings)
+            reason = self._does_not_fit(est, settings, spec.id)
         if reason:
             raise ServerError(f"Not loading {spec.id!r}: it {reason}. Unload a model, lower n_ctx or n_parallel, "
                               f"or set memory_policy='evict' or 'offload-less'.", 507)
@@ -219,12 +227,22 @@ class ModelPool:
             return None
         return devices[min(settings.main_gpu, len(devices) - 1)].free_bytes
 
-    def _does_not_fit(self, est: Estimate, settings: LoadSettings) -> str | None:
+    def _does_not_fit(self, est: Estimate, settings: LoadSettings, model_id: str) -> str | None:
+        """Why ``est`` does not fit beside every other reservation, or None. Models still loading have not
+        taken their memory yet, so what they reserved comes off the free RAM and GPU memory measured now."""
+        others = [(m, e) for m, e in list(self.estimates.items()) if m != model_id]
+        with self._lock:
+            loading = [e for m, e in others if self._states.get(m) == "loading"]
         budget = None
         if self.memory_budget is not None:
-            budget = self.memory_budget - sum(self.estimates.get(m, Estimate(0, 0, 0, 0)).total for m in self.loaded())
+            budget = self.memory_budget - sum(e.total for _m, e in others)
         free_gpu = self._free_gpu(settings) if est.gpu_fraction > 0 else None
-        return check_fits(est, free_gpu=free_gpu, free_host=available_host_bytes(), budget=budget)
+        if free_gpu is not None:
+            free_gpu = max(0, free_gpu - sum(e.gpu_bytes for e in loading))
+        free_host = available_host_bytes()
+        if free_host:   # 0 means unknown; a known amount stays known
+            free_host = max(1, free_host - sum(e.host_bytes for e in loading))
+        return check_fits(est, free_gpu=free_gpu, free_host=free_host, budget=budget)
 
     def unload(self, spec: ModelSpec, why: str = "was unloaded") -> UnloadReport | None:
         """Stop the model's worker and free its backend; None if it was not loaded.

@@ -33,6 +33,7 @@ class LoadSettings:
     flash_attn: bool = False
     chat_template: str | None = None
     speculative: str = "prompt-lookup"   # chat: "prompt-lookup" drafts (llm/drafting.py) or "off"
+    prompt_cache: Any = None     # llm/prompt_cache.py's PromptCacheConfig (chat), or None: off
 
     @classmethod
     def resolve(cls, spec: ModelSpec, overrides: dict[str, Any]) -> LoadSettings:

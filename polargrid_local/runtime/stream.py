@@ -51,6 +51,27 @@ class Stream(Generic[T]):
                           model_load_time_ms=round(1000 * self.load_seconds), queue_time_ms=round(1000 * queue),
                           inference_time_ms=round(1000 * inference))
 
+    def collect(self) -> list[T]:
+        """Every item left, for a fold. A reader with ``check_collected(count)`` bounds how many (a remote's
+        answer arrives as chunks nobody else bounds)."""
+        check = getattr(self.chunker, "check_collected", None)
+        items: list[T] = []
+        for item in self:
+            items.append(item)
+            if check is not None:
+                check(len(items))
+        return items
+
+    async def acollect(self) -> list[T]:
+        """``collect()`` for ``async for`` readers."""
+        check = getattr(self.chunker, "check_collected", None)
+        items: list[T] = []
+        async for item in self:
+            items.append(item)
+            if check is not None:
+                check(len(items))
+        return items
+
     def fold(self, items: list[T]) -> Any:
         """The whole response (the non-streaming call's answer) from every item read from this stream."""
         if self.folder is None:

@@ -19,6 +19,7 @@ from ..errors import RateLimitError, ServerError, invalid
 from ..errors import TimeoutError as RequestTimeout
 from ..limits import DEFAULT_LIMITS, Limits
 from .channel import ResultStream, StreamCancelled
+from .compute import set_native_name
 from .interfaces import Job, JobContext, Scheduler
 
 logger = logging.getLogger("polargrid_local")
@@ -26,6 +27,7 @@ logger = logging.getLogger("polargrid_local")
 B = TypeVar("B")
 
 IDLE_WAIT = 0.005  # seconds a worker waits for new work while its running prompts all wait on a paced source
+WORKER_NAME = "pg-worker"
 
 
 _NOTHING = object()
@@ -149,6 +151,7 @@ class ModelWorker(Generic[B]):
     # -- the thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
+        set_native_name(WORKER_NAME)   # the OS name of every model worker thread (OpenMP threads inherit it)
         try:
             self._serve()
         except BaseException as exc:  # a bug here must not strand callers: end them, then free the model

@@ -24,13 +24,14 @@ from ..errors import check_text, invalid
 from ..limits import DEFAULT_LIMITS, Limits
 from .framing import HttpRefusal
 from .multipart import Part, parse_multipart
-from .security import AuthFailures, KeyCheck, RateLimiter
+from .security import AuthFailures, ConnectionsPerAddress, KeyCheck, RateLimiter, address_group
 from .watch import Connection, ConnectionWatch
 
 logger = logging.getLogger("polargrid_local.server")
 
 DEFAULT_PORT = 55111
 OPEN_PATHS = ("/health",)
+OPEN_PREFIXES = ("/playground/",)   # the playground's static files (the page asks for the key itself)
 CACHE_PLACEHOLDER = "<model cache>"
 
 
@@ -44,6 +45,7 @@ class ServerConfig:
     rate_limit: int | None = None          # requests per minute per key (per client address without keys)
     limits: Limits | None = None
     malloc_arenas: int | None = 2          # cap glibc's malloc arenas in this process (None: leave them); malloc.py
+    metrics_open: bool = False             # /metrics without an API key (for a scraper on a trusted network)
 
 
 @dataclass
@@ -83,10 +85,11 @@ class Request:
     """What a route sees: method, path, query, headers, the (bounded) body, and its client's connection."""
 
     def __init__(self, method: str, path: str, query: dict[str, str], headers, body: bytes,
-                 client: Connection | None = None, limits: Limits = DEFAULT_LIMITS) -> None:
+                 client: Connection | None = None, limits: Limits = DEFAULT_LIMITS, server: Any = None) -> None:
         self.method, self.path, self.query, self.headers, self.body = method, path, query, headers, body
         self.client = client or Connection(None)  # type: ignore[arg-type]  # no socket: nothing to watch
         self.limits = limits
+        self.server = server
 
     def json(self) -> dict[str, Any]:
         """The body as a JSON object: strict UTF-8 and RFC 8259 (no NaN), every string valid Unicode, nesting
@@ -111,10 +114,19 @@ class Request:
         return parse_multipart(self.body, content_type)
 
 
+def json_bytes(payload: Any) -> bytes:
+    """``payload`` as strict JSON: a NaN or Infinity (which no JSON parser need accept) is a 500 that says so,
+    never an answer the client cannot read."""
+    try:
+        return json.dumps(payload, allow_nan=False).encode()
+    except ValueError as exc:
+        raise sdk.ServerError(f"internal error: the answer could not be written as JSON ({exc})", 500) from None
+
+
 def json_response(payload: Any, status: int = 200) -> Response:
     if hasattr(payload, "model_dump"):
         payload = payload.model_dump(mode="json")
-    return Response(status, json.dumps(payload).encode())
+    return Response(status, json_bytes(payload))
 
 
 _STATUS = ((sdk.ValidationError, 400, "invalid_request_error"), (sdk.AuthenticationError, 401, "authentication_error"),
@@ -167,7 +179,9 @@ class PolarGridHTTPServer(ThreadingHTTPServer):
         self.limits: Limits = config.limits or getattr(engine, "limits", None) or DEFAULT_LIMITS
         self.keys = KeyCheck(config.api_keys)
         self.limiter = RateLimiter(config.rate_limit)
-        self.auth_failures = AuthFailures(self.limits.auth_failures_per_minute)
+        self.auth_failures = AuthFailures(self.limits.auth_failures_per_minute,
+                                          self.limits.auth_failures_global_per_minute)
+        self.per_address = ConnectionsPerAddress(self.limits.max_connections_per_address)
         cache_dir = getattr(getattr(engine, "registry", None), "cache_dir", None)
         # The cache path as it appears in a JSON body (escaped) and raw; never shown over HTTP.
         self._private = sorted({json.dumps(str(cache_dir))[1:-1].encode(), str(cache_dir).encode("utf-8",
@@ -176,13 +190,23 @@ class PolarGridHTTPServer(ThreadingHTTPServer):
         self._counts = threading.Lock()
         self.open_connections = 0
         self.in_flight = 0
+        if ":" in config.host:   # an IPv6 address to listen on
+            self.address_family = socket.AF_INET6
+        self.open_paths = {*OPEN_PATHS, "/", *(("/metrics",) if config.metrics_open else ())}
         super().__init__((config.host, config.port), Handler)
         self.watch = ConnectionWatch()
+        from .metrics import ServerMetrics
+
+        self.metrics = ServerMetrics(self)
+
+    def is_open(self, path: str) -> bool:
+        """Paths served without an API key: /health, the playground page, and /metrics with metrics_open."""
+        return path in self.open_paths or path.startswith(OPEN_PREFIXES)
 
     @property
     def url(self) -> str:
         host, port = str(self.server_address[0]), int(self.server_address[1])
-        return f"http://{host}:{port}"
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def redact(self, body: bytes) -> bytes:
         """Errors and status over HTTP never show where the models live on this host."""
@@ -194,29 +218,35 @@ class PolarGridHTTPServer(ThreadingHTTPServer):
     # -- connections: a cap, counted here, and 503 past it ---------------------------------
 
     def process_request(self, request, client_address) -> None:
+        group = address_group(client_address[0])
         with self._counts:
-            admitted = self.open_connections < self.limits.max_connections and not self.draining.is_set()
+            room = self.open_connections < self.limits.max_connections and not self.draining.is_set()
+            address_full = room and not self.per_address.admit(group)   # this address holds its share already
+            admitted = room and not address_full
             if admitted:
                 self.open_connections += 1
         if not admitted:
             self.refuse(request, "the server is shutting down" if self.draining.is_set() else
+                        f"this address has {self.limits.max_connections_per_address} connections open, the limit "
+                        "per address (max_connections_per_address); close one or retry shortly" if address_full else
                         f"the server is at its limit of {self.limits.max_connections} connections; retry shortly")
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._closed_one()
+            self._closed_one(client_address)
             raise
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._closed_one()
+            self._closed_one(client_address)
 
-    def _closed_one(self) -> None:
+    def _closed_one(self, client_address) -> None:
         with self._counts:
             self.open_connections -= 1
+            self.per_address.release(address_group(client_address[0]))
 
     def refuse(self, sock: socket.socket, message: str) -> None:
         """503 on the accepting thread, without a handler thread, then a short lingering close."""
@@ -242,6 +272,7 @@ class PolarGridHTTPServer(ThreadingHTTPServer):
     def server_close(self) -> None:
         super().server_close()
         self.watch.shutdown()
+        self.metrics.close()
 
 
 @contextlib.contextmanager
@@ -271,6 +302,7 @@ def make_server(engine: LocalEngine, config: ServerConfig | None = None) -> Pola
     """A ready server (not yet serving): call ``serve_forever()``, or run it on a thread; ``serve()`` runs one
     in the foreground with a graceful drain on SIGTERM."""
     from ..host.malloc import limit_arenas
+    from . import extras, metrics, playground  # noqa: F401  (the routes beyond the SDK's register on ROUTES)
     from .routes import ROUTES
 
     config = config or ServerConfig()

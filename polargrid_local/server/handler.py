@@ -16,8 +16,9 @@ from urllib.parse import parse_qsl, urlsplit
 
 from polargrid import errors as sdk
 
-from .app import OPEN_PATHS, PolarGridHTTPServer, Request, Response, StreamingResponse, error_body, error_response
+from .app import PolarGridHTTPServer, Request, Response, StreamingResponse, error_body, error_response
 from .framing import HttpRefusal, body_length, check_headers, check_request_line
+from .security import address_group
 from .watch import BODY, HEAD, IDLE, ClientGone
 
 logger = logging.getLogger("polargrid_local.server")
@@ -149,7 +150,9 @@ class Handler(BaseHTTPRequestHandler):
             status = self._send(response, head=method == "HEAD")
         finally:
             self.server.request_ended()
-            logger.info("%s %s %d %.1fms", method, url.path, status, 1000 * (time.perf_counter() - started))
+            seconds = time.perf_counter() - started
+            self.server.metrics.request(method, url.path, status, seconds)
+            logger.info("%s %s %d %.1fms", method, url.path, status, 1000 * seconds)
 
     def _handle(self, method: str, path: str, query: dict[str, str]) -> Response | StreamingResponse:
         server = self.server
@@ -162,24 +165,27 @@ class Handler(BaseHTTPRequestHandler):
                     f"{method} is not allowed on {path}; use {', '.join(allowed)}"), 405, "invalid_request_error")
                 ).encode(), headers={"Allow": ", ".join(allowed)})
             raise sdk.NotFoundError(f"No route {method} {path}")
-        address = self.client_address[0]
+        address = address_group(self.client_address[0])   # an IPv6 client counts by its /64
         caller = address
-        if path not in OPEN_PATHS and server.keys.enabled:
-            retry = server.auth_failures.retry_after(address)
-            if retry is not None:
-                raise sdk.RateLimitError(f"Too many failed API key checks from {address}; retry in {retry}s",
-                                         retry_after=retry)
+        if not server.is_open(path) and server.keys.enabled:
+            refused = server.auth_failures.check(address)
+            if refused is not None:
+                retry, scope = refused
+                raise sdk.RateLimitError(
+                    f"Too many failed API key checks from {address}; retry in {retry}s" if scope == "address" else
+                    f"Too many failed API key checks on this server in the last minute "
+                    f"(auth_failures_global_per_minute); retry in {retry}s", retry_after=retry)
             identified = server.keys.identify(self.headers.get("Authorization"))
             if identified is None:
                 server.auth_failures.failed(address)
                 raise sdk.AuthenticationError("Invalid or missing API key: send 'Authorization: Bearer <key>'")
             caller = identified
-        if path not in OPEN_PATHS:
-            retry = server.limiter.check(caller)
-            if retry is not None:
+        if not server.is_open(path):
+            wait = server.limiter.check(caller)
+            if wait is not None:
                 raise sdk.RateLimitError(f"Rate limit of {server.limiter.per_minute} requests per minute "
-                                         f"exceeded; retry in {retry}s", retry_after=retry)
-        request = Request(method, path, query, self.headers, self._read_body(), self.client, server.limits)
+                                         f"exceeded; retry in {wait}s", retry_after=wait)
+        request = Request(method, path, query, self.headers, self._read_body(), self.client, server.limits, server)
         return route(server.engine, request, **params)
 
     def _read_body(self) -> bytes:

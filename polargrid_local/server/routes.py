@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import math
 import re
 from collections.abc import Callable, Generator, Iterator
@@ -16,7 +15,7 @@ from polargrid.types import TranscriptionJobStatus
 from ..audio.encode import CONTENT_TYPES
 from ..engine import LocalEngine
 from ..errors import invalid
-from .app import Request, Response, StreamingResponse, error_body, error_status, json_response
+from .app import Request, Response, StreamingResponse, error_body, error_status, json_bytes, json_response
 from .watch import ClientGone
 
 
@@ -41,6 +40,13 @@ class Routes:
                     return fn, {k: unquote(v) for k, v in found.groupdict().items()}, allowed
                 allowed.append(route_method)
         return None, {}, sorted(set(allowed))
+
+    def label(self, method: str, path: str) -> str:
+        """The pattern of the route that serves this request ("unmatched" if none): a bounded metrics label."""
+        for route_method, pattern, _ in self._table:
+            if pattern.match(path) and (route_method == method or (method == "HEAD" and route_method == "GET")):
+                return pattern.pattern[1:-1]
+        return "unmatched"
 
 
 ROUTES = Routes()
@@ -93,7 +99,7 @@ def _watched(stream, request: Request) -> Generator[Any, None, None]:
 def _frame(payload: Any) -> bytes:
     if hasattr(payload, "model_dump"):
         payload = payload.model_dump(mode="json", exclude_none=True)
-    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+    return b"data: " + json_bytes(payload) + b"\n\n"
 
 
 def sse(stream, request: Request) -> StreamingResponse:
@@ -160,6 +166,12 @@ def completions_stream(engine: LocalEngine, request: Request) -> StreamingRespon
     body, options, seed = _completion_body(request)
     _take(body, "stream", bool)
     return sse(engine.completion_stream(body, stream_options=options, seed=seed), request)
+
+
+@ROUTES.add("POST", "/v1/cache/prompt")
+def cache_prompt(engine: LocalEngine, request: Request) -> Response:
+    """A local extra: process a prompt now and keep its KV state in the prompt cache, pinned."""
+    return json_response(engine.cache_prompt(request.json()))
 
 
 @ROUTES.add("POST", "/v1/embeddings")

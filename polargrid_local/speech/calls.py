@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +13,13 @@ import pydantic
 from polargrid import errors as sdk
 from polargrid.types import TranscriptionResponse, TranslationResponse
 
-from ..audio.decode import AudioInput, decode_audio
+from ..audio.decode import AudioInput, AudioReader
 from ..audio.encode import CONTENT_TYPES, fix_wav_sizes
 from ..limits import Limits
-from ..remote.forward import Forward, forwarded_fields
+from ..remote.forward import Forward, forwarded_fields, json_object
 from ..runtime.interfaces import Job, Prepared
 from .formats import TranscriptionWord, VerboseTranscriptionResponse, build_response, segment_of
+from .long_audio import transcription_job
 from .stt import SttInfo, SttOptions
 from .tts import speech_job
 
@@ -63,19 +64,24 @@ class SpeechCall:
 
 @dataclasses.dataclass(frozen=True)
 class Audio:
-    """Decoded speech: mono 16 kHz float32 samples and the duration of the source."""
+    """Speech opened for transcription: its first window decoded (mono 16 kHz float32 ``samples``), the rest
+    still to decode as it is transcribed (``rest``: None when the file ended within the window), and the
+    duration known so far (the container's, when it says)."""
 
     samples: np.ndarray
     duration: float
+    rest: Iterable[np.ndarray] | None = None
 
 
 def decode_speech(file: AudioInput, limits: Limits) -> Audio:
-    """Decode and resample (off the model's thread), padding a clip shorter than one analysis window."""
-    decoded = decode_audio(file, 16000, limits=limits)
-    samples = decoded.samples
+    """Open and decode the first window here (off the model's thread: most bad files are a 400 before any queue),
+    padding a clip shorter than one analysis window; long audio decodes the rest as it is transcribed."""
+    reader = AudioReader(file, 16000, limits=limits)
+    samples, rest = reader.head(limits.transcription_window_s)
+    duration = samples.size / 16000 if rest is None else max(reader.declared_seconds or 0.0, samples.size / 16000)
     if samples.size < MIN_SAMPLES:  # silence-padded, not a 500
         samples = np.pad(samples, (0, MIN_SAMPLES - samples.size))
-    return Audio(samples, decoded.duration)
+    return Audio(samples, duration, rest)
 
 
 class _Transcript:
@@ -124,17 +130,18 @@ class TranscriptionCall:
                              + limits.transcription_seconds_per_audio_second * duration,
                              token_budget=int(limits.transcription_tokens_base
                                               + limits.transcription_tokens_per_audio_second * duration),
-                             batch_size=self.batch_size)
-
-        def run(backend: Any, ctx: Any):
-            yield from backend.transcribe(audio.samples, options, ctx)
-
+                             batch_size=self.batch_size, budget_audio_s=duration,
+                             time_per_audio_s=limits.transcription_seconds_per_audio_second,
+                             tokens_per_audio_s=limits.transcription_tokens_per_audio_second,
+                             window_s=limits.transcription_window_s)
         reader = _Transcript(self.convert)
-        return Prepared(Job(run), reader, self._fold_local(duration), lambda: reader.tokens, tail=self.tail)
+        return Prepared(transcription_job(audio.samples, audio.rest, options), reader, self._fold_local(duration),
+                        lambda: reader.tokens, tail=self.tail)
 
     def _fold_local(self, duration: float) -> Callable[[list[Any], Any], Any]:
         def fold(items: list[Any], metadata: Any) -> Any:
-            info = next((item for item in items if isinstance(item, SttInfo)), None)
+            infos = [item for item in items if isinstance(item, SttInfo)]
+            info = infos[-1] if infos else None   # long audio: the last one has the whole duration
             segments, words = [], []
             for item in items:
                 if isinstance(item, SttInfo):
@@ -157,8 +164,12 @@ class TranscriptionCall:
         if self.words:
             form["timestamp_granularities[]"] = ["word"]
         path = "audio/translations" if self.task == "translate" else "audio/transcriptions"
-        forward = Forward(path, form=form, files={"file": (name, io.BytesIO(data))}, reply="body")
+        forward = Forward(path, form=form, files={"file": (name, io.BytesIO(data))}, reply="body",
+                          expects=("text/",) if self.fmt in TEXT_FORMATS else ("application/json",))
         return Prepared(forward, _RemoteTranscript(self.fmt, self.task, forward), _first)
+
+
+TEXT_FORMATS = ("text", "srt", "vtt")   # transcripts answered as text/plain, not JSON
 
 
 class _RemoteTranscript:
@@ -168,13 +179,14 @@ class _RemoteTranscript:
         self.fmt, self.task, self.forward = fmt, task, forward
 
     def feed(self, body: bytes) -> list[Any]:
-        if self.fmt in ("text", "srt", "vtt"):
+        if self.fmt in TEXT_FORMATS:
             return [body.decode("utf-8", "replace")]
+        data = json_object(body, self.forward)   # no NaN or Infinity to pass on
         try:
             if self.fmt == "verbose_json":
-                return [VerboseTranscriptionResponse.model_validate_json(body)]
+                return [VerboseTranscriptionResponse.model_validate(data)]
             cls = TranslationResponse if self.task == "translate" else TranscriptionResponse
-            return [cls.model_validate_json(body)]
+            return [cls.model_validate(data)]
         except pydantic.ValidationError as exc:
             raise sdk.ServerError(f"remote {self.forward.where} sent a transcript that is not OpenAI-compatible: "
                                   f"{exc.errors()[0].get('msg')}", 502) from exc

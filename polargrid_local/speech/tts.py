@@ -9,6 +9,7 @@ from polargrid.types import TextToSpeechRequest
 
 from ..audio.encode import FORMATS, StreamEncoder
 from ..errors import check_text, invalid
+from ..runtime.compute import OnLane, on_lane
 from ..runtime.interfaces import Job, JobContext
 
 MAX_INPUT = 4096
@@ -30,6 +31,7 @@ class PiperBackend:
         from piper import PiperVoice
 
         self.voice: Any = PiperVoice.load(path, use_cuda=use_cuda)
+        self.voice.session = OnLane(self.voice.session, ("run",))   # onnxruntime's runs take turns on the lane
         self.sample_rate = self.voice.config.sample_rate
         self.output_sample_rate = output_sample_rate
         self.voices = {k.lower(): int(v) for k, v in (voices or {"default": 0}).items()}
@@ -103,10 +105,10 @@ def speech_job(request: SpeechRequest, fmt: str) -> Job:
         resampler = Resampler(backend.sample_rate, rate)
         encoder = StreamEncoder(fmt, rate)
         for sentence in backend.synthesize(request.input, request.speed, speaker, lambda: ctx.cancelled):
-            data = encoder.feed(resampler.process(sentence))
+            data = encoder.feed(on_lane(resampler.process, sentence))
             if data:
                 yield data
-        tail = encoder.feed(resampler.flush()) + encoder.close()
+        tail = encoder.feed(on_lane(resampler.flush)) + encoder.close()
         if tail:
             yield tail
 

