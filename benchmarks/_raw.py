@@ -48,6 +48,22 @@ class RawLlama:
             tok = self.argmax(0)
         return n / (time.perf_counter() - started)
 
+    def greedy(self, prompt: list[int], n: int) -> tuple[list[int], float]:
+        """Greedy decoding of ``n`` tokens after ``prompt`` (never stopping early); the tokens and the decode
+        rate of tokens 2..n (the first comes from the prefill, as an engine's first streamed token does)."""
+        self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
+        for start in range(0, len(prompt), 512):
+            chunk = prompt[start:start + 512]
+            self.decode([(t, start + j, 0, start + j == len(prompt) - 1) for j, t in enumerate(chunk)])
+        tok = self.argmax(len(prompt) - 1 - (len(prompt) - 1) // 512 * 512)
+        out = [tok]
+        started = time.perf_counter()
+        for i in range(n - 1):
+            self.decode([(tok, len(prompt) + i, 0, True)])
+            tok = self.argmax(0)
+            out.append(tok)
+        return out, (n - 1) / max(time.perf_counter() - started, 1e-9)
+
     def batched_decode_tok_s(self, n_seq: int, prompt_len: int, steps: int) -> float:
         """n_seq sequences of prompt_len tokens, then `steps` decode steps with all of them in one batch."""
         self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)

@@ -141,7 +141,8 @@ class Admin:
             models.append(LoadedModel(
                 model=model_id, kind=spec.kind if spec else "?", memory_mb=est.total // MB if est else 0,
                 last_used=datetime.fromtimestamp(facts["last_used"], timezone.utc).isoformat(),
-                keep_alive_s=facts["keep_alive"], expires_in_s=facts["expires_in"], in_flight=facts["in_flight"]))
+                keep_alive_s=facts["keep_alive"], expires_in_s=facts["expires_in"], in_flight=facts["in_flight"],
+                speculative=facts["speculative"]))
         return ModelStatusResponse(loaded=loaded, loading_status={m.id: pool.state(m) for m in self.registry.models},
                                    repository=str(self.registry.cache_dir),
                                    models=models, remote=self._remotes(),

@@ -34,6 +34,7 @@ from .host.offline import enable as enable_offline_guard
 from .host.offline import offline_requested
 from .limits import DEFAULT_LIMITS, Limits
 from .llm.calls import ChatCall, CompletionCall, EmbeddingCall
+from .llm.drafting import split_speculative
 from .llm.embeddings import plan_embeddings, split_options
 from .llm.prompt_cache import PromptCacheConfig, cache_status
 from .llm.requests import completion_prompts, embedding_inputs
@@ -189,12 +190,13 @@ class LocalEngine:
                                stream_options: dict[str, Any] | None = None) -> Stream[ChatCompletionChunk]:
         """Stream a chat completion. ``stream_options={"include_usage": True}`` adds a final usage chunk."""
         request, keep_alive = split_keep_alive(request)
+        request, speculative = split_speculative(request)
         if isinstance(request, dict):
             request = dict(request)
             stream_options = stream_options or request.pop("stream_options", None)
         request = coerce(ChatCompletionRequest, request, "chat completion request")
-        return self._run(request.model, "chat", ChatCall(request, _include_usage(stream_options), self.limits),
-                         keep_alive)
+        call = ChatCall(request, _include_usage(stream_options), self.limits, speculative)
+        return self._run(request.model, "chat", call, keep_alive)
 
     def chat_completion(self, request: ChatCompletionRequest | dict[str, Any]):
         """A chat completion: the fold of its stream."""
@@ -204,9 +206,11 @@ class LocalEngine:
                           stream_options: dict[str, Any] | None = None, seed: int | None = None
                           ) -> Stream[CompletionChunk]:
         """Stream a text completion; a list prompt gives one choice per prompt, in order. Beyond the SDK's
-        fields, a dict may hold seed, min_p and repetition_penalty, as chat requests do."""
+        fields, a dict may hold seed, min_p and repetition_penalty, as chat requests do, and ``speculative``
+        (false: no drafts)."""
         extras: dict[str, Any] = {}
         request, keep_alive = split_keep_alive(request)
+        request, speculative = split_speculative(request)
         if isinstance(request, dict):
             request = dict(request)
             stream_options = stream_options or request.pop("stream_options", None)
@@ -214,7 +218,7 @@ class LocalEngine:
             extras = {k: request.pop(k) for k in ("min_p", "repetition_penalty") if k in request}
         request = coerce(CompletionRequest, request, "completion request")
         call = CompletionCall(request, completion_prompts(request, self.limits), _include_usage(stream_options), seed,
-                              extras)
+                              extras, speculative)
         return self._run(request.model, "chat", call, keep_alive)
 
     def completion(self, request: CompletionRequest | dict[str, Any], *, seed: int | None = None):

@@ -22,10 +22,19 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
 
 
+class CompletionTokensDetails(BaseModel):
+    """OpenAI's ``usage.completion_tokens_details``, as speculative decoding fills it: of the tokens drafted for
+    this answer, how many the model accepted (they are part of the answer) and how many it rejected."""
+
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
+
+
 class TokenUsage(sdk.TokenUsage):
-    """The SDK's token counts, plus OpenAI's ``prompt_tokens_details``."""
+    """The SDK's token counts, plus OpenAI's ``prompt_tokens_details`` and ``completion_tokens_details``."""
 
     prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: CompletionTokensDetails | None = None
 
 
 class PGMetadata(sdk.PGMetadata):
@@ -76,8 +85,18 @@ class GPUStatusResponse(sdk.GPUStatusResponse):
     models: list[ModelMemory] = []
 
 
+class SpeculativeStats(BaseModel):
+    """A chat model's speculative decoding since it loaded: tokens drafted, and how many the model accepted."""
+
+    mode: str                  # "prompt-lookup", or "off"
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    acceptance_rate: float | None = None   # accepted / drafted; None before any draft
+
+
 class LoadedModel(BaseModel):
-    """A loaded model's lifecycle: memory (the estimate made before loading), last use and keep_alive left."""
+    """A loaded model's lifecycle: memory (the estimate made before loading), last use and keep_alive left;
+    a chat model served here also its speculative decoding counts."""
 
     model: str
     kind: str
@@ -86,6 +105,7 @@ class LoadedModel(BaseModel):
     keep_alive_s: float | None = None  # None: stays loaded until unloaded
     expires_in_s: float | None = None  # None: never; while requests are in flight, the full keep_alive
     in_flight: int = 0
+    speculative: SpeculativeStats | None = None
 
 
 class RemoteInfo(BaseModel):

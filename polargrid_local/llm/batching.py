@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import codecs
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .decoder import BatchEntry, Decoder, LlamaDecoder
+from .drafting import Drafting, SlotDrafts, check_mode
 from .generation import SamplingParams, Started, StopMatcher, TextDelta
 
 if TYPE_CHECKING:
@@ -66,6 +68,7 @@ class _Slot:
     stops: StopMatcher | None = None
     awaiting: bool = False                            # its last sample had no token yet (a paced source)
     sample_index: int = 0
+    drafts: SlotDrafts | None = None                  # its prompt-lookup drafting (None: one token per step)
 
 
 class BatchScheduler:
@@ -77,7 +80,8 @@ class BatchScheduler:
     """
 
     def __init__(self, decoder: Decoder, *, n_parallel: int, n_ctx_per_seq: int, n_batch: int,
-                 prefill_chunk: int = 64, prompt_cache: PromptCache | None = None) -> None:
+                 prefill_chunk: int = 64, prompt_cache: PromptCache | None = None,
+                 speculative: str = "prompt-lookup") -> None:
         self.decoder = decoder
         self.prompt_cache = prompt_cache
         self.n_parallel = n_parallel
@@ -89,6 +93,9 @@ class BatchScheduler:
         self.tokens_generated = 0
         self.prompt_tokens_evaluated = 0
         self.prompt_tokens_borrowed = 0
+        # Drafts need a decoder that gives one token per sample and can drop a sequence's tail.
+        verifies = getattr(decoder, "verifies", False)
+        self.drafting = Drafting(speculative) if verifies and check_mode(speculative) != "off" else None
 
     # -- admission -----------------------------------------------------------------------
 
@@ -146,6 +153,7 @@ class BatchScheduler:
             slot.budget = min(job.max_tokens, self.n_ctx_per_seq - len(job.tokens))
             slot.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
             slot.stops = StopMatcher(job.stops)
+            slot.drafts = self.drafting.start(job.tokens) if self.drafting and job.params.speculative else None
             self._push(slot, Started(prompt_tokens=len(job.tokens), index=job.index, cached_tokens=common,
                                      cache=source if common else None))
             if saved_logits is not None and common == len(job.tokens):
@@ -217,14 +225,13 @@ class BatchScheduler:
             if slot.job is not None and slot.awaiting:
                 advanced = self._sample(slot, slot.sample_index) or advanced
         generating = [s for s in self.slots if s.job is not None and s.next_token is not None]
-        entries = [BatchEntry(s.seq_id, s.next_token, len(s.cached), True) for s in generating
-                   if s.next_token is not None]
         prefill: list[tuple[_Slot, list[int]]] = []
+        prompt_entries: list[BatchEntry] = []
         waiting_first = sum(1 for s in self.slots if s.job is not None and s.pending)
         # Several prompts at once: small chunks, in order, so the first ones start streaming early
         # instead of every request waiting for one big prefill (time to first token, p50).
         budget = self.n_batch if waiting_first <= 1 else min(self.n_batch, self.prefill_chunk)
-        room = budget - len(entries) if waiting_first > 1 else self.n_batch - len(entries)
+        room = budget - len(generating) if waiting_first > 1 else self.n_batch - len(generating)
         for slot in self.slots:   # prompt chunks fill what the running streams leave of the batch
             if room <= 0:
                 break
@@ -233,23 +240,33 @@ class BatchScheduler:
             chunk = slot.pending[:room]
             ends = len(chunk) == len(slot.pending)
             start = len(slot.cached)
-            entries += [BatchEntry(slot.seq_id, tok, start + i, ends and i == len(chunk) - 1)
-                        for i, tok in enumerate(chunk)]
+            prompt_entries += [BatchEntry(slot.seq_id, tok, start + i, ends and i == len(chunk) - 1)
+                               for i, tok in enumerate(chunk)]
             prefill.append((slot, chunk))
             room -= len(chunk)
+        if self.drafting is not None:
+            self._plan_drafts(generating, len(prompt_entries))
+        entries: list[BatchEntry] = []
+        for s in generating:   # its next token, then its draft (if any): logits for each
+            start = len(s.cached)
+            entries.append(BatchEntry(s.seq_id, s.next_token, start, True))  # type: ignore[arg-type]
+            entries += [BatchEntry(s.seq_id, tok, start + 1 + j, True) for j, tok in enumerate(_draft(s))]
+        entries += prompt_entries
         if not entries:
             return advanced
+        started = time.perf_counter()
         try:
             self.decoder.decode(entries)
         except Exception as exc:
             self.fail_all(exc)
             return True
         to_sample = []
-        for i, slot in enumerate(generating):
+        offset = 0
+        for slot in generating:
             slot.cached.append(slot.next_token)  # type: ignore[arg-type]  # generating slots have one
             slot.next_token = None
-            to_sample.append((slot, i))
-        offset = len(generating)
+            to_sample.append((slot, offset))
+            offset += 1 + len(_draft(slot))
         for slot, chunk in prefill:
             slot.cached.extend(chunk)
             slot.pending = slot.pending[len(chunk):]
@@ -259,11 +276,52 @@ class BatchScheduler:
                 to_sample.append((slot, offset - 1))
         prefilled = [(slot, slot.job, index) for slot, index in to_sample[len(generating):]]
         for slot, index in to_sample:
-            if slot.job is not None:
+            if slot.job is None:
+                continue
+            if _draft(slot):
+                self._verify(slot, index)
+            else:
                 self._sample(slot, index)
+        if self.drafting is not None:
+            self.drafting.costs.record(len(entries), time.perf_counter() - started)
         if prefilled:
             self._remember_prompts(prefilled)  # type: ignore[arg-type]  # slots in prefill have a job
         return True
+
+    def _plan_drafts(self, generating: list[_Slot], prompt_tokens: int) -> None:
+        """This step's drafts: what the cost model says pays beside the step's other tokens, within each
+        sequence's budget and context and the batch's room."""
+        eligible = []
+        for slot in generating:
+            if slot.drafts is not None:
+                slot.drafts.draft = []
+                most = min(slot.budget - slot.produced - 1, self.n_ctx_per_seq - len(slot.cached) - 1)
+                eligible.append((slot.drafts, most))
+        assert self.drafting is not None
+        if eligible:
+            self.drafting.plan(eligible, generating=len(generating), other=prompt_tokens,
+                               room=self.n_batch - len(generating) - prompt_tokens)
+
+    def _verify(self, slot: _Slot, index: int) -> None:
+        """Sample the slot's next token and each drafted position after it, in order, with its own sampler
+        chain; keep the drafts the samples equal, drop the KV cells of the rest, hand on the samples."""
+        assert slot.job is not None and slot.drafts is not None and self.drafting is not None
+        draft = slot.drafts.draft
+        tokens: list[int] = []
+        try:
+            for j in range(len(draft) + 1):
+                token = self.decoder.sample(slot.sampler, index + j)[0]
+                tokens.append(token)
+                if j == len(draft) or token != draft[j] or self.decoder.is_end(token):
+                    break
+        except Exception as exc:   # this sequence's failure ends its request only
+            slot.job.stream.finish(exc)
+            self._release(slot, finish=None)
+            return
+        accepted = len(tokens) - 1
+        self.drafting.learn(slot.drafts, accepted)
+        self.decoder.truncate(slot.seq_id, len(slot.cached) + accepted)
+        self._emit(slot, tokens)
 
     def _sample(self, slot: _Slot, index: int) -> bool:
         """Sample the slot's next tokens and hand on their text; False when the source had none yet."""
@@ -287,6 +345,8 @@ class BatchScheduler:
         text handed on in one piece. The last one is decoded at the next step (the others are in the cache)."""
         job, stops = slot.job, slot.stops
         assert job is not None and stops is not None
+        if slot.drafts is not None:
+            slot.drafts.extend(tokens)
         text, finish, flush = "", None, True
         for token in tokens:
             if self.decoder.is_end(token):
@@ -324,14 +384,17 @@ class BatchScheduler:
             tail = slot.stops.flush(slot.utf8.decode(b"", final=True)) if flush else ""
             if tail:
                 self._push(slot, TextDelta(tail, index=job.index))
+            drafts = slot.drafts
             self._push(slot, TextDelta("", finish_reason=finish, prompt_tokens=len(job.tokens),
-                                       completion_tokens=slot.produced, index=job.index))
+                                       completion_tokens=slot.produced, index=job.index,
+                                       drafted=drafts.drafted if drafts else 0,
+                                       accepted=drafts.accepted if drafts else 0))
         job.siblings[0] -= 1
         if job.siblings[0] <= 0 or finish is None:
             job.stream.finish()
         slot.pending = []  # a request stopped mid-prompt keeps only the tokens evaluated
         self.decoder.free_sampler(slot.sampler)
-        slot.job, slot.sampler, slot.next_token, slot.awaiting = None, None, None, False
+        slot.job, slot.sampler, slot.next_token, slot.awaiting, slot.drafts = None, None, None, False, None
 
     def _push(self, slot: _Slot, item: Any) -> None:
         assert slot.job is not None
@@ -366,6 +429,10 @@ class BatchScheduler:
         self.decoder.close()
 
 
+def _draft(slot: _Slot) -> list[int]:
+    return slot.drafts.draft if slot.drafts is not None else []
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -380,8 +447,9 @@ class BatchedLlamaBackend:
 
     def __init__(self, path: str, *, n_ctx: int = 2048, n_parallel: int = 8, max_queue: int = 64,
                  n_batch: int = 512, prompt_cache: Any = None, model_id: str = "", model_sha256: str | None = None,
-                 **llama_settings: Any) -> None:
-        """``prompt_cache``: a PromptCacheConfig (prompt_cache.py), or None for no cache on disk."""
+                 speculative: str = "prompt-lookup", **llama_settings: Any) -> None:
+        """``prompt_cache``: a PromptCacheConfig (prompt_cache.py), or None for no cache on disk; ``speculative``:
+        "prompt-lookup" (drafts, llm/drafting.py) or "off"."""
         from .backend import LlamaBackend
         from .prompt_cache import open_prompt_cache
 
@@ -393,7 +461,7 @@ class BatchedLlamaBackend:
         self.prompt_cache = open_prompt_cache(prompt_cache, model_id or Path(path).stem, path, model_sha256, n_ctx,
                                               {**kv, "on_gpu": self.base.n_gpu_layers != 0}, state)
         self.scheduler = BatchScheduler(decoder, n_parallel=n_parallel, n_ctx_per_seq=n_ctx, n_batch=n_batch,
-                                        prompt_cache=self.prompt_cache)
+                                        prompt_cache=self.prompt_cache, speculative=speculative)
         self.max_queue = max_queue
         self.n_parallel = n_parallel
         self.n_ctx = n_ctx
@@ -408,6 +476,13 @@ class BatchedLlamaBackend:
     @property
     def weights_bytes(self) -> int:
         return self.base.weights_bytes
+
+    def speculative_stats(self) -> dict[str, Any]:
+        """Drafting since load, for get_model_status (types.SpeculativeStats)."""
+        drafting = self.scheduler.drafting
+        if drafting is None:
+            return {"mode": "off"}
+        return drafting.stats()
 
     def close(self) -> None:
         self.scheduler.close()

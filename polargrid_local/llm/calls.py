@@ -33,16 +33,19 @@ def _tokens(reader: Any):
 
 
 class ChatCall:
-    """A chat completion; ``include_usage`` adds the final usage chunk to its stream."""
+    """A chat completion; ``include_usage`` adds the final usage chunk to its stream; ``speculative`` False
+    turns drafting off for it (a local extra, never forwarded)."""
 
     what = "chat"
 
-    def __init__(self, request: ChatCompletionRequest, include_usage: bool, limits: Limits, pin: Any = None) -> None:
+    def __init__(self, request: ChatCompletionRequest, include_usage: bool, limits: Limits, pin: Any = None,
+                 speculative: bool | None = None) -> None:
         """``pin``: cache_prompt's Future, resolved with the prompt cache entry of this prompt, pinned."""
         self.request, self.include_usage, self.limits, self.pin = request, include_usage, limits, pin
+        self.speculative = speculative
 
     def local(self, model_id: str) -> Prepared:
-        plan = plan_chat(self.request, model_id, self.limits)
+        plan = plan_chat(self.request, model_id, self.limits, self.speculative)
         chunker = ChatChunker(self.request.model, self.request.tools, plan.tools, self.include_usage, plan.output)
         return Prepared(chat_job(plan, model_id, self.pin), chunker, _fold(fold_chat, chunker), _tokens(chunker))
 
@@ -61,14 +64,14 @@ class CompletionCall:
     what = "completion"
 
     def __init__(self, request: CompletionRequest, prompts: list[str], include_usage: bool, seed: int | None,
-                 extras: dict[str, Any], pin: Any = None) -> None:
+                 extras: dict[str, Any], pin: Any = None, speculative: bool | None = None) -> None:
         self.request, self.prompts, self.include_usage = request, prompts, include_usage
-        self.seed, self.extras, self.pin = seed, extras, pin
+        self.seed, self.extras, self.pin, self.speculative = seed, extras, pin, speculative
 
     def local(self, model_id: str) -> Prepared:
         chunker = CompletionChunker(self.request.model, self.include_usage)
         chunker.prompts_total = len(self.prompts)
-        params = sampling_for(self.request, seed=self.seed, **self.extras)
+        params = sampling_for(self.request, seed=self.seed, speculative=self.speculative, **self.extras)
         job = completion_job(self.prompts, params, self.request.max_tokens or 100, check_stops(self.request.stop),
                              model_id, self.pin)
         return Prepared(job, chunker, _fold(fold_completion, chunker), _tokens(chunker))

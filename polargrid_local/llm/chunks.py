@@ -23,6 +23,7 @@ from ..types import (
     ChatCompletionResponse,
     CompletionChunk,
     CompletionResponse,
+    CompletionTokensDetails,
     PromptTokensDetails,
     TokenUsage,
     new_id,
@@ -32,6 +33,16 @@ from .constraints import ToolPlan, parse_tool_call
 from .generation import Started, TextDelta
 from .schemas import OutputSchema
 from .tool_dialects import CallWatcher, parse_calls
+
+
+def local_usage(prompt: int, completion: int, cached: int, drafted: int, accepted: int) -> TokenUsage:
+    """A local generation's usage: the prompt's details count its tokens the prompt cache supplied, the
+    completion's the drafted tokens kept and dropped (speculative decoding)."""
+    details = CompletionTokensDetails(accepted_prediction_tokens=accepted,
+                                      rejected_prediction_tokens=drafted - accepted)
+    return TokenUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                      prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+                      completion_tokens_details=details)
 
 
 class ChatChunker:
@@ -112,9 +123,8 @@ class ChatChunker:
                 out.append(self._chunk(ChatDelta(content=self._held)))
             self._held = ""
         out.append(self._chunk(ChatDelta(), finish))
-        self.usage = TokenUsage(prompt_tokens=self._prompt_tokens, completion_tokens=event.completion_tokens,
-                                total_tokens=self._prompt_tokens + event.completion_tokens,
-                                prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens))
+        self.usage = local_usage(self._prompt_tokens, event.completion_tokens, self.cached_tokens, event.drafted,
+                                 event.accepted)
         if self.include_usage:
             out.append(self._chunk(None, usage=self.usage))
         return out
@@ -207,6 +217,7 @@ class CompletionChunker:
         self.prompt_tokens: dict[int, int] = {}
         self.cached: dict[int, tuple[int, str | None]] = {}
         self.completion_tokens: dict[int, int] = {}
+        self.drafts: dict[int, tuple[int, int]] = {}   # per prompt: tokens drafted, accepted
         self.prompts_total = 0
         self.usage: TokenUsage | None = None
 
@@ -230,11 +241,11 @@ class CompletionChunker:
                                                           finish_reason=event.finish_reason)]))
         if event.finish_reason:
             self.completion_tokens[event.index] = event.completion_tokens
+            self.drafts[event.index] = (event.drafted, event.accepted)
             prompt, completion = sum(self.prompt_tokens.values()), sum(self.completion_tokens.values())
             cached = sum(count for count, _ in self.cached.values())
-            self.usage = TokenUsage(prompt_tokens=prompt, completion_tokens=completion,
-                                    total_tokens=prompt + completion,
-                                    prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+            self.usage = local_usage(prompt, completion, cached, sum(d for d, _ in self.drafts.values()),
+                                     sum(a for _, a in self.drafts.values()))
             if self.include_usage and len(self.completion_tokens) == self.prompts_total:
                 out.append(self._chunk([], usage=self.usage))
         return out

@@ -27,7 +27,13 @@ class BatchEntry(NamedTuple):
 
 
 class Decoder(Protocol):
-    """A multi-sequence model context, used by one thread (its model's worker) only."""
+    """A multi-sequence model context, used by one thread (its model's worker) only.
+
+    ``verifies``: its ``sample`` gives exactly one token per logits row and ``truncate`` can drop a sequence's
+    tail, so the scheduler may put drafted tokens in a batch and keep only those the samples agree with.
+    """
+
+    verifies: bool
 
     def decode(self, entries: Sequence[BatchEntry]) -> None:
         """Evaluate one batch; raises RuntimeError when the model cannot."""
@@ -100,6 +106,8 @@ class LlamaDecoder:
         if not self.ctx:
             raise RuntimeError("llama.cpp could not create the batched context (memory?)")
         self.memory = L.llama_get_memory(self.ctx)
+        model = llama._model.model   # a recurrent state cannot drop the cells of rejected drafts
+        self.verifies = not (L.llama_model_is_recurrent(model) or L.llama_model_is_hybrid(model))
         self.vocab = llama._model.vocab
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.batch = L.llama_batch_init(max(n_batch, n_parallel), 0, 1)

@@ -21,6 +21,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     grammar: Any = None  # constraints.Grammar: its .gbnf is the llama.cpp grammar
+    speculative: bool = True  # False: no drafts for this request (llm/drafting.py), one token per step
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class TextDelta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     index: int = 0
+    drafted: int = 0   # speculative decoding: tokens drafted for this generation, and how many were kept
+    accepted: int = 0
 
 
 @dataclass(frozen=True)

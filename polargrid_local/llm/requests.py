@@ -22,9 +22,11 @@ DEFAULT_TOP_K = 40
 
 
 def sampling_for(request: ChatCompletionRequest | CompletionRequest, *, seed: int | None = None,
-                 grammar: Grammar | None = None, min_p: Any = None, repetition_penalty: Any = None) -> SamplingParams:
+                 grammar: Grammar | None = None, min_p: Any = None, repetition_penalty: Any = None,
+                 speculative: bool | None = None) -> SamplingParams:
     """Sampling settings of a chat or completion request (a completion request has no min_p,
-    repetition_penalty or seed fields: those come as keywords or take their neutral values)."""
+    repetition_penalty or seed fields: those come as keywords or take their neutral values). ``speculative``
+    False: no drafts for this request (the local extra; None or True: as the model is set)."""
     return SamplingParams(
         temperature=0.7 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
@@ -36,6 +38,7 @@ def sampling_for(request: ChatCompletionRequest | CompletionRequest, *, seed: in
                                        else getattr(request, "repetition_penalty", None)),
         seed=_seed(seed if seed is not None else getattr(request, "seed", None)),
         grammar=grammar,
+        speculative=speculative is not False,
     )
 
 
@@ -123,7 +126,8 @@ class ChatPlan:
     output: OutputSchema | None = None  # what response_format's output must satisfy when complete
 
 
-def plan_chat(request: ChatCompletionRequest, model_id: str, limits: Limits | None = None) -> ChatPlan:
+def plan_chat(request: ChatCompletionRequest, model_id: str, limits: Limits | None = None,
+              speculative: bool | None = None) -> ChatPlan:
     """Validate a chat request and decide its sampling, grammar and tools (schemas within ``limits``)."""
     limits = limits or DEFAULT_LIMITS
     if not request.messages:
@@ -142,7 +146,7 @@ def plan_chat(request: ChatCompletionRequest, model_id: str, limits: Limits | No
     if tools is not None and formatted is not None:
         raise invalid("response_format and tools cannot constrain the same request; use one")
     grammar, output = formatted or (None, None)
-    params = sampling_for(request, grammar=tools.grammar if tools else grammar)
+    params = sampling_for(request, grammar=tools.grammar if tools else grammar, speculative=speculative)
     return ChatPlan(list(request.messages), params, request.max_tokens or 150, check_stops(request.stop), tools,
                     output)
 

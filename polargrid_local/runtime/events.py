@@ -1,9 +1,8 @@
 """What the engine tells its listeners (the HTTP server's /metrics): each generation's tokens and first token.
 
 Listeners are called on the thread that finishes the stream (the reader's), so they must be quick and must not
-raise; a listener that fails is logged and dropped. Issue 19 (speculative decoding) reports drafted and accepted
-tokens through ``drafted``, and issue 20 (prompt cache) its hits through ``prompt_cache``: the metrics for both
-are declared in server/metrics.py and wait for these calls.
+raise; a listener that fails is logged and dropped. A generation's usage also gives its drafted and accepted
+tokens (speculative decoding, ``drafted``) and its prompt tokens the cache supplied (``prompt_cache``).
 """
 from __future__ import annotations
 
@@ -58,13 +57,20 @@ class EngineEvents:
         prompt = getattr(usage, "prompt_tokens", 0) or 0
         completion = getattr(usage, "completion_tokens", 0) or 0
         self.emit("generation", Generation(model, prompt, completion, first_token_s))
+        drafts = getattr(usage, "completion_tokens_details", None)
+        if drafts is not None:
+            accepted = drafts.accepted_prediction_tokens
+            self.drafted(model, accepted + drafts.rejected_prediction_tokens, accepted)
+        cached = getattr(getattr(usage, "prompt_tokens_details", None), "cached_tokens", None)
+        if cached is not None:
+            self.prompt_cache(model, cached > 0, cached)
 
     def drafted(self, model: str, drafted: int, accepted: int) -> None:
-        """Speculative decoding (issue 19): tokens a draft model proposed and how many the model accepted."""
+        """Speculative decoding: tokens drafted for one generation and how many the model accepted."""
         self.emit("drafted", (model, drafted, accepted))
 
     def prompt_cache(self, model: str, hit: bool, tokens_reused: int) -> None:
-        """Prompt cache (issue 20): whether a prompt reused cached tokens, and how many."""
+        """Prompt cache: whether a prompt reused cached tokens (in memory or from disk), and how many."""
         self.emit("prompt_cache", (model, hit, tokens_reused))
 
 

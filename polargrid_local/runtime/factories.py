@@ -17,14 +17,17 @@ def chat_factory(spec: ModelSpec, path: str, settings: LoadSettings):
     """Continuous batching (n_parallel sequences, max_queue waiting) unless n_parallel is 1."""
     from ..llm.backend import LlamaBackend
     from ..llm.batching import BatchedLlamaBackend
+    from ..llm.drafting import check_mode
 
+    check_mode(settings.speculative, f"model {spec.id!r}: [models.engine] speculative")   # before the weights load
     ensure_safe_llama()
     if settings.n_parallel <= 1:
         return LlamaBackend(path, **settings.llama())
     cache = settings.prompt_cache if spec.engine.get("prompt_cache", True) is not False else None
     sha256 = next((f.sha256 for f in spec.files if f.path == spec.entry), None)
     return BatchedLlamaBackend(path, n_parallel=settings.n_parallel, max_queue=settings.max_queue,
-                               prompt_cache=cache, model_id=spec.id, model_sha256=sha256, **settings.llama())
+                               prompt_cache=cache, model_id=spec.id, model_sha256=sha256,
+                               speculative=settings.speculative, **settings.llama())
 
 
 def embedding_factory(spec: ModelSpec, path: str, settings: LoadSettings):

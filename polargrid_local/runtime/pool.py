@@ -332,15 +332,18 @@ class ModelPool:
         return self.default_keep_alive
 
     def usage_of(self, model_id: str) -> dict[str, Any]:
-        """Lifecycle facts of a loaded model: last use (wall clock), keep_alive, seconds left, requests in flight."""
+        """Lifecycle facts of a loaded model: last use (wall clock), keep_alive, seconds left, requests in flight;
+        and its speculative decoding counts (a chat backend's ``speculative_stats()``; None for others)."""
         spec = self.registry.get(model_id)
         with self._lock:
             mono, wall = self._last_used.get(model_id, (time.monotonic(), time.time()))
             in_flight = self._in_flight.get(model_id, 0)
+            worker = self._workers.get(model_id)
+        stats = getattr(getattr(worker, "backend", None), "speculative_stats", None)
         keep = self.keep_alive_for(spec) if spec is not None else FOREVER
         left = None if keep == FOREVER else (keep if in_flight else max(0.0, keep - (time.monotonic() - mono)))
         return {"last_used": wall, "keep_alive": None if keep == FOREVER else keep, "expires_in": left,
-                "in_flight": in_flight}
+                "in_flight": in_flight, "speculative": stats() if stats is not None else None}
 
     def least_recently_used(self) -> list[str]:
         """Loaded models with nothing in flight, the longest idle first."""

@@ -32,6 +32,7 @@ class LoadSettings:
     tensor_split: list[float] | None = None
     flash_attn: bool = False
     chat_template: str | None = None
+    speculative: str = "prompt-lookup"   # chat: "prompt-lookup" drafts (llm/drafting.py) or "off"
     prompt_cache: Any = None     # llm/prompt_cache.py's PromptCacheConfig (chat), or None: off
 
     @classmethod

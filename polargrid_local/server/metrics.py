@@ -44,8 +44,8 @@ class ServerMetrics:
         self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens of finished generations", ["model"],
                                      registry=r)
         self.generated_tokens = Counter(f"{PREFIX}_generated_tokens", "Tokens generated", ["model"], registry=r)
-        # Issue 19 (speculative decoding) and issue 20 (prompt cache) feed these through EngineEvents.
-        self.drafted_tokens = Counter(f"{PREFIX}_draft_tokens", "Tokens proposed by a draft model", ["model"],
+        # Speculative decoding and the prompt cache feed these through EngineEvents (from each generation's usage).
+        self.drafted_tokens = Counter(f"{PREFIX}_draft_tokens", "Tokens drafted (speculative decoding)", ["model"],
                                       registry=r)
         self.accepted_tokens = Counter(f"{PREFIX}_draft_tokens_accepted", "Draft tokens the model accepted",
                                        ["model"], registry=r)

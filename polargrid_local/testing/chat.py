@@ -71,6 +71,8 @@ class _Reply:
 class ScriptedDecoder:
     """The Decoder of a fake chat model: no computation; each sequence's tokens come from the script."""
 
+    verifies = False   # a scripted piece is several tokens at once: nothing to verify drafts against
+
     def __init__(self, backend: FakeChatBackend) -> None:
         self.backend = backend
 

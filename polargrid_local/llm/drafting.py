@@ -1,0 +1,250 @@
+"""Speculative decoding's drafting side: what each sequence proposes, and whether proposing pays.
+
+Prompt lookup: each sequence keeps an n-gram index over its prompt and output tokens. When its last few
+tokens (at least ``MIN_MATCH``) appeared before, the tokens that followed them then are its draft. The
+scheduler (batching.py) puts a sequence's next token and its draft into the shared batch with logits for
+each, samples them in order with the sequence's own sampler chain, keeps the drafts the samples agree with
+and drops the rest of their KV cells: the output is the same as without drafts.
+
+Whether and how much to draft is a cost decision, made each step for the whole batch: ``StepCosts`` learns
+what a step of n tokens costs on this model and machine (EWMA by batch size), ``Acceptance`` learns how
+often drafts are accepted (per match length, model-wide, and per sequence), and ``Drafting.plan`` adds
+draft tokens, the likeliest first, while each one's expected tokens pay for its added cost. A batch that
+already fills the CPU makes each extra token cost about as much as it could give, so drafting backs off
+by itself.
+"""
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import invalid
+
+MODES = ("prompt-lookup", "off")
+MIN_MATCH = 3          # shorter matches are right too rarely to pay here (measured: benchmarks/bench_spec.py)
+LONGEST_MATCH = 8      # matches are measured up to this many tokens: longer ones are accepted more often
+FIRST_CAP = 4          # a sequence's first drafts are at most this long
+MAX_DRAFT = 16         # verifying 16 tokens costs about 5.5 single-token steps on a small model here
+PRIOR_STRENGTH = 6.0   # the model-wide estimate counts as this many observed draft tokens for a new sequence
+SEQUENCE_MEMORY = 0.97  # per generated token: a sequence's own evidence fades, so it tries again later
+MODEL_MEMORY = 0.995   # per verified draft: the model-wide estimates drift back to the prior unless refreshed
+SLOPE_PRIOR = 0.3      # one more token in a batch of one costs ~0.3 of a step (SmolLM2-135M, 2 threads)
+
+
+def check_mode(value: Any, where: str = "speculative") -> str:
+    """A model's ``[models.engine] speculative`` setting: "prompt-lookup" (the default) or "off"."""
+    if value is None or value is True:
+        return "prompt-lookup"
+    if value is False:
+        return "off"
+    if value not in MODES:
+        raise invalid(f"{where} must be one of {', '.join(repr(m) for m in MODES)}, not {value!r}", field="speculative")
+    return str(value)
+
+
+def split_speculative(request: Any) -> tuple[Any, bool | None]:
+    """A request dict without its local ``speculative`` key, and that key (None when absent): false turns
+    drafting off for the request."""
+    if not isinstance(request, dict) or "speculative" not in request:
+        return request, None
+    request = dict(request)
+    value = request.pop("speculative")
+    if value is not None and not isinstance(value, bool):
+        raise invalid(f"speculative must be true or false, not {type(value).__name__}", field="speculative")
+    return request, value
+
+
+class PromptLookup:
+    """An n-gram index over one sequence's tokens: the continuation of the latest earlier occurrence of its tail."""
+
+    def __init__(self, tokens: Sequence[int], min_match: int = MIN_MATCH) -> None:
+        self.min_match = min_match
+        self.tokens: list[int] = []
+        self.after: dict[tuple[int, ...], int] = {}   # each min_match-gram -> where its latest follower is
+        self.extend(tokens)
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        n, seq, after = self.min_match, self.tokens, self.after
+        for token in tokens:
+            end = len(seq)
+            if end >= n:
+                after[tuple(seq[end - n:end])] = end
+            seq.append(token)
+
+    def propose(self, limit: int) -> tuple[list[int], int]:
+        """Up to ``limit`` tokens that followed the last occurrence of the sequence's tail, and the length of
+        the match (0: no match, no draft). A draft that reaches the end repeats its own period."""
+        seq, n = self.tokens, self.min_match
+        if limit <= 0 or len(seq) < n:
+            return [], 0
+        at = self.after.get(tuple(seq[-n:]))
+        if at is None:
+            return [], 0
+        match = n
+        while match < LONGEST_MATCH and at - match - 1 >= 0 and seq[at - match - 1] == seq[-match - 1]:
+            match += 1
+        draft: list[int] = []
+        for i in range(limit):
+            j = at + i
+            draft.append(seq[j] if j < len(seq) else draft[j - len(seq)])
+        return draft, match
+
+
+class StepCosts:
+    """Seconds per step by the number of tokens in it, as an EWMA per size. A size not timed lately drifts back
+    to what the prior slope makes of the size timed last (the step without drafts, usually), so one slow spell
+    cannot shut drafting off for good."""
+
+    def __init__(self, alpha: float = 0.15, memory: float = 0.99) -> None:
+        self.alpha, self.memory = alpha, memory
+        self.seconds: dict[int, float] = {}
+        self.timed_at: dict[int, int] = {}   # size -> the step it was last timed at
+        self.steps = 0
+
+    def record(self, n: int, seconds: float) -> None:
+        self.steps += 1
+        old = self.seconds.get(n)
+        if old is None:
+            self.seconds[n] = seconds
+        else:   # a step slowed by another process moves the estimate only so far
+            self.seconds[n] = old + self.alpha * (min(seconds, 3 * old) - old)
+        self.timed_at[n] = self.steps
+
+    def cost(self, n: int) -> float | None:
+        """Estimated seconds of a step of ``n`` tokens; None before any step was timed."""
+        if not self.seconds:
+            return None
+        at = self.timed_at
+        anchor = max((m for m in at if m <= n), key=at.__getitem__, default=None) or max(at, key=at.__getitem__)
+        prior = self.seconds[anchor] * (1 + SLOPE_PRIOR * (n - 1)) / (1 + SLOPE_PRIOR * (anchor - 1))
+        if n not in self.seconds:
+            return prior
+        weight = self.memory ** (self.steps - at[n])
+        return weight * self.seconds[n] + (1 - weight) * prior
+
+
+class Acceptance:
+    """How often a draft token is accepted, given that the ones before it were: model-wide estimates per
+    match length (decayed counts over a prior), the start of each sequence's own."""
+
+    PRIOR = {3: 0.5, 4: 0.6, 5: 0.65, 6: 0.7, 7: 0.75, 8: 0.8}
+
+    def __init__(self) -> None:
+        self.counts = {m: [PRIOR_STRENGTH * p, PRIOR_STRENGTH] for m, p in self.PRIOR.items()}
+
+    def rate(self, match: int) -> float:
+        accepted, tried = self.counts[min(max(match, MIN_MATCH), LONGEST_MATCH)]
+        return accepted / tried
+
+    def learn(self, match: int, accepted: int, tried: int) -> None:
+        key = min(max(match, MIN_MATCH), LONGEST_MATCH)
+        for m, counts in self.counts.items():   # estimates not refreshed drift back to their priors
+            counts[0] = counts[0] * MODEL_MEMORY + (1 - MODEL_MEMORY) * PRIOR_STRENGTH * self.PRIOR[m]
+            counts[1] = counts[1] * MODEL_MEMORY + (1 - MODEL_MEMORY) * PRIOR_STRENGTH
+        self.counts[key][0] += accepted
+        self.counts[key][1] += tried
+
+
+@dataclass
+class SlotDrafts:
+    """One sequence's drafting state: its n-gram index, its own evidence, its length cap, its counts."""
+
+    lookup: PromptLookup
+    cap: int = FIRST_CAP
+    accepted_weight: float = 0.0    # decayed counts of its own verified draft tokens
+    tried_weight: float = 0.0
+    drafted: int = 0                # for its request's usage
+    accepted: int = 0
+    draft: list[int] = field(default_factory=list)   # this step's draft
+    match: int = 0
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        self.lookup.extend(tokens)
+        fade = SEQUENCE_MEMORY ** len(tokens)
+        self.accepted_weight *= fade
+        self.tried_weight *= fade
+
+    def rate(self, prior: float) -> float:
+        return (self.accepted_weight + PRIOR_STRENGTH * prior) / (self.tried_weight + PRIOR_STRENGTH)
+
+
+class Drafting:
+    """Prompt-lookup drafting for one model's scheduler: plans each step's drafts and learns from their fate.
+
+    Counters for monitoring (a Prometheus exporter may read them): ``tokens_drafted``, ``tokens_accepted``, and
+    ``draft_lengths`` (how many drafts of each length were verified).
+    """
+
+    def __init__(self, mode: str = "prompt-lookup", min_match: int = MIN_MATCH) -> None:
+        self.mode = check_mode(mode)
+        self.min_match = min_match
+        self.costs = StepCosts()
+        self.acceptance = Acceptance()
+        self.tokens_drafted = 0
+        self.tokens_accepted = 0
+        self.draft_lengths: Counter[int] = Counter()
+
+    def stats(self) -> dict[str, Any]:
+        """Tokens drafted and accepted since load (types.SpeculativeStats)."""
+        drafted, accepted = self.tokens_drafted, self.tokens_accepted
+        return {"mode": self.mode, "drafted_tokens": drafted, "accepted_tokens": accepted,
+                "acceptance_rate": round(accepted / drafted, 4) if drafted else None}
+
+    def start(self, prompt: Sequence[int]) -> SlotDrafts:
+        return SlotDrafts(PromptLookup(prompt, self.min_match))
+
+    def plan(self, slots: Sequence[tuple[SlotDrafts, int]], generating: int, room: int, other: int = 0) -> None:
+        """Set each ``SlotDrafts.draft`` for this step. ``slots``: the sequences that may draft, each with the
+        most draft tokens it may take (budget, context); ``generating``: the sequences in the step (one token
+        each without drafts); ``other``: the step's prompt tokens; ``room``: free batch entries.
+
+        Draft tokens are ranked by their chance of being kept (a token is kept only if those before it in its
+        draft are); the step takes the first m of that ranking for the m that gives the most expected tokens
+        per second, m = 0 (no drafts) included. Costs learned from a noisy machine need not grow smoothly, so
+        every m is weighed, not only the next token."""
+        candidates = []
+        for state, most in slots:
+            state.draft, state.match = [], 0
+            draft, match = state.lookup.propose(min(most, state.cap))
+            if draft:
+                candidates.append((state, draft, match, state.rate(self.acceptance.rate(match))))
+        size = generating + other
+        base = self.costs.cost(size)
+        if not candidates or room <= 0 or base is None:   # nothing timed yet: one step without drafts first
+            return
+        heap = [(-p, i, 1) for i, (_, _, _, p) in enumerate(candidates)]
+        heapq.heapify(heap)
+        ranking: list[int] = []   # candidate index of each draft token, likeliest first
+        expected, best, best_m = float(generating), generating / base, 0
+        while heap and len(ranking) < room:
+            neg_q, i, depth = heapq.heappop(heap)
+            ranking.append(i)
+            expected -= neg_q
+            cost = self.costs.cost(size + len(ranking))
+            assert cost is not None
+            if expected / cost > best:
+                best, best_m = expected / cost, len(ranking)
+            p, length = candidates[i][3], len(candidates[i][1])
+            if depth < length:
+                heapq.heappush(heap, (neg_q * p, i, depth + 1))
+        taken = Counter(ranking[:best_m])
+        for i, (state, draft, match, _) in enumerate(candidates):
+            state.draft, state.match = draft[:taken[i]], match
+
+    def learn(self, state: SlotDrafts, accepted: int) -> None:
+        """The fate of the sequence's draft this step: ``accepted`` of its tokens were kept."""
+        drafted = len(state.draft)
+        tried = accepted + (1 if accepted < drafted else 0)
+        self.acceptance.learn(state.match, accepted, tried)
+        state.accepted_weight += accepted
+        state.tried_weight += tried
+        state.drafted += drafted
+        state.accepted += accepted
+        self.tokens_drafted += drafted
+        self.tokens_accepted += accepted
+        self.draft_lengths[drafted] += 1
+        state.cap = min(MAX_DRAFT, state.cap * 2) if accepted == drafted else max(2, accepted + 1)
+        state.draft = []
