@@ -195,7 +195,7 @@ class LocalEngine:
             request = dict(request)
             stream_options = stream_options or request.pop("stream_options", None)
         request = coerce(ChatCompletionRequest, request, "chat completion request")
-        call = ChatCall(request, _include_usage(stream_options), self.limits, speculative)
+        call = ChatCall(request, _include_usage(stream_options), self.limits, speculative=speculative)
         return self._run(request.model, "chat", call, keep_alive)
 
     def chat_completion(self, request: ChatCompletionRequest | dict[str, Any]):
@@ -218,7 +218,7 @@ class LocalEngine:
             extras = {k: request.pop(k) for k in ("min_p", "repetition_penalty") if k in request}
         request = coerce(CompletionRequest, request, "completion request")
         call = CompletionCall(request, completion_prompts(request, self.limits), _include_usage(stream_options), seed,
-                              extras, speculative)
+                              extras, speculative=speculative)
         return self._run(request.model, "chat", call, keep_alive)
 
     def completion(self, request: CompletionRequest | dict[str, Any], *, seed: int | None = None):

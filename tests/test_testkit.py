@@ -130,7 +130,7 @@ def test_tokens_budget_stops_and_context_window_behave_like_the_engine(pg):
     stopped = pg.chat_completion(chat(stop=[" four"]))
     assert stopped.choices[0].message.content == "one two three" and stopped.choices[0].finish_reason == "stop"
     with pytest.raises(polargrid.ValidationError, match="context window"):
-        pg.chat_completion(chat("word " * 3000))
+        pg.chat_completion(chat("word " * 6000))   # past the default model's 4,096 tokens
     pg.fake.chat.stream(None, ["one two", " three four"])  # the budget can end inside a piece
     cut = pg.chat_completion(chat(max_tokens=3))
     assert cut.choices[0].message.content == "one two three" and cut.choices[0].finish_reason == "length"
