@@ -47,27 +47,27 @@ class PGMetadata(sdk.PGMetadata):
 class ChatCompletionChunk(sdk.ChatCompletionChunk):
     """A streamed chat chunk; the last one carries ``usage`` when ``stream_options.include_usage`` is set."""
 
-    usage: SerializeAsAny[sdk.TokenUsage] | None = None
+    usage: SerializeAsAny[TokenUsage | sdk.TokenUsage] | None = None
 
 
 class CompletionChunk(sdk.CompletionChunk):
     """A streamed completion chunk; the last one carries ``usage`` when asked for."""
 
-    usage: SerializeAsAny[sdk.TokenUsage] | None = None
+    usage: SerializeAsAny[TokenUsage | sdk.TokenUsage] | None = None
 
 
 class ChatCompletionResponse(sdk.ChatCompletionResponse):
     """The SDK's chat response; its usage and pg_metadata may carry the local extras above."""
 
-    usage: SerializeAsAny[sdk.TokenUsage]
-    pg_metadata: SerializeAsAny[sdk.PGMetadata] | None = None
+    usage: SerializeAsAny[TokenUsage | sdk.TokenUsage]   # a dict (a cassette, a remote's JSON) keeps its extras
+    pg_metadata: SerializeAsAny[PGMetadata | sdk.PGMetadata] | None = None
 
 
 class CompletionResponse(sdk.CompletionResponse):
     """The SDK's completion response; its usage and pg_metadata may carry the local extras above."""
 
-    usage: SerializeAsAny[sdk.TokenUsage]
-    pg_metadata: SerializeAsAny[sdk.PGMetadata] | None = None
+    usage: SerializeAsAny[TokenUsage | sdk.TokenUsage]   # a dict (a cassette, a remote's JSON) keeps its extras
+    pg_metadata: SerializeAsAny[PGMetadata | sdk.PGMetadata] | None = None
 
 
 class ModelMemory(BaseModel):

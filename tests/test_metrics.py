@@ -68,20 +68,46 @@ def test_requests_tokens_first_token_and_models_are_counted(server):
     assert value(after[f"{prefix}_model_memory_bytes"], f"{prefix}_model_memory_bytes", model=CHAT) > 50e6
     assert value(after[f"{prefix}_queue_depth"], f"{prefix}_queue_depth", model=CHAT) == 0
     assert value(after[f"{prefix}_http_requests_in_flight"], f"{prefix}_http_requests_in_flight") >= 1  # the scrape
-    for declared in ("draft_tokens", "draft_tokens_accepted", "prompt_cache_hits", "prompt_cache_tokens"):
-        assert after[f"{prefix}_{declared}"] == [], declared  # declared for issues 19 and 20, not yet fed
+    reply = httpx.post(server.url + "/v1/completions", headers=KEY, timeout=120, json={
+        "model": CHAT, "prompt": "red, green, blue, red, green, blue, red, green, blue, red,", "max_tokens": 24,
+        "temperature": 0}).json()
+    fed = scrape(server)
+
+    def grew(name: str) -> float:
+        return value(fed[f"{prefix}_{name}"], f"{prefix}_{name}_total", 0, model=CHAT) - value(
+            after[f"{prefix}_{name}"], f"{prefix}_{name}_total", 0, model=CHAT)
+
+    drafts = reply["usage"]["completion_tokens_details"]   # speculative decoding and the prompt cache, as reported
+    assert grew("draft_tokens") == drafts["accepted_prediction_tokens"] + drafts["rejected_prediction_tokens"]
+    assert grew("draft_tokens_accepted") == drafts["accepted_prediction_tokens"]
+    assert grew("prompt_cache_tokens") == reply["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_a_generations_usage_feeds_the_draft_and_cache_events():
+    from polargrid_local.runtime.events import EngineEvents
+    from polargrid_local.types import CompletionTokensDetails, PromptTokensDetails, TokenUsage
+
+    events, heard = EngineEvents(), []
+    events.subscribe(lambda kind, payload: heard.append((kind, payload)))
+    events.generation(CHAT, TokenUsage(prompt_tokens=40, completion_tokens=20, total_tokens=60,
+                                       prompt_tokens_details=PromptTokensDetails(cached_tokens=32),
+                                       completion_tokens_details=CompletionTokensDetails(
+                                           accepted_prediction_tokens=9, rejected_prediction_tokens=3)), 0.5)
+    assert [kind for kind, _ in heard] == ["generation", "drafted", "prompt_cache"]
+    assert heard[1][1] == (CHAT, 12, 9) and heard[2][1] == (CHAT, True, 32)
 
 
 def test_engine_events_for_drafts_and_cache_reach_the_declared_counters(server, engine):
+    names = ("draft_tokens", "draft_tokens_accepted", "prompt_cache_hits", "prompt_cache_tokens")
+
+    def counts():
+        got = scrape(server)
+        return [value(got[f"polargrid_local_{n}"], f"polargrid_local_{n}_total", 0, model=CHAT) for n in names]
+
+    before = counts()
     engine.events.drafted(CHAT, 8, 5)
     engine.events.prompt_cache(CHAT, True, 120)
-    got = scrape(server)
-    assert value(got["polargrid_local_draft_tokens"], "polargrid_local_draft_tokens_total", model=CHAT) == 8
-    assert value(got["polargrid_local_draft_tokens_accepted"], "polargrid_local_draft_tokens_accepted_total",
-                 model=CHAT) == 5
-    assert value(got["polargrid_local_prompt_cache_hits"], "polargrid_local_prompt_cache_hits_total", model=CHAT) == 1
-    assert value(got["polargrid_local_prompt_cache_tokens"], "polargrid_local_prompt_cache_tokens_total",
-                 model=CHAT) == 120
+    assert [b - a for a, b in zip(before, counts(), strict=True)] == [8, 5, 1, 120]
 
 
 def test_every_server_has_its_own_registry(engine, server):

@@ -100,7 +100,7 @@ def test_the_judge_reads_each_documents_own_next_token_distribution(client, regi
     """Eight prompts decoded in one batch: each score must be the one its prompt gives when evaluated alone."""
     documents = DOCS + ["Forgotten passwords can be reset from the account page.", "The sky is blue.",
                         "Reset links expire after 30 minutes.", "Cats sleep for 16 hours a day."]
-    got = client.rerank({"model": "rerank-1", "query": QUERY, "documents": documents, "return_documents": False})
+    got = client.rerank({"model": CHAT, "query": QUERY, "documents": documents, "return_documents": False})
     by_index = {r.index: r.relevance_score for r in got.results}
     expected = reference_judge(registry, QUERY, documents)
     assert len(set(round(s, 3) for s in expected)) > 4, "the reference separates the documents"

@@ -229,7 +229,8 @@ class PromptStore:
             inode = os.fstat(fd).st_ino
             os.close(fd)
             fd = -1
-            os.replace(temp, final)
+            with self._locked():   # a writer counting the folder must see the file under one of its two names
+                os.replace(temp, final)
             _sync_dir(folder)
         except (OSError, NotSaved) as exc:
             if fd >= 0:

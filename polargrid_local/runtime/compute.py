@@ -6,11 +6,12 @@ llama.cpp is built with OpenMP (GNU libgomp), whose speed on a small CPU comes f
 parallel work, and once it manages more threads than there are cores it stops spinning and sleeps (a futex
 wake per barrier): a chat model beside an idle embedding model, each driven from its own worker thread, then
 decodes at a third of its speed, and numba's kernels (their 'omp' threading layer is the same libgomp) run
-from any other thread do the same. Whisper (CTranslate2, its own libgomp) and piper (onnxruntime) bring
-pools of their own that spin while they work. On the lane all of them start their work from one thread:
-libgomp sees one team, which keeps spinning, and work of different models takes turns on the cores instead
-of fighting over them (a decode step of one model, then a batch of another's embeddings, then a window of
-speech). README "Many models, one process" has the measurements.
+from any other thread do the same. On the lane all of them start their work from one thread: libgomp sees
+one team, which keeps spinning, and work of different models takes turns on the cores instead of fighting
+over them (a decode step of one model, then a batch of another's embeddings, then a sentence of piper's
+onnxruntime). Whisper (CTranslate2, its own copy of libgomp) computes on a lane of its own: its calls last
+too long to take turns with decode steps (see ``speech_lane``). README "Many models, one process" has the
+measurements.
 
 ``POLARGRID_LOCAL_COMPUTE_LANE=0`` runs the work on each model's own thread again, for machines with cores
 to spare for every pool at once.
