@@ -106,6 +106,8 @@ def _case(engine, case: str, tokens: int, repeats: int) -> dict:
         out["neighbour_rate"] = statistics.median(done)
         return out
     _decode_rate(engine, 16)                     # the chat model loaded and warm
+    if case.endswith("-idle"):   # alone first, in the same process: a fresh process's own speed varies by +-15%
+        out["paired_alone_tok_s"] = statistics.median(_decode_rate(engine, tokens) for _ in range(repeats))
     if case == "embed-idle":
         engine.embeddings({"model": EMBED, "input": ["warm up the embedding model"]})
     elif case == "chat2-idle":
@@ -189,6 +191,9 @@ def summarise(results: dict[str, dict[str, list[dict]]]) -> dict:
         for case in ("embed-idle", "chat2-idle", "speech-idle"):
             if case in med:
                 row[f"{case}_ratio"] = round(med[case]["chat_tok_s"] / alone, 3)
+                # the same, against the chat model alone in the same process before the neighbour loaded
+                row[f"{case}_paired_ratio"] = round(statistics.median(
+                    r["chat_tok_s"] / r["paired_alone_tok_s"] for r in cases[case]), 3)
         for case, base in (("embed-busy", "embed-alone"), ("stt-busy", "stt-alone")):
             if case in med and base in med:
                 chat = med[case]["chat_tok_s"] / alone

@@ -337,3 +337,47 @@ def test_a_model_with_an_unknown_mode_is_refused_clearly(tmp_path, registry):
             engine.completion({"model": "tuned", "prompt": "Hi", "max_tokens": 3})
     finally:
         engine.close()
+
+
+def test_a_draft_model_mode_is_refused_with_the_reason(tmp_path, registry):
+    engine = LocalEngine(_registry_with(tmp_path, registry, 'speculative = "draft"'))
+    try:
+        with pytest.raises(polargrid.PolarGridError, match="draft model is not offered"):
+            engine.completion({"model": "tuned", "prompt": "Hi", "max_tokens": 3})
+    finally:
+        engine.close()
+
+
+def test_with_exact_kernels_drafts_leave_a_greedy_answer_unchanged_on_the_default_model(tmp_path):
+    """llama.cpp's repacked weights multiply several tokens with other kernels than one token; with
+    POLARGRID_LOCAL_EXACT=1 they are off, and Qwen's free-text answer (where drafts are often rejected at near-ties)
+    is the same, byte for byte, with drafts and without, and again on a reused prompt."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import QWEN
+
+    code = f"""
+import json
+from polargrid_local import LocalEngine
+from polargrid_local.host.llama_safety import extra_bufts_enabled
+engine = LocalEngine(n_threads=2)
+ask = {{"model": {QWEN!r}, "messages": [{{"role": "user", "content": "Explain how a bicycle stays upright."}}],
+        "max_tokens": 96, "temperature": 0}}
+texts, drafted = [], 0
+for flag in (False, True, False, True):
+    reply = engine.chat_completion({{**ask, "speculative": flag}})
+    texts.append(reply.choices[0].message.content)
+    details = reply.usage.completion_tokens_details
+    drafted += details.accepted_prediction_tokens + details.rejected_prediction_tokens
+engine.close()
+print(json.dumps({{"texts": texts, "drafted": drafted, "repack": extra_bufts_enabled()}}))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "POLARGRID_LOCAL_EXACT": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["repack"] is False
+    assert got["drafted"] > 0, "no drafts were verified: the check proves nothing"
+    assert len(set(got["texts"])) == 1, got["texts"]

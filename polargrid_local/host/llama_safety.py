@@ -12,6 +12,7 @@ the same for every load). Where the field does not exist, loading is refused wit
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 from dataclasses import dataclass
@@ -68,6 +69,13 @@ def safe_load_supported() -> bool:
     return any(name == "use_extra_bufts" for name, *_ in getattr(lib.llama_model_params, "_fields_", ()))
 
 
+# llama.cpp's repacked weights (its "extra buffer types" on AVX2/AVX512) multiply a batch of several tokens with
+# other kernels than one token, which round differently: a greedy answer can then change at a near-tie with the
+# shape of the batch (a reused prompt prefix, verified drafts). Without them every token's logits are the same
+# whatever the batch, at some cost in speed (benchmarks/results/safe_load.json).
+EXACT_ENV = "POLARGRID_LOCAL_EXACT"
+
+
 def set_extra_bufts(enabled: bool) -> None:
     """Process-wide: whether models loaded from now on may use llama.cpp's extra buffer types (AMX, repack)."""
     global _original_defaults
@@ -97,7 +105,10 @@ def extra_bufts_enabled() -> bool:
 
 
 def ensure_safe_llama() -> LlamaCpuFacts:
-    """Call before loading a GGUF: makes the load safe on a crash-prone CPU/build pair, or raises UnsafeLlamaBuild."""
+    """Call before loading a GGUF: makes the load safe on a crash-prone CPU/build pair, or raises UnsafeLlamaBuild.
+    With ``POLARGRID_LOCAL_EXACT=1`` models load without repacked weights (see EXACT_ENV)."""
+    if os.environ.get(EXACT_ENV, "").strip().lower() in ("1", "true", "yes", "on") and extra_bufts_enabled():
+        set_extra_bufts(False)
     found = facts()
     if not found.crash_prone:
         return found

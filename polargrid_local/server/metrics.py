@@ -3,8 +3,8 @@
 Counted as requests happen: requests by method, route (its pattern, never the raw path) and status; request
 latency by route; time to first token, prompt and generated tokens by model (engine events). Read when scraped:
 requests in flight, open connections, each loaded model's queue depth and memory, and each remote model's
-reachability. Declared for the work that reports them next: drafted and accepted tokens (speculative decoding,
-issue 19) and prompt-cache hits (issue 20), fed by ``EngineEvents.drafted`` and ``EngineEvents.prompt_cache``.
+reachability. From each generation's usage: drafted and accepted tokens (speculative decoding) and prompts that
+reused cached tokens, and how many (the prompt cache), through ``EngineEvents.drafted`` and ``.prompt_cache``.
 
 The route needs the API key like every other one, unless the server was started with ``--metrics-open``.
 """
