@@ -330,19 +330,12 @@ def test_a_model_set_to_off_never_drafts(tmp_path, registry):
         engine.close()
 
 
-def test_a_model_with_an_unknown_mode_is_refused_clearly(tmp_path, registry):
-    engine = LocalEngine(_registry_with(tmp_path, registry, 'speculative = "medusa"'))
+@pytest.mark.parametrize("mode, says", [("medusa", "speculative must be one of"),
+                                         ("draft", "draft model is not offered")])   # measured not to pay
+def test_a_mode_that_is_not_offered_is_refused_clearly(tmp_path, registry, mode, says):
+    engine = LocalEngine(_registry_with(tmp_path, registry, f'speculative = "{mode}"'))
     try:
-        with pytest.raises(polargrid.PolarGridError, match="speculative must be one of"):
-            engine.completion({"model": "tuned", "prompt": "Hi", "max_tokens": 3})
-    finally:
-        engine.close()
-
-
-def test_a_draft_model_mode_is_refused_with_the_reason(tmp_path, registry):
-    engine = LocalEngine(_registry_with(tmp_path, registry, 'speculative = "draft"'))
-    try:
-        with pytest.raises(polargrid.PolarGridError, match="draft model is not offered"):
+        with pytest.raises(polargrid.PolarGridError, match=says):
             engine.completion({"model": "tuned", "prompt": "Hi", "max_tokens": 3})
     finally:
         engine.close()
