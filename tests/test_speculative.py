@@ -98,6 +98,32 @@ def test_greedy_text_is_the_same_with_and_without_drafts(spec_engine):
     assert accepted > 30 and rejected > 0, (accepted, rejected)   # both ways of the verify step ran
 
 
+def test_greedy_tokens_are_llama_cpp_greedy_samplers_tokens(spec_engine):
+    """A greedy request reads its token as the logits' argmax (llm/decoder.py), not through llama.cpp's sampler
+    chain: at every position the scheduler samples, drafted ones included, llama.cpp's greedy sampler agrees."""
+    decoder = scheduler_of(spec_engine).decoder
+    L = decoder.L
+    greedy = L.llama_sampler_init_greedy()
+    pairs: list[tuple[int, int]] = []
+    real = decoder.sample
+
+    def both(sampler, index):   # on the model's worker thread, where the batch's logits are
+        tokens = real(sampler, index)
+        if sampler.argmax:
+            pairs.append((tokens[0], int(L.llama_sampler_sample(greedy, decoder.ctx, index))))
+        return tokens
+
+    decoder.sample = both
+    try:
+        for prompt in COPYING[:2] + FREE:
+            complete(spec_engine, prompt, True)
+    finally:
+        del decoder.sample
+        L.llama_sampler_free(greedy)
+    assert len(pairs) > 100
+    assert [ours for ours, _ in pairs] == [theirs for _, theirs in pairs]
+
+
 def test_chat_keeps_its_text_and_reports_its_drafts(spec_engine):
     messages = [{"role": "user", "content": f"Repeat this text exactly:\n\n{PASSAGE}"}]
     answers = [spec_engine.chat_completion({"model": CHAT, "messages": messages, "max_tokens": 80, "temperature": 0,
@@ -184,6 +210,48 @@ def test_slots_with_and_without_drafts_side_by_side(spec_engine):
         if not flag:
             assert drafts_of(response) == (0, 0)
     assert sum(drafts_of(together[(p, True)])[0] for p in short) > 0
+
+
+def test_no_step_drafts_beside_a_prompt_chunk(spec_engine):
+    """A step that carries a prompt chunk decodes the running sequences' next tokens but no drafts: the cost
+    model knows decode steps only, and it learns from them only."""
+    scheduler = scheduler_of(spec_engine)
+    decoder, costs = scheduler.decoder, scheduler.drafting.costs
+    batches: list[tuple[bool, bool]] = []   # (some sequence drafted, a prompt chunk rode along)
+    decode_steps: list[int] = []            # the sizes of the steps without a prompt chunk
+    recorded: list[int] = []
+    chunk = [0]
+    real_plan, real_decode, real_record = scheduler._plan_drafts, decoder.decode, costs.record
+
+    def plan(generating, prompt_tokens):
+        chunk[0] = prompt_tokens
+        real_plan(generating, prompt_tokens)
+
+    def decode(entries):
+        per_sequence = Counter(entry.seq_id for entry in entries if entry.logits)
+        batches.append((max(per_sequence.values(), default=0) > 1, chunk[0] > 0))
+        if not chunk[0]:
+            decode_steps.append(len(entries))
+        real_decode(entries)
+
+    def record(n, seconds):
+        recorded.append(n)
+        real_record(n, seconds)
+
+    scheduler._plan_drafts, decoder.decode, costs.record = plan, decode, record
+    try:
+        copying = threading.Thread(target=complete, args=(spec_engine, COPYING[0], True), kwargs={"max_tokens": 80})
+        copying.start()
+        time.sleep(0.5)
+        for prompt in (PASSAGE * 3, CODE * 4):
+            complete(spec_engine, prompt, True, max_tokens=4)
+        copying.join(300)
+    finally:
+        del scheduler._plan_drafts, decoder.decode, costs.record
+    assert any(drafted for drafted, _ in batches) and any(prompt for _, prompt in batches)
+    assert not any(drafted and prompt for drafted, prompt in batches)
+    # the last step's time may be recorded after its request has ended (and this test has let go)
+    assert recorded == decode_steps[:len(recorded)] and len(recorded) >= len(decode_steps) - 1
 
 
 def test_seeded_sampling_gives_the_same_text_with_drafts(spec_engine):

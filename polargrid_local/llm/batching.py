@@ -282,7 +282,7 @@ class BatchScheduler:
                 self._verify(slot, index)
             else:
                 self._sample(slot, index)
-        if self.drafting is not None:
+        if self.drafting is not None and not prompt_entries:   # a prompt chunk computes few logits: another cost
             self.drafting.costs.record(len(entries), time.perf_counter() - started)
         if prefilled:
             self._remember_prompts(prefilled)  # type: ignore[arg-type]  # slots in prefill have a job
@@ -290,7 +290,8 @@ class BatchScheduler:
 
     def _plan_drafts(self, generating: list[_Slot], prompt_tokens: int) -> None:
         """This step's drafts: what the cost model says pays beside the step's other tokens, within each
-        sequence's budget and context and the batch's room."""
+        sequence's budget and context and the batch's room. None beside a prompt chunk: the cost model knows
+        decode steps only (their every token computes logits), and the chunk's time would swamp the gain."""
         eligible = []
         for slot in generating:
             if slot.drafts is not None:
@@ -298,7 +299,7 @@ class BatchScheduler:
                 most = min(slot.budget - slot.produced - 1, self.n_ctx_per_seq - len(slot.cached) - 1)
                 eligible.append((slot.drafts, most))
         assert self.drafting is not None
-        if eligible:
+        if eligible and not prompt_tokens:
             self.drafting.plan(eligible, generating=len(generating), other=prompt_tokens,
                                room=self.n_batch - len(generating) - prompt_tokens)
 

@@ -84,6 +84,14 @@ class Decoder(Protocol):
         """Free the context."""
 
 
+class _Sampler(NamedTuple):
+    """A request's llama.cpp sampler chain; ``argmax``: the chain is greedy alone (no grammar, no penalties), so
+    its token is the logits' argmax, read without building llama.cpp's candidate array (0.1-0.4 ms a token)."""
+
+    chain: Any
+    argmax: bool
+
+
 class LlamaDecoder:
     """A llama.cpp context with ``n_parallel`` sequences of ``n_ctx_per_seq`` cells each."""
 
@@ -126,7 +134,8 @@ class LlamaDecoder:
     def sampler(self, params: SamplingParams, tokens: Sequence[int]) -> Any:
         L = self.L
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-        if params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
+        penalties = params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty
+        if penalties:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(
                 self.n_vocab, 64, params.repetition_penalty, params.frequency_penalty, params.presence_penalty))
         if params.grammar:
@@ -147,13 +156,16 @@ class LlamaDecoder:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(params.temperature))
             seed = DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed))
-        return chain
+        return _Sampler(chain, argmax=params.temperature <= 0 and not penalties and not params.grammar)
 
     def sample(self, sampler: Any, index: int) -> list[int]:
-        return [int(self.L.llama_sampler_sample(sampler, self.ctx, index))]
+        if sampler.argmax:   # llama.cpp's greedy sampler keeps the first of equal logits, as argmax does
+            row = self.L.llama_get_logits_ith(self.ctx, index)
+            return [int(np.ctypeslib.as_array(row, shape=(self.n_vocab,)).argmax())]
+        return [int(self.L.llama_sampler_sample(sampler.chain, self.ctx, index))]
 
     def free_sampler(self, sampler: Any) -> None:
-        self.L.llama_sampler_free(sampler)
+        self.L.llama_sampler_free(sampler.chain)
 
     def logprobs(self, index: int, tokens: Sequence[int]) -> list[float]:
         logits = np.ctypeslib.as_array(self.L.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
@@ -214,11 +226,11 @@ class LlamaDecoder:
         candidates["logit"] = values
         array = L.llama_token_data_array(data=candidates.ctypes.data_as(L.llama_token_data_p), size=self.n_vocab,
                                          selected=-1, sorted=False)
-        L.llama_sampler_apply(sampler, ctypes.byref(array))   # what llama_sampler_sample does with a batch's row
+        L.llama_sampler_apply(sampler.chain, ctypes.byref(array))   # what llama_sampler_sample does with a row
         if not 0 <= array.selected < array.size:
             raise RuntimeError("the sampler selected no token")
         token = int(array.data[array.selected].id)
-        L.llama_sampler_accept(sampler, token)
+        L.llama_sampler_accept(sampler.chain, token)
         return [token]
 
     def state_layout(self) -> tuple[dict[str, Any], str]:

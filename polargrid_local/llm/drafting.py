@@ -8,7 +8,8 @@ and drops the rest of their KV cells: the output is the same as without drafts.
 
 Whether and how much to draft is a cost decision, made each step for the whole batch: ``StepCosts`` learns
 what a step of n tokens costs on this model and machine (EWMA by batch size), ``Acceptance`` learns how
-often drafts are accepted (per match length, model-wide, and per sequence), and ``Drafting.plan`` adds
+often a draft's first token is accepted (per match length) and how often a later one is (given those before it
+were), model-wide and per sequence, and ``Drafting.plan`` adds
 draft tokens, the likeliest first, while each one's expected tokens pay for its added cost. A batch that
 already fills the CPU makes each extra token cost about as much as it could give, so drafting backs off
 by itself.
@@ -24,14 +25,21 @@ from typing import Any
 from ..errors import invalid
 
 MODES = ("prompt-lookup", "off")
-MIN_MATCH = 3          # shorter matches are right too rarely to pay here (measured: benchmarks/bench_spec.py)
+MIN_MATCH = 2          # 2-gram matches re-find the place after an edit; the cost model keeps the ones that do not pay
 LONGEST_MATCH = 8      # matches are measured up to this many tokens: longer ones are accepted more often
-FIRST_CAP = 4          # a sequence's first drafts are at most this long
-MAX_DRAFT = 16         # verifying 16 tokens costs about 5.5 single-token steps on a small model here
-PRIOR_STRENGTH = 6.0   # the model-wide estimate counts as this many observed draft tokens for a new sequence
-SEQUENCE_MEMORY = 0.97  # per generated token: a sequence's own evidence fades, so it tries again later
+OCCURRENCES = 8        # of each n-gram, the latest this many places are weighed: the longest match wins
+FIRST_CAP = 4          # a sequence's first drafts are at most this long: a wrong long draft costs steps
+MAX_DRAFT = 16         # verifying 16 tokens costs 3.7-5.5 single-token steps on a small model here
+PRIOR_STRENGTH = 6.0   # the model-wide priors count as this many observed drafts
+SEQUENCE_PRIOR = 2.0   # the model-wide estimate counts as this many of a sequence's own drafts: its own evidence
+                       # soon decides (a list reformatted misses at once, whatever the model did elsewhere)
+FIRST_MEMORY = 0.99    # per generated token: a sequence's evidence on its first draft tokens fades, so it tries again
+NEXT_MEMORY = 0.97     # per generated token, its evidence on the later ones
 MODEL_MEMORY = 0.995   # per verified draft: the model-wide estimates drift back to the prior unless refreshed
 SLOPE_PRIOR = 0.3      # one more token in a batch of one costs ~0.3 of a step (SmolLM2-135M, 2 threads)
+MISS_FACTOR = 0.25     # a tail whose draft was wrong at once before: its next draft's first token is this much less
+                       # likely (a list's "\n-" proposes the item before; an edited name breaks each copy of it)
+MARGIN = 1.03          # drafts must promise this much more than no drafts: estimates err, a wasted step is sure
 
 
 def check_mode(value: Any, where: str = "speculative") -> str:
@@ -62,12 +70,13 @@ def split_speculative(request: Any) -> tuple[Any, bool | None]:
 
 
 class PromptLookup:
-    """An n-gram index over one sequence's tokens: the continuation of the latest earlier occurrence of its tail."""
+    """An n-gram index over one sequence's tokens: what followed the earlier occurrence of its tail that matches
+    it longest (the latest among equals)."""
 
     def __init__(self, tokens: Sequence[int], min_match: int = MIN_MATCH) -> None:
         self.min_match = min_match
         self.tokens: list[int] = []
-        self.after: dict[tuple[int, ...], int] = {}   # each min_match-gram -> where its latest follower is
+        self.after: dict[tuple[int, ...], list[int]] = {}   # each min_match-gram -> where its followers are
         self.extend(tokens)
 
     def extend(self, tokens: Sequence[int]) -> None:
@@ -75,21 +84,30 @@ class PromptLookup:
         for token in tokens:
             end = len(seq)
             if end >= n:
-                after[tuple(seq[end - n:end])] = end
+                places = after.setdefault(tuple(seq[end - n:end]), [])
+                places.append(end)
+                if len(places) > 2 * OCCURRENCES:
+                    del places[:OCCURRENCES]
             seq.append(token)
 
     def propose(self, limit: int) -> tuple[list[int], int]:
-        """Up to ``limit`` tokens that followed the last occurrence of the sequence's tail, and the length of
-        the match (0: no match, no draft). A draft that reaches the end repeats its own period."""
+        """Up to ``limit`` tokens that followed the best earlier occurrence of the sequence's tail, and the
+        length of the match (0: no match, no draft). A draft that reaches the end repeats its own period."""
         seq, n = self.tokens, self.min_match
         if limit <= 0 or len(seq) < n:
             return [], 0
-        at = self.after.get(tuple(seq[-n:]))
-        if at is None:
+        places = self.after.get(tuple(seq[-n:]))
+        if not places:
             return [], 0
-        match = n
-        while match < LONGEST_MATCH and at - match - 1 >= 0 and seq[at - match - 1] == seq[-match - 1]:
-            match += 1
+        at, match = 0, 0
+        for place in reversed(places[-OCCURRENCES:]):
+            length = n
+            while length < LONGEST_MATCH and place - length - 1 >= 0 and seq[place - length - 1] == seq[-length - 1]:
+                length += 1
+            if length > match:
+                at, match = place, length
+                if length == LONGEST_MATCH:
+                    break
         draft: list[int] = []
         for i in range(limit):
             j = at + i
@@ -131,25 +149,42 @@ class StepCosts:
 
 
 class Acceptance:
-    """How often a draft token is accepted, given that the ones before it were: model-wide estimates per
-    match length (decayed counts over a prior), the start of each sequence's own."""
+    """How often draft tokens are accepted, as two model-wide estimates (decayed counts over priors): the first
+    token of a draft, per match length, and each later token given the ones before it were. Copying makes the
+    two differ: a draft after an edit is often wrong at once, but one that starts right tends to run on."""
 
-    PRIOR = {3: 0.5, 4: 0.6, 5: 0.65, 6: 0.7, 7: 0.75, 8: 0.8}
+    FIRST_PRIOR = {2: 0.3, 3: 0.5, 4: 0.6, 5: 0.65, 6: 0.7, 7: 0.75, 8: 0.8}
+    NEXT_PRIOR = 0.75
 
     def __init__(self) -> None:
-        self.counts = {m: [PRIOR_STRENGTH * p, PRIOR_STRENGTH] for m, p in self.PRIOR.items()}
+        self.first = {m: [PRIOR_STRENGTH * p, PRIOR_STRENGTH] for m, p in self.FIRST_PRIOR.items()}
+        self.next = [PRIOR_STRENGTH * self.NEXT_PRIOR, PRIOR_STRENGTH]
 
     def rate(self, match: int) -> float:
-        accepted, tried = self.counts[min(max(match, MIN_MATCH), LONGEST_MATCH)]
+        """The chance that a draft's first token is accepted, after a match of ``match`` tokens."""
+        accepted, tried = self.first[min(max(match, MIN_MATCH), LONGEST_MATCH)]
         return accepted / tried
 
-    def learn(self, match: int, accepted: int, tried: int) -> None:
-        key = min(max(match, MIN_MATCH), LONGEST_MATCH)
-        for m, counts in self.counts.items():   # estimates not refreshed drift back to their priors
-            counts[0] = counts[0] * MODEL_MEMORY + (1 - MODEL_MEMORY) * PRIOR_STRENGTH * self.PRIOR[m]
-            counts[1] = counts[1] * MODEL_MEMORY + (1 - MODEL_MEMORY) * PRIOR_STRENGTH
-        self.counts[key][0] += accepted
-        self.counts[key][1] += tried
+    def next_rate(self) -> float:
+        """The chance that a draft token is accepted when the ones before it in its draft were."""
+        return self.next[0] / self.next[1]
+
+    def learn(self, match: int, accepted: int, drafted: int) -> None:
+        """One verified draft: ``accepted`` of its ``drafted`` tokens kept."""
+        for m, counts in self.first.items():   # estimates not refreshed drift back to their priors
+            _fade(counts, MODEL_MEMORY, self.FIRST_PRIOR[m])
+        _fade(self.next, MODEL_MEMORY, self.NEXT_PRIOR)
+        first = self.first[min(max(match, MIN_MATCH), LONGEST_MATCH)]
+        first[0] += accepted > 0
+        first[1] += 1
+        later_tried = min(accepted + 1, drafted) - 1
+        self.next[0] += max(accepted - 1, 0)
+        self.next[1] += later_tried
+
+
+def _fade(counts: list[float], memory: float, prior: float) -> None:
+    counts[0] = counts[0] * memory + (1 - memory) * PRIOR_STRENGTH * prior
+    counts[1] = counts[1] * memory + (1 - memory) * PRIOR_STRENGTH
 
 
 @dataclass
@@ -158,21 +193,26 @@ class SlotDrafts:
 
     lookup: PromptLookup
     cap: int = FIRST_CAP
-    accepted_weight: float = 0.0    # decayed counts of its own verified draft tokens
-    tried_weight: float = 0.0
+    first: list[float] = field(default_factory=lambda: [0.0, 0.0])   # decayed counts: first tokens accepted, tried
+    next: list[float] = field(default_factory=lambda: [0.0, 0.0])    # later tokens accepted, tried
+    misses: dict[tuple[int, ...], int] = field(default_factory=dict)   # tails whose drafts were wrong at once
     drafted: int = 0                # for its request's usage
     accepted: int = 0
     draft: list[int] = field(default_factory=list)   # this step's draft
     match: int = 0
+    tail: tuple[int, ...] = ()      # the n-gram this step's draft was found by
 
     def extend(self, tokens: Sequence[int]) -> None:
         self.lookup.extend(tokens)
-        fade = SEQUENCE_MEMORY ** len(tokens)
-        self.accepted_weight *= fade
-        self.tried_weight *= fade
+        for counts, memory in ((self.first, FIRST_MEMORY), (self.next, NEXT_MEMORY)):
+            fade = memory ** len(tokens)
+            counts[0] *= fade
+            counts[1] *= fade
 
-    def rate(self, prior: float) -> float:
-        return (self.accepted_weight + PRIOR_STRENGTH * prior) / (self.tried_weight + PRIOR_STRENGTH)
+    def rates(self, first_prior: float, next_prior: float) -> tuple[float, float]:
+        """Its chances of a first draft token kept, and of a later one, its own evidence over the model's."""
+        return ((self.first[0] + SEQUENCE_PRIOR * first_prior) / (self.first[1] + SEQUENCE_PRIOR),
+                (self.next[0] + SEQUENCE_PRIOR * next_prior) / (self.next[1] + SEQUENCE_PRIOR))
 
 
 class Drafting:
@@ -210,19 +250,23 @@ class Drafting:
         per second, m = 0 (no drafts) included. Costs learned from a noisy machine need not grow smoothly, so
         every m is weighed, not only the next token."""
         candidates = []
+        next_prior = self.acceptance.next_rate()
         for state, most in slots:
             state.draft, state.match = [], 0
             draft, match = state.lookup.propose(min(most, state.cap))
             if draft:
-                candidates.append((state, draft, match, state.rate(self.acceptance.rate(match))))
+                state.tail = tuple(state.lookup.tokens[-self.min_match:])
+                first, later = state.rates(self.acceptance.rate(match), next_prior)
+                first *= MISS_FACTOR ** state.misses.get(state.tail, 0)
+                candidates.append((state, draft, match, first, later))
         size = generating + other
         base = self.costs.cost(size)
         if not candidates or room <= 0 or base is None:   # nothing timed yet: one step without drafts first
             return
-        heap = [(-p, i, 1) for i, (_, _, _, p) in enumerate(candidates)]
+        heap = [(-first, i, 1) for i, (_, _, _, first, _) in enumerate(candidates)]
         heapq.heapify(heap)
         ranking: list[int] = []   # candidate index of each draft token, likeliest first
-        expected, best, best_m = float(generating), generating / base, 0
+        expected, best, best_m = float(generating), MARGIN * generating / base, 0
         while heap and len(ranking) < room:
             neg_q, i, depth = heapq.heappop(heap)
             ranking.append(i)
@@ -231,24 +275,34 @@ class Drafting:
             assert cost is not None
             if expected / cost > best:
                 best, best_m = expected / cost, len(ranking)
-            p, length = candidates[i][3], len(candidates[i][1])
+            later, length = candidates[i][4], len(candidates[i][1])
             if depth < length:
-                heapq.heappush(heap, (neg_q * p, i, depth + 1))
+                heapq.heappush(heap, (neg_q * later, i, depth + 1))
         taken = Counter(ranking[:best_m])
-        for i, (state, draft, match, _) in enumerate(candidates):
+        for i, (state, draft, match, _, _) in enumerate(candidates):
             state.draft, state.match = draft[:taken[i]], match
 
     def learn(self, state: SlotDrafts, accepted: int) -> None:
         """The fate of the sequence's draft this step: ``accepted`` of its tokens were kept."""
         drafted = len(state.draft)
-        tried = accepted + (1 if accepted < drafted else 0)
-        self.acceptance.learn(state.match, accepted, tried)
-        state.accepted_weight += accepted
-        state.tried_weight += tried
+        self.acceptance.learn(state.match, accepted, drafted)
+        state.first[0] += accepted > 0
+        state.first[1] += 1
+        if accepted:
+            state.misses.pop(state.tail, None)
+        else:
+            state.misses[state.tail] = state.misses.get(state.tail, 0) + 1
+        state.next[0] += max(accepted - 1, 0)
+        state.next[1] += min(accepted + 1, drafted) - 1
         state.drafted += drafted
         state.accepted += accepted
         self.tokens_drafted += drafted
         self.tokens_accepted += accepted
         self.draft_lengths[drafted] += 1
-        state.cap = min(MAX_DRAFT, state.cap * 2) if accepted == drafted else max(2, accepted + 1)
+        # The cap: doubled by a draft kept whole, halved by one wrong at once; a draft wrong past its start
+        # found an edit in what it copied, and the copy goes on after it.
+        if accepted == drafted:
+            state.cap = min(MAX_DRAFT, state.cap * 2)
+        elif not accepted:
+            state.cap = max(2, state.cap // 2)
         state.draft = []
