@@ -133,13 +133,15 @@ def test_a_sequence_whose_drafts_miss_at_once_soon_stops_though_others_copy():
         drafting.costs.record(n, seconds)
     for _ in range(60):
         drafting.acceptance.learn(2, 15, 15)
-    state = drafting.start(COPYING)
+    items = [[100 + 2 * i, 101 + 2 * i] for i in range(30)]            # two-token items
+    prompt = [token for item in items for token in (*item, 7)]         # "a b, c d, ..." (7: the comma)
+    state = drafting.start(prompt)
     wasted = 0
-    for step in range(30):
-        state.lookup.tokens.append(1000 + step)      # a new tail each step, as each new item gives
-        state.lookup.extend([1, 2])                  # that matches the 2-gram before 3 in the prompt
+    for item in items:
+        state.extend([8, 9, *item])                                     # "\n- a b": a new 2-gram each time
         drafting.plan([(state, 16)], generating=1, room=512)
         if state.draft:
+            assert state.draft[0] == 7
             wasted += len(state.draft)
             drafting.learn(state, 0)
     assert wasted <= 12, wasted
@@ -152,10 +154,14 @@ def test_a_tail_that_missed_before_is_drafted_from_less_eagerly():
     drafting.plan([(state, 16)], generating=1, room=512)
     assert state.draft
     drafting.learn(state, 0)
-    assert state.misses == {(2, 3): 1}
+    assert state.missed((2, 3)) == 1
     state.first = [50.0, 50.0]                       # its other drafts were right
     drafting.plan([(state, 16)], generating=1, room=512)
     assert state.draft == []                          # but this tail's was not
+    state.lookup.tokens[:0] = [0] * 300               # long after (as if 300 tokens were generated)
+    assert state.missed((2, 3)) < 0.1
+    drafting.plan([(state, 16)], generating=1, room=512)
+    assert state.draft                                # the miss has faded: the tail is tried again
 
 
 def test_a_draft_respects_the_room_the_budget_gives():

@@ -1,7 +1,8 @@
 """Speculative decoding's drafting side: what each sequence proposes, and whether proposing pays.
 
 Prompt lookup: each sequence keeps an n-gram index over its prompt and output tokens. When its last few
-tokens (at least ``MIN_MATCH``) appeared before, the tokens that followed them then are its draft. The
+tokens (at least ``MIN_MATCH``) appeared before, the tokens that followed them then are its draft (of the latest
+``OCCURRENCES`` places, the one whose tokens before match the sequence's longest). The
 scheduler (batching.py) puts a sequence's next token and its draft into the shared batch with logits for
 each, samples them in order with the sequence's own sampler chain, keeps the drafts the samples agree with
 and drops the rest of their KV cells: the output is the same as without drafts.
@@ -31,14 +32,15 @@ OCCURRENCES = 8        # of each n-gram, the latest this many places are weighed
 FIRST_CAP = 4          # a sequence's first drafts are at most this long: a wrong long draft costs steps
 MAX_DRAFT = 16         # verifying 16 tokens costs 3.7-5.5 single-token steps on a small model here
 PRIOR_STRENGTH = 6.0   # the model-wide priors count as this many observed drafts
-SEQUENCE_PRIOR = 2.0   # the model-wide estimate counts as this many of a sequence's own drafts: its own evidence
+SEQUENCE_PRIOR = 1.0   # the model-wide estimate counts as this many of a sequence's own drafts: its own evidence
                        # soon decides (a list reformatted misses at once, whatever the model did elsewhere)
 FIRST_MEMORY = 0.99    # per generated token: a sequence's evidence on its first draft tokens fades, so it tries again
 NEXT_MEMORY = 0.97     # per generated token, its evidence on the later ones
 MODEL_MEMORY = 0.995   # per verified draft: the model-wide estimates drift back to the prior unless refreshed
 SLOPE_PRIOR = 0.3      # one more token in a batch of one costs ~0.3 of a step (SmolLM2-135M, 2 threads)
-MISS_FACTOR = 0.25     # a tail whose draft was wrong at once before: its next draft's first token is this much less
-                       # likely (a list's "\n-" proposes the item before; an edited name breaks each copy of it)
+MISS_FACTOR = 0.25     # per miss (fading as FIRST_MEMORY): a tail whose draft was wrong at once is drafted from at
+                       # this fraction of the odds (a list's "\n-" proposes the item before; an edited name breaks
+                       # each copy of it)
 MARGIN = 1.03          # drafts must promise this much more than no drafts: estimates err, a wasted step is sure
 
 
@@ -70,10 +72,12 @@ def split_speculative(request: Any) -> tuple[Any, bool | None]:
 
 
 class PromptLookup:
-    """An n-gram index over one sequence's tokens: what followed the earlier occurrence of its tail that matches
-    it longest (the latest among equals)."""
+    """An n-gram index over one sequence's tokens: what followed the earlier occurrence of its tail (of the latest
+    ``OCCURRENCES``) that matches it longest, the latest among equals."""
 
     def __init__(self, tokens: Sequence[int], min_match: int = MIN_MATCH) -> None:
+        if min_match < 1:
+            raise ValueError("a prompt-lookup match is at least one token")
         self.min_match = min_match
         self.tokens: list[int] = []
         self.after: dict[tuple[int, ...], list[int]] = {}   # each min_match-gram -> where its followers are
@@ -87,7 +91,7 @@ class PromptLookup:
                 places = after.setdefault(tuple(seq[end - n:end]), [])
                 places.append(end)
                 if len(places) > 2 * OCCURRENCES:
-                    del places[:OCCURRENCES]
+                    del places[:-OCCURRENCES]
             seq.append(token)
 
     def propose(self, limit: int) -> tuple[list[int], int]:
@@ -195,7 +199,7 @@ class SlotDrafts:
     cap: int = FIRST_CAP
     first: list[float] = field(default_factory=lambda: [0.0, 0.0])   # decayed counts: first tokens accepted, tried
     next: list[float] = field(default_factory=lambda: [0.0, 0.0])    # later tokens accepted, tried
-    misses: dict[tuple[int, ...], int] = field(default_factory=dict)   # tails whose drafts were wrong at once
+    misses: dict[tuple[int, ...], tuple[float, int]] = field(default_factory=dict)   # tail -> (misses, at length)
     drafted: int = 0                # for its request's usage
     accepted: int = 0
     draft: list[int] = field(default_factory=list)   # this step's draft
@@ -208,6 +212,11 @@ class SlotDrafts:
             fade = memory ** len(tokens)
             counts[0] *= fade
             counts[1] *= fade
+
+    def missed(self, tail: tuple[int, ...]) -> float:
+        """How many times drafts from ``tail`` were wrong at once, faded by the tokens generated since."""
+        count, at = self.misses.get(tail, (0.0, 0))
+        return count * FIRST_MEMORY ** (len(self.lookup.tokens) - at) if count else 0.0
 
     def rates(self, first_prior: float, next_prior: float) -> tuple[float, float]:
         """Its chances of a first draft token kept, and of a later one, its own evidence over the model's."""
@@ -257,7 +266,7 @@ class Drafting:
             if draft:
                 state.tail = tuple(state.lookup.tokens[-self.min_match:])
                 first, later = state.rates(self.acceptance.rate(match), next_prior)
-                first *= MISS_FACTOR ** state.misses.get(state.tail, 0)
+                first *= MISS_FACTOR ** state.missed(state.tail)
                 candidates.append((state, draft, match, first, later))
         size = generating + other
         base = self.costs.cost(size)
@@ -285,13 +294,15 @@ class Drafting:
     def learn(self, state: SlotDrafts, accepted: int) -> None:
         """The fate of the sequence's draft this step: ``accepted`` of its tokens were kept."""
         drafted = len(state.draft)
+        if not drafted:
+            return
         self.acceptance.learn(state.match, accepted, drafted)
         state.first[0] += accepted > 0
         state.first[1] += 1
         if accepted:
             state.misses.pop(state.tail, None)
         else:
-            state.misses[state.tail] = state.misses.get(state.tail, 0) + 1
+            state.misses[state.tail] = (state.missed(state.tail) + 1, len(state.lookup.tokens))
         state.next[0] += max(accepted - 1, 0)
         state.next[1] += min(accepted + 1, drafted) - 1
         state.drafted += drafted
