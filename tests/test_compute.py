@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 from conftest import CHAT, chat_request
 
@@ -162,9 +163,13 @@ def test_spin_yield_holds_a_team_only_while_entered():
         with hold:   # nested holds share the team
             inside = _native_thread_names()
         still = _native_thread_names()
-    after = _native_thread_names()
     assert inside.count("pg-spin-yield") == 1 and still.count("pg-spin-yield") == 1
-    assert "pg-spin-yield" not in after
+    # libgomp ends a team's threads when the thread that formed it exits (a thread-key destructor), just after the
+    # join: the team's thread may take a moment to go (seen once in a full suite)
+    deadline = time.monotonic() + 5
+    while "pg-spin-yield" in _native_thread_names() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "pg-spin-yield" not in _native_thread_names()
 
 
 def test_ctranslate2_keeps_its_own_openmp_and_sleeps_at_its_barriers():
