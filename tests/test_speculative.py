@@ -217,9 +217,7 @@ def test_no_step_drafts_beside_a_prompt_chunk(spec_engine):
     model knows decode steps only, and it learns from them only."""
     scheduler = scheduler_of(spec_engine)
     decoder, costs = scheduler.decoder, scheduler.drafting.costs
-    batches: list[tuple[bool, bool]] = []   # (some sequence drafted, a prompt chunk rode along)
-    decode_steps: list[int] = []            # the sizes of the steps without a prompt chunk
-    recorded: list[int] = []
+    steps: list[list] = []   # each decode: [entries, some sequence drafted, a prompt chunk rode along, timed]
     chunk = [0]
     real_plan, real_decode, real_record = scheduler._plan_drafts, decoder.decode, costs.record
 
@@ -229,13 +227,13 @@ def test_no_step_drafts_beside_a_prompt_chunk(spec_engine):
 
     def decode(entries):
         per_sequence = Counter(entry.seq_id for entry in entries if entry.logits)
-        batches.append((max(per_sequence.values(), default=0) > 1, chunk[0] > 0))
-        if not chunk[0]:
-            decode_steps.append(len(entries))
+        steps.append([len(entries), max(per_sequence.values(), default=0) > 1, chunk[0] > 0, False])
         real_decode(entries)
 
-    def record(n, seconds):
-        recorded.append(n)
+    def record(n, seconds):   # a step timed before this test wrapped decode (the one before) is not ours
+        if steps:
+            assert steps[-1][0] == n
+            steps[-1][3] = True
         real_record(n, seconds)
 
     scheduler._plan_drafts, decoder.decode, costs.record = plan, decode, record
@@ -248,10 +246,11 @@ def test_no_step_drafts_beside_a_prompt_chunk(spec_engine):
         copying.join(300)
     finally:
         del scheduler._plan_drafts, decoder.decode, costs.record
-    assert any(drafted for drafted, _ in batches) and any(prompt for _, prompt in batches)
-    assert not any(drafted and prompt for drafted, prompt in batches)
+    assert any(drafted for _, drafted, _, _ in steps) and any(prompt for _, _, prompt, _ in steps)
+    assert not any(drafted and prompt for _, drafted, prompt, _ in steps)
+    assert not any(timed for _, _, prompt, timed in steps if prompt)
     # the last step's time may be recorded after its request has ended (and this test has let go)
-    assert recorded == decode_steps[:len(recorded)] and len(recorded) >= len(decode_steps) - 1
+    assert all(timed for _, _, prompt, timed in steps[:-1] if not prompt)
 
 
 def test_seeded_sampling_gives_the_same_text_with_drafts(spec_engine):

@@ -292,16 +292,16 @@ class BatchScheduler:
         """This step's drafts: what the cost model says pays beside the step's other tokens, within each
         sequence's budget and context and the batch's room. None beside a prompt chunk: the cost model knows
         decode steps only (their every token computes logits), and the chunk's time would swamp the gain."""
-        eligible = []
         for slot in generating:
             if slot.drafts is not None:
                 slot.drafts.draft = []
-                most = min(slot.budget - slot.produced - 1, self.n_ctx_per_seq - len(slot.cached) - 1)
-                eligible.append((slot.drafts, most))
+        if prompt_tokens:
+            return
+        eligible = [(slot.drafts, min(slot.budget - slot.produced - 1, self.n_ctx_per_seq - len(slot.cached) - 1))
+                    for slot in generating if slot.drafts is not None]
         assert self.drafting is not None
-        if eligible and not prompt_tokens:
-            self.drafting.plan(eligible, generating=len(generating), other=prompt_tokens,
-                               room=self.n_batch - len(generating) - prompt_tokens)
+        if eligible:
+            self.drafting.plan(eligible, generating=len(generating), room=self.n_batch - len(generating))
 
     def _verify(self, slot: _Slot, index: int) -> None:
         """Sample the slot's next token and each drafted position after it, in order, with its own sampler

@@ -178,12 +178,16 @@ class Acceptance:
         for m, counts in self.first.items():   # estimates not refreshed drift back to their priors
             _fade(counts, MODEL_MEMORY, self.FIRST_PRIOR[m])
         _fade(self.next, MODEL_MEMORY, self.NEXT_PRIOR)
-        first = self.first[min(max(match, MIN_MATCH), LONGEST_MATCH)]
-        first[0] += accepted > 0
-        first[1] += 1
-        later_tried = min(accepted + 1, drafted) - 1
-        self.next[0] += max(accepted - 1, 0)
-        self.next[1] += later_tried
+        _tally(self.first[min(max(match, MIN_MATCH), LONGEST_MATCH)], self.next, accepted, drafted)
+
+
+def _tally(first: list[float], later: list[float], accepted: int, drafted: int) -> None:
+    """Count one verified draft into (accepted, tried) pairs: its first token, and the later tokens that were
+    tried (each one after a kept token)."""
+    first[0] += accepted > 0
+    first[1] += 1
+    later[0] += max(accepted - 1, 0)
+    later[1] += min(accepted + 1, drafted) - 1
 
 
 def _fade(counts: list[float], memory: float, prior: float) -> None:
@@ -249,10 +253,10 @@ class Drafting:
     def start(self, prompt: Sequence[int]) -> SlotDrafts:
         return SlotDrafts(PromptLookup(prompt, self.min_match))
 
-    def plan(self, slots: Sequence[tuple[SlotDrafts, int]], generating: int, room: int, other: int = 0) -> None:
-        """Set each ``SlotDrafts.draft`` for this step. ``slots``: the sequences that may draft, each with the
+    def plan(self, slots: Sequence[tuple[SlotDrafts, int]], generating: int, room: int) -> None:
+        """Set each ``SlotDrafts.draft`` for a decode step. ``slots``: the sequences that may draft, each with the
         most draft tokens it may take (budget, context); ``generating``: the sequences in the step (one token
-        each without drafts); ``other``: the step's prompt tokens; ``room``: free batch entries.
+        each without drafts); ``room``: free batch entries.
 
         Draft tokens are ranked by their chance of being kept (a token is kept only if those before it in its
         draft are); the step takes the first m of that ranking for the m that gives the most expected tokens
@@ -268,8 +272,7 @@ class Drafting:
                 first, later = state.rates(self.acceptance.rate(match), next_prior)
                 first *= MISS_FACTOR ** state.missed(state.tail)
                 candidates.append((state, draft, match, first, later))
-        size = generating + other
-        base = self.costs.cost(size)
+        base = self.costs.cost(generating)
         if not candidates or room <= 0 or base is None:   # nothing timed yet: one step without drafts first
             return
         heap = [(-first, i, 1) for i, (_, _, _, first, _) in enumerate(candidates)]
@@ -280,7 +283,7 @@ class Drafting:
             neg_q, i, depth = heapq.heappop(heap)
             ranking.append(i)
             expected -= neg_q
-            cost = self.costs.cost(size + len(ranking))
+            cost = self.costs.cost(generating + len(ranking))
             assert cost is not None
             if expected / cost > best:
                 best, best_m = expected / cost, len(ranking)
@@ -297,14 +300,11 @@ class Drafting:
         if not drafted:
             return
         self.acceptance.learn(state.match, accepted, drafted)
-        state.first[0] += accepted > 0
-        state.first[1] += 1
+        _tally(state.first, state.next, accepted, drafted)
         if accepted:
             state.misses.pop(state.tail, None)
         else:
             state.misses[state.tail] = (state.missed(state.tail) + 1, len(state.lookup.tokens))
-        state.next[0] += max(accepted - 1, 0)
-        state.next[1] += min(accepted + 1, drafted) - 1
         state.drafted += drafted
         state.accepted += accepted
         self.tokens_drafted += drafted
