@@ -230,6 +230,14 @@ def http_streams(engine: LocalEngine, model: str, tasks: list[str], tokens: int,
             "on_vs_off_per_round": [round(a / b, 3) for a, b in zip(rates["on"], rates["off"], strict=True)]}
 
 
+def load_neighbours(engine: LocalEngine) -> None:
+    """An embedding model, whisper and piper, loaded and used once: the app's other models, idle while measured."""
+    engine.embeddings({"model": "all-minilm-l6-v2", "input": ["a retrieval app embeds its documents"]})
+    speech = engine.text_to_speech({"model": "tts-1", "input": "A voice app speaks and listens.", "voice": "alloy",
+                                    "response_format": "wav"})
+    engine.transcribe(speech, {"model": "whisper-1", "language": "en"})
+
+
 def draft_model_child(target: str, draft: str, threads: int, tokens: int, rounds: int) -> None:
     """Runs in its own process: Qwen2.5-Coder 0.5B drafting k tokens greedily for the 1.5B, verified in one
     batch, against the 1.5B alone; prints JSON."""
@@ -321,6 +329,9 @@ def main() -> int:
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--skip-draft-model", action="store_true")
     parser.add_argument("--tasks", default=",".join(TASKS), help="which tasks (comma-separated)")
+    parser.add_argument("--neighbours", action="store_true",
+                        help="load a voice and retrieval app's other models first (an embedding model, whisper-1, "
+                             "tts-1), idle beside the chat model while it is measured")
     args = parser.parse_args()
     models = ["smollm2"] if args.quick else args.models.split(",")
     tasks = list(QUICK_TASKS) if args.quick else args.tasks.split(",")
@@ -332,6 +343,9 @@ def main() -> int:
         registry = registry_with_qwen(Path(tmp))
         engine = LocalEngine(registry, n_threads=args.threads, n_gpu_layers=0)
         try:
+            if args.neighbours:
+                load_neighbours(engine)
+                result["neighbours"] = [m.model_name for m in engine.get_model_status().models]
             for key in models:
                 model = MODELS[key]
                 spec = registry.get(model)
@@ -339,12 +353,15 @@ def main() -> int:
                     result["models"][model] = {"skipped": "not in the registry or the cache"}
                     continue
                 path = str(spec.path_in(registry.cache_dir))
-                model_tasks = tasks if key != "qwen1.5b" else [t for t in ("code_edit", "extract", "explain") if t in tasks]
+                model_tasks = tasks if key != "qwen1.5b" else [t for t in ("code_edit", "extract", "explain")
+                                                                if t in tasks]
                 entry = single_stream(engine, model, path, model_tasks, tokens, rounds, args.threads)
                 if not args.skip_http and key != "qwen1.5b":
                     entry["http_8_streams"] = http_streams(engine, model, model_tasks, tokens, max(rounds, 4))
                 result["models"][model] = entry
                 engine.unload_model({"model_name": model})
+            if args.neighbours:   # still loaded when the last model was measured (no keep_alive unloaded them)
+                result["neighbours_at_end"] = [m.model_name for m in engine.get_model_status().models]
         finally:
             engine.close()
         if not args.quick and not args.skip_draft_model:
