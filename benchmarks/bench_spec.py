@@ -345,7 +345,7 @@ def main() -> int:
         try:
             if args.neighbours:
                 load_neighbours(engine)
-                result["neighbours"] = [m.model_name for m in engine.get_model_status().models]
+                result["neighbours"] = [m.model for m in engine.get_model_status().models]
             for key in models:
                 model = MODELS[key]
                 spec = registry.get(model)
@@ -361,7 +361,7 @@ def main() -> int:
                 result["models"][model] = entry
                 engine.unload_model({"model_name": model})
             if args.neighbours:   # still loaded when the last model was measured (no keep_alive unloaded them)
-                result["neighbours_at_end"] = [m.model_name for m in engine.get_model_status().models]
+                result["neighbours_at_end"] = [m.model for m in engine.get_model_status().models]
         finally:
             engine.close()
         if not args.quick and not args.skip_draft_model:
